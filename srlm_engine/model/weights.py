@@ -1,0 +1,191 @@
+"""Llama weights in Hugging Face layout: safetensors only, single file or sharded with an index.
+
+Loading checks every file's header against its size before reading, so a truncated file names
+the first tensor that does not fit; a missing, unexpected or wrongly shaped tensor names the
+tensor and the file. Saving writes the same layout (config.json, model.safetensors or shards +
+model.safetensors.index.json), each file atomically, so transformers and vLLM read what we save.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from srlm_engine.config import ConfigError, ModelConfig
+from srlm_engine.io import DataError, atomic_path, read_json, write_json
+from srlm_engine.model.llama import Llama, rope_inv_freq
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class WeightsError(ValueError):
+    """A checkpoint is missing, truncated or does not match its config; names file and tensor."""
+
+
+def hf_name(ours: str) -> str:
+    return ours if ours.startswith("lm_head.") else "model." + ours
+
+
+def our_name(hf: str) -> str | None:
+    if hf.endswith("rotary_emb.inv_freq"):  # recomputed from the config, never loaded
+        return None
+    if hf.startswith("model."):
+        return hf[len("model."):]
+    return hf
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise WeightsError(f"{path}: model directory not found")
+    f = path / "config.json"
+    try:
+        return ModelConfig.from_hf(read_json(f), source=str(f))
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+
+
+def read_header(file: Path) -> dict:
+    """Parse a safetensors header and check that every tensor's bytes lie inside the file."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise WeightsError(f"{file}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise WeightsError(f"{file}: truncated safetensors file (header of {n} bytes, file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise WeightsError(f"{file}: corrupt safetensors header") from None
+    data = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        end = info["data_offsets"][1]
+        if end > data:
+            raise WeightsError(f"{file}: truncated: tensor {name!r} needs bytes up to {end} "
+                               f"but the data section has {data}")
+    header.pop("__metadata__", None)
+    return header
+
+
+def weight_files(path: Path) -> dict[str, Path]:
+    """HF tensor name -> the file that holds it."""
+    index = path / INDEX
+    if index.is_file():
+        wm = read_json(index).get("weight_map")
+        if not isinstance(wm, dict):
+            raise WeightsError(f"{index}: missing field 'weight_map'")
+        for fname in set(wm.values()):
+            if not (path / fname).is_file():
+                raise WeightsError(f"{path / fname}: shard listed in {INDEX} is missing")
+        return {k: path / v for k, v in wm.items()}
+    single = path / SINGLE
+    if not single.is_file():
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+            raise WeightsError(f"{path}: only pickle weights found; srlm loads safetensors only")
+        raise WeightsError(f"{single}: weights file not found")
+    return {k: single for k in read_header(single)}
+
+
+def load_state_dict(path: str | Path, cfg: ModelConfig, dtype: torch.dtype,
+                    device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    files = weight_files(path)
+    expected = {k: tuple(v) for k, v in _shapes(cfg).items()}
+    headers = {f: read_header(f) for f in set(files.values())}
+    sd = {}
+    for hf, file in files.items():
+        name = our_name(hf)
+        if name is None or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+            continue
+        if name not in expected:
+            raise WeightsError(f"{file}: unexpected tensor {hf!r} for this config")
+        info = headers[file].get(hf)
+        if info is None:
+            raise WeightsError(f"{file}: tensor {hf!r} listed in the index is not in the file")
+        if tuple(info["shape"]) != expected[name]:
+            raise WeightsError(f"{file}: tensor {hf!r} has shape {tuple(info['shape'])}, "
+                               f"config.json implies {expected[name]}")
+    by_file: dict[Path, list[str]] = {}
+    for hf, file in files.items():
+        by_file.setdefault(file, []).append(hf)
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for hf in names:
+                name = our_name(hf)
+                if name is None or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+                    continue
+                sd[name] = f.get_tensor(hf).to(device=device, dtype=dtype)
+    missing = [hf_name(k) for k in expected if k not in sd]
+    if missing:
+        raise WeightsError(f"{path}: missing tensor(s) {', '.join(missing[:5])}"
+                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    return sd
+
+
+def _shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        m = Llama(cfg)
+    shapes = {k: v.shape for k, v in m.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> Llama:
+    cfg = load_config(path)
+    sd = load_state_dict(path, cfg, dtype, device)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    model.load_state_dict(sd, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg, device=device)
+    return model.eval()
+
+
+def save_model(model: Llama, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json and the weights in HF layout; shards + index above `max_shard_bytes`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    tensors = {hf_name(k): v.detach().to("cpu").contiguous().clone()
+               for k, v in model.state_dict().items()
+               if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    hf_cfg = cfg.to_hf()
+    hf_cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    if len(shards) == 1:
+        names = [SINGLE]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        with atomic_path(path / name) as tmp:
+            save_file(shard, str(tmp), metadata={"format": "pt"})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        write_json(path / INDEX, {"metadata": {"total_size": total},
+                                  "weight_map": {k: n for n, s in zip(names, shards) for k in s}})
+    else:
+        (path / INDEX).unlink(missing_ok=True)
+    for stale in path.glob("model*.safetensors"):
+        if stale.name not in names:
+            stale.unlink()
+    write_json(path / "config.json", hf_cfg)

@@ -1,0 +1,112 @@
+"""Tokenizer over the `tokenizers` library, and the model's own chat template.
+
+The template is the jinja2 text from tokenizer_config.json (or chat_template.jinja) rendered in
+jinja2's ImmutableSandboxedEnvironment with the options transformers uses (trim_blocks,
+lstrip_blocks, `raise_exception`, `strftime_now`), so a template renders the same text here as
+in transformers and can neither touch files nor run code.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+from srlm_engine.io import read_json
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+def _token_text(tok) -> str | None:
+    if tok is None or isinstance(tok, str):
+        return tok
+    return tok.get("content")  # an AddedToken serialized as a dict
+
+
+def _raise(message):
+    raise TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+class Tokenizer:
+    def __init__(self, tok: HFTokenizer, config: dict, chat_template: str | None,
+                 generation_eos: list[int] | None = None):
+        self.tok = tok
+        self.config = config
+        self.chat_template = chat_template
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        self.pad_token = _token_text(config.get("pad_token"))
+        self.special_tokens = sorted(t.content for t in tok.get_added_tokens_decoder().values() if t.special)
+        eos = set(generation_eos or [])
+        if self.eos_token is not None and tok.token_to_id(self.eos_token) is not None:
+            eos.add(tok.token_to_id(self.eos_token))
+        self.eos_token_ids = sorted(eos)
+        self._template = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        f = path / "tokenizer.json"
+        if not f.is_file():
+            raise TokenizerError(f"{f}: tokenizer file not found")
+        try:
+            tok = HFTokenizer.from_file(str(f))
+        except Exception as e:  # the Rust library's errors carry no file name
+            raise TokenizerError(f"{f}: cannot read tokenizer: {e}") from None
+        cfg_file = path / "tokenizer_config.json"
+        config = read_json(cfg_file) if cfg_file.is_file() else {}
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: take the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        jinja_file = path / "chat_template.jinja"
+        if jinja_file.is_file():
+            template = jinja_file.read_text(encoding="utf-8")
+        gen_eos = None
+        gen_file = path / "generation_config.json"
+        if gen_file.is_file():
+            e = read_json(gen_file).get("eos_token_id")
+            gen_eos = [e] if isinstance(e, int) else list(e or [])
+        return cls(tok, config, template, gen_eos)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **kwargs) -> str:
+        """Render `messages` ([{"role", "content"}, ...]) with the model's chat template."""
+        if self.chat_template is None:
+            raise TokenizerError("this tokenizer has no chat_template (tokenizer_config.json or "
+                                 "chat_template.jinja)")
+        if self._template is None:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+            env.filters["tojson"] = _tojson
+            env.globals["raise_exception"] = _raise
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                                     **kwargs)
