@@ -12,7 +12,7 @@ $(BIN)/python:
 
 # torch first, pinned to the CPU build that lies on this machine's disk: a bare `pip install torch`
 # would pull a multi-GB CUDA build. Where torch is already importable (a GPU image), keep it.
-$(STAMP): $(BIN)/python pyproject.toml setup.py
+$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard csrc/*.cpp)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
