@@ -1,0 +1,272 @@
+"""LLM-as-a-Judge: the additive 5-point judge prompt, score parsing, and two ways to score.
+
+`judge_samples` samples K judgments per (instruction, response) and averages the parsed scores,
+as the paper does (K = 3, temperature 0.7, top_p 0.9). `judge_expected` reads the model's
+distribution over the score digits right after "Score:" and returns its expected value: one
+forward pass per item, never unparsable.
+
+The engine is duck-typed: `llm.generate(prompts, params, use_tqdm=False)`,
+`llm.next_token_logprobs(prompts) -> Tensor [B, V]` and `llm.tokenizer` (`encode`,
+`apply_chat_template`). Nothing here imports the engine at import time.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .io import DataError
+
+PLACEHOLDERS = ("{instruction}", "{response}")
+SCORE_PREFIX = "Score:"
+MAX_SCORE = 5
+
+DEFAULT_TEMPLATE = """\
+You are grading how well an AI assistant answered a user. Read the user's request and the \
+assistant's answer, then build a score from 0 to 5: start at 0 and give one point for each of \
+the five criteria below that the answer meets.
+
+1. Relevance: the answer is on topic and offers some information that bears on the request, even \
+if it is partial or carries some unrelated material.
+2. Coverage: the answer deals with a good part of what was asked, though it may leave pieces out \
+or stop short of a direct, complete resolution.
+3. Usefulness: the answer handles the core of the request in a way the user can act on, even if \
+it does not read like the work of an assistant or leans on general sources.
+4. Clarity: the answer speaks to the request directly and completely from an assistant's point \
+of view, and is well organised, even if it could be tighter or more focused.
+5. Expertise: the answer is fitted closely to the request with nothing extraneous, shows expert \
+knowledge, and is accurate, engaging and insightful.
+
+[Request]
+{instruction}
+
+[Answer]
+{response}
+
+Explain your total in a brief justification of at most 100 words. Then write the result as the \
+final line, in exactly this form:
+Score: <points>"""
+
+
+# --------------------------------------------------------------------------- templates
+
+def check_template(template: str, source: str = "judge template") -> str:
+    """Return `template` if it holds both placeholders, else raise DataError naming `source`
+    and the missing placeholder(s)."""
+    missing = [p for p in PLACEHOLDERS if p not in template]
+    if missing:
+        raise DataError(f"{source}: missing placeholder {' and '.join(missing)} "
+                        f"(a judge template must hold both {PLACEHOLDERS[0]} and {PLACEHOLDERS[1]})")
+    return template
+
+
+def load_template(path: str | Path) -> str:
+    """Read a user judge template (UTF-8 text) and check it at once (see `check_template`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    return check_template(path.read_text(encoding="utf-8"), str(path))
+
+
+_PLACEHOLDER_RE = re.compile(r"\{(instruction|response)\}")
+
+
+def fill_template(template: str, instruction: str, response: str) -> str:
+    """Fill both placeholders in one pass: braces elsewhere in the template are left alone, and a
+    placeholder that appears inside the instruction or response text is not filled again."""
+    values = {"instruction": instruction, "response": response}
+    return _PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], template)
+
+
+# --------------------------------------------------------------------------- parsing
+
+# A score line starts (after markdown: **, #, >, -, `) with "Score", optionally "Final/Total",
+# then ":" or "=", then a number. Text is NFKC-normalised first (fullwidth "Ｓｃｏｒｅ：４" ->
+# "Score:4"); `\d` then matches any Unicode decimal digit (Arabic-Indic "٣" too) and int()
+# reads it, so such digits parse.
+_SCORE_LINE_RE = re.compile(
+    r"^[ \t>#*_`\-]*(?:final[ \t]+|total[ \t]+|overall[ \t]+)?score[ \t*_`]*[:=][ \t*_`]*"
+    r"[\[(<]?(?P<int>-?\d+)(?:\.(?P<frac>\d+))?[\])>]?"
+    r"[ \t]*(?:(?:/|out[ \t]+of)[ \t]*(?P<den>\d+(?:\.\d+)?))?(?P<tail>.*)$",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+def parse_score(text: str) -> int | None:
+    """The score of a judgment: the number on its LAST score line, or None.
+
+    A score line is a line that begins with "Score:" (case-insensitive, markdown allowed, e.g.
+    "**Score:** 3", "### Final score: 3") followed by a number; "Score" mentioned in the middle of
+    a sentence ("I'd give it a score of 4") is not one. Only the last score line counts, even if
+    it is out of range and an earlier one was not. Rules for the number:
+    - an integer 0..5 -> that integer; out of range ("Score: 7", "-1") -> None;
+    - "4/5" or "4 out of 5" -> 4; any other denominator ("8/10") -> None (not our scale);
+    - a decimal with a non-zero fraction ("4.5") -> None, since the rubric adds whole points;
+      "4.0" -> 4;
+    - fullwidth and other Unicode decimal digits ("４", "٤") are read as their value.
+    """
+    text = unicodedata.normalize("NFKC", text)
+    last = None
+    for last in _SCORE_LINE_RE.finditer(text):
+        pass
+    if last is None:
+        return None
+    if last["tail"][:1].isdigit():
+        return None
+    if last["frac"] is not None and int(last["frac"]) != 0:
+        return None
+    if last["den"] is not None and float(last["den"]) != MAX_SCORE:
+        return None
+    value = int(last["int"])
+    return value if 0 <= value <= MAX_SCORE else None
+
+
+# --------------------------------------------------------------------------- sampled judging
+
+@dataclass
+class Judgment:
+    """K sampled judgments of one response. `scores[i]` is None where `texts[i]` had no valid
+    score line; `mean` averages the parsed ones and is None when none parsed."""
+
+    texts: list[str]
+    scores: list[int | None]
+    mean: float | None
+    n_scored: int
+    n_unscored: int
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str]) -> "Judgment":
+        scores = [parse_score(t) for t in texts]
+        parsed = [s for s in scores if s is not None]
+        mean = sum(parsed) / len(parsed) if parsed else None
+        return cls(list(texts), scores, mean, len(parsed), len(scores) - len(parsed))
+
+
+def _default_params(**kw):
+    from .engine.sampler import SamplingParams  # lazy: the engine is optional for this module
+
+    return SamplingParams(**kw)
+
+
+def render_judge_prompts(tokenizer, instructions: Sequence[str], responses: Sequence[str],
+                         template: str = DEFAULT_TEMPLATE) -> list[str]:
+    """The filled judge prompt as one user turn, rendered by the model's chat template with the
+    assistant turn opened."""
+    if len(instructions) != len(responses):
+        raise ValueError(f"{len(instructions)} instructions but {len(responses)} responses")
+    check_template(template)
+    return [tokenizer.apply_chat_template([{"role": "user", "content": fill_template(template, i, r)}],
+                                          add_generation_prompt=True)
+            for i, r in zip(instructions, responses)]
+
+
+def judge_samples(llm, instructions: Sequence[str], responses: Sequence[str], *,
+                  template: str = DEFAULT_TEMPLATE, k: int = 3, temperature: float = 0.7,
+                  top_p: float = 0.9, max_tokens: int = 256, seed: int | None = None,
+                  params_factory: Callable | None = None) -> list[Judgment]:
+    """Judge each (instruction, response) K times and average the parsed scores.
+
+    All items go to the engine in one `generate` call; each item is ONE request with n=k, so the
+    K samples share the judge prompt's KV blocks. Returns one Judgment per item, in order."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    prompts = render_judge_prompts(llm.tokenizer, instructions, responses, template)
+    if not prompts:
+        return []
+    params = (params_factory or _default_params)(n=k, temperature=temperature, top_p=top_p,
+                                                 max_tokens=max_tokens, seed=seed)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return [Judgment.from_texts([c.text for c in o.outputs]) for o in outs]
+
+
+# --------------------------------------------------------------------------- expected score
+
+def expected_score(logprobs_of_digits: torch.Tensor) -> torch.Tensor:
+    """E[score] under the digit distribution renormalised over the six scores.
+
+    logprobs_of_digits: [B, 6], log p("0") .. log p("5") (any common offset; unnormalised is fine).
+    Returns [B] float64 in [0, 5]: sum_s s * softmax(lp)_s. A row with every entry -inf carries
+    no information and gets the uniform distribution's 2.5."""
+    lp = logprobs_of_digits.to(torch.float64)
+    if lp.ndim != 2 or lp.shape[1] != MAX_SCORE + 1:
+        raise ValueError(f"expected [B, {MAX_SCORE + 1}] log-probs, got {tuple(lp.shape)}")
+    dead = torch.isneginf(lp).all(dim=1, keepdim=True)
+    lp = torch.where(dead, torch.zeros_like(lp), lp)
+    p = torch.softmax(lp, dim=1)  # [B, 6]
+    return p @ torch.arange(MAX_SCORE + 1, dtype=torch.float64)
+
+
+def score_tokens(tokenizer) -> tuple[str, list[int]]:
+    """How to ask for the score digit: (prompt suffix, ids of the tokens for 0..5).
+
+    Follows how the tokenizer splits the EFT target "...\\nScore: 4", so the model is read at the
+    same position it was trained to write the digit:
+    - if " 4" is one token there (GPT-2 style BPE), the suffix is "Score:" and the ids are the
+      tokens " 0" .. " 5";
+    - else, if "4" is one token after "Score: " (Llama 3, SmolLM, SentencePiece with split
+      digits), the suffix is "Score: " and the ids are "0" .. "5";
+    - else, if each digit alone encodes to one token, the suffix is "Score: " and those ids are
+      used (the split could not be confirmed in context).
+    Raises ValueError if the tokenizer has no single-token digits."""
+    enc = lambda s: list(tokenizer.encode(s, add_special_tokens=False))  # noqa: E731
+    digits = [str(d) for d in range(MAX_SCORE + 1)]
+    for suffix, piece in ((SCORE_PREFIX, " {}"), (SCORE_PREFIX + " ", "{}")):
+        base = enc("\n" + suffix)
+        ids = []
+        for d in digits:
+            full, alone = enc("\n" + suffix + piece.format(d)), enc(piece.format(d))
+            if full[:-1] != base or len(alone) != 1 or full[-1] != alone[0]:
+                break
+            ids.append(alone[0])
+        else:
+            return suffix, ids
+    alone = [enc(d) for d in digits]
+    if all(len(a) == 1 for a in alone):
+        return SCORE_PREFIX + " ", [a[0] for a in alone]
+    raise ValueError("tokenizer encodes the digits 0..5 to more than one token each; "
+                     "the expected-score judge needs single-token digits")
+
+
+def judge_expected(llm, instructions: Sequence[str], responses: Sequence[str], *,
+                   template: str = DEFAULT_TEMPLATE, after: str = "prefix",
+                   temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 256,
+                   seed: int | None = None, params_factory: Callable | None = None) -> list[float]:
+    """Expected judge score in [0, 5] per item, from the next-token distribution over the digits.
+
+    after="prefix": the assistant turn starts with the score prefix at once (no justification).
+    after="judgment": the justification is generated first (greedy by default; stop at "Score:"),
+    then the score prefix is appended on a new line. Either way, one `next_token_logprobs` call
+    reads the digit log-probs (see `score_tokens` for which tokens), and `expected_score` turns
+    them into the expectation."""
+    if after not in ("prefix", "judgment"):
+        raise ValueError(f"after must be 'prefix' or 'judgment', got {after!r}")
+    prompts = render_judge_prompts(llm.tokenizer, instructions, responses, template)
+    if not prompts:
+        return []
+    suffix, ids = score_tokens(llm.tokenizer)
+    if after == "prefix":
+        prompts = [p + suffix for p in prompts]
+    else:
+        params = (params_factory or _default_params)(n=1, temperature=temperature, top_p=top_p,
+                                                     max_tokens=max_tokens, seed=seed,
+                                                     stop=[SCORE_PREFIX])
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        prompts = [p + _strip_score_prefix(o.outputs[0].text).rstrip() + "\n" + suffix
+                   for p, o in zip(prompts, outs)]
+    logprobs = llm.next_token_logprobs(prompts)  # [B, V]
+    digit_lp = logprobs[:, ids]  # [B, 6]
+    return [float(x) for x in expected_score(digit_lp)]
+
+
+def _strip_score_prefix(text: str) -> str:
+    # Engines that keep the stop string in the output would leave "Score:" at the end.
+    return text[: -len(SCORE_PREFIX)] if text.endswith(SCORE_PREFIX) else text
+
+
+__all__ = ["DEFAULT_TEMPLATE", "Judgment", "check_template", "expected_score", "fill_template",
+           "judge_expected", "judge_samples", "load_template", "parse_score", "render_judge_prompts",
+           "score_tokens"]

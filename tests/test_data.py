@@ -1,0 +1,165 @@
+"""Record schemas with file:line errors, the EFT -> SFT converter and the Open Assistant converter."""
+import json
+from pathlib import Path
+
+import pytest
+
+from srlm_engine.data import (convert_oasst, eft_to_sft, load_eft_eval, load_eft_train,
+                              load_pairs, load_sft)
+from srlm_engine.io import DataError
+from srlm_engine.judge import DEFAULT_TEMPLATE, parse_score
+
+SEED = Path(__file__).resolve().parents[1] / "data" / "seed"
+
+
+def write(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def sft(*turns, **extra):
+    return {"messages": [{"role": r, "content": c} for r, c in turns], **extra}
+
+
+# --------------------------------------------------------------------------- SFT
+
+def test_sft_good_records_keep_extra_fields(tmp_path):
+    p = write(tmp_path / "ift.jsonl", [sft(("user", "hi"), ("assistant", "hello"), category="chat"),
+                                       sft(("system", "be brief"), ("user", "a"), ("assistant", "b"))])
+    recs = load_sft(p)
+    assert len(recs) == 2 and recs[0]["category"] == "chat"
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (sft(("user", "hi")), "no assistant turn"),
+    (sft(("user", "hi"), ("bot", "x")), r"messages\[1\]\.role"),
+    (sft(("user", "  "), ("assistant", "x")), r"messages\[0\]\.content"),
+    (sft(("user", "hi"), ("assistant", 3)), r"messages\[1\]\.content"),
+    ({"messages": []}, "non-empty list"),
+    ({"prompt": "x"}, "missing field 'messages'"),
+])
+def test_sft_bad_record_names_file_and_line(tmp_path, bad, msg):
+    p = write(tmp_path / "ift.jsonl", [sft(("user", "a"), ("assistant", "b")), "", bad])
+    with pytest.raises(DataError, match=rf"ift\.jsonl:3: .*{msg}"):
+        load_sft(p)
+
+
+def test_seed_file_with_broken_line(tmp_path):
+    p = write(tmp_path / "seed.jsonl", [sft(("user", "a"), ("assistant", "b")),
+                                        '{"messages": [{"role": "user", "content": "x"}',
+                                        sft(("user", "c"), ("assistant", "d"))])
+    with pytest.raises(DataError, match=r"seed\.jsonl:2: invalid JSON"):
+        load_sft(p)
+
+
+# --------------------------------------------------------------------------- pairs
+
+def test_pairs(tmp_path):
+    good = {"prompt": "p", "chosen": "a", "rejected": "b", "chosen_score": 4.5, "rejected_score": 1}
+    assert load_pairs(write(tmp_path / "ok.jsonl", [good]))[0]["chosen_score"] == 4.5
+    p = write(tmp_path / "pairs.jsonl", [good, {"prompt": "p", "chosen": "same", "rejected": "same"}])
+    with pytest.raises(DataError, match=r"pairs\.jsonl:2: chosen and rejected are the same"):
+        load_pairs(p)
+    p = write(tmp_path / "p2.jsonl", [{"prompt": "p", "chosen": "", "rejected": "b"}])
+    with pytest.raises(DataError, match=r"p2\.jsonl:1: .*'chosen'"):
+        load_pairs(p)
+
+
+# --------------------------------------------------------------------------- EFT
+
+EFT = {"instruction": "Name a prime.", "response": "7", "justification": "Correct and direct.", "score": 4}
+
+
+def test_eft_train_and_conversion(tmp_path):
+    recs = load_eft_train(write(tmp_path / "eft.jsonl", [EFT]))
+    (rec,) = eft_to_sft(recs, DEFAULT_TEMPLATE)
+    user, asst = rec["messages"]
+    assert user["role"] == "user" and "Name a prime." in user["content"] and "\n7\n" in user["content"]
+    assert "{instruction}" not in user["content"] and "{response}" not in user["content"]
+    assert asst == {"role": "assistant", "content": "Correct and direct.\nScore: 4"}
+    assert parse_score(asst["content"]) == 4
+    with pytest.raises(DataError, match="placeholder"):
+        eft_to_sft(recs, "no placeholders here")
+
+
+@pytest.mark.parametrize("change, msg", [
+    ({"score": 6}, "'score' must be an integer 0..5"),
+    ({"score": 3.0}, "'score' must be an integer"),
+    ({"score": True}, "'score' must be an integer"),
+    ({"justification": "Good.\nScore: 4"}, "already holds a 'Score:' line"),
+    ({"response": ""}, "'response'"),
+])
+def test_eft_train_bad(tmp_path, change, msg):
+    with pytest.raises(DataError, match=rf"eft\.jsonl:1: .*{msg}"):
+        load_eft_train(write(tmp_path / "eft.jsonl", [{**EFT, **change}]))
+
+
+def test_eft_eval(tmp_path):
+    good = {"instruction": "q", "responses": ["a", "b", "c"], "scores": [5, 3, 0]}
+    assert load_eft_eval(write(tmp_path / "ok.jsonl", [good]))[0]["scores"] == [5, 3, 0]
+    cases = [({"responses": ["only one"], "scores": [5]}, "at least 2 responses, got 1"),
+             ({"scores": [5, 3]}, "as long as 'responses' \\(3\\), got 2"),
+             ({"scores": [5, 3, 6]}, r"scores\[2\] must be an integer 0..5"),
+             ({"scores": [5, 3, 2.5]}, r"scores\[2\]"),
+             ({"responses": ["a", "", "c"]}, r"responses\[1\]"),
+             ({"responses": "abc"}, "must be a list")]
+    for change, msg in cases:
+        p = write(tmp_path / "eval.jsonl", [good, {**good, **change}])
+        with pytest.raises(DataError, match=rf"eval\.jsonl:2: .*{msg}"):
+            load_eft_eval(p)
+
+
+# --------------------------------------------------------------------------- Open Assistant
+
+def reply(text, rank, lang="en", **kw):
+    return {"message_id": text, "text": text, "role": "assistant", "rank": rank, "lang": lang,
+            "replies": [{"text": "follow-up", "role": "prompter", "lang": lang, "replies": []}], **kw}
+
+
+def tree(tid, text, replies, lang="en", state="ready_for_export"):
+    return {"message_tree_id": tid, "tree_state": state,
+            "prompt": {"message_id": tid, "text": text, "role": "prompter", "lang": lang,
+                       "replies": replies}}
+
+
+def test_convert_oasst(tmp_path):
+    trees = [
+        tree("t1", "How do magnets work?", [reply("B", 1), reply("A", 0), reply("C", 2), reply("U", None)]),
+        tree("t2", "Wie spät ist es?", [reply("x", 0, "de"), reply("y", 1, "de")], lang="de"),
+        tree("t3", "Tell a joke.", [reply("only", 0)]),                       # IFT, too few ranked
+        tree("t4", "Explain DNS.", [reply("first", 1), reply("second", 2)]),  # no rank 0 left
+        tree("t5", "Draft.", [reply("a", 0), reply("b", 1)], state="aborted_low_grade"),
+        tree("t6", "List 7 colors.", [reply(str(i), i) for i in range(7)]),
+        tree("t7", "Gone?", [reply("del", 0, deleted=True), reply("ok", 1)]),
+    ]
+    src = write(tmp_path / "trees.jsonl", trees)
+    counts = convert_oasst(src, tmp_path / "out")
+    assert counts == {"trees": 7, "skipped_state": 1, "skipped_lang": 1, "no_rank0": 2,
+                      "too_few_ranked": 2, "ift": 3, "eft_eval": 3}
+    ift = load_sft(tmp_path / "out" / "ift.jsonl")
+    assert [r["messages"][1]["content"] for r in ift] == ["A", "only", "0"]
+    assert ift[0]["messages"][0] == {"role": "user", "content": "How do magnets work?"}
+    ev = load_eft_eval(tmp_path / "out" / "eft_eval.jsonl")
+    assert ev[0]["responses"] == ["A", "B", "C"] and ev[0]["scores"] == [5, 4, 3]
+    assert ev[1]["responses"] == ["first", "second"] and ev[1]["scores"] == [5, 4]  # renumbered
+    assert ev[2]["scores"] == [5, 4, 3, 2, 1, 0, 0]
+
+
+def test_convert_oasst_broken_line(tmp_path):
+    src = write(tmp_path / "trees.jsonl", [tree("t", "q", []), "{oops"])
+    with pytest.raises(DataError, match=r"trees\.jsonl:2"):
+        convert_oasst(src, tmp_path / "out")
+
+
+# --------------------------------------------------------------------------- the real seed files
+
+@pytest.mark.parametrize("name, loader", [("ift.jsonl", load_sft), ("eft_train.jsonl", load_eft_train),
+                                          ("eft_eval.jsonl", load_eft_eval)])
+def test_real_seed_files_validate(name, loader):
+    path = SEED / name
+    if not path.is_file():
+        pytest.skip(f"{path} not written yet")
+    recs = loader(path)
+    assert recs
+    if name == "eft_train.jsonl":
+        assert all(parse_score(r["messages"][1]["content"]) is not None for r in eft_to_sft(recs))

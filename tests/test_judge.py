@@ -1,0 +1,226 @@
+"""The judge prompt, score parsing on adversarial outputs, and both judging modes on a fake engine."""
+import math
+import re
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from srlm_engine.io import DataError
+from srlm_engine.judge import (DEFAULT_TEMPLATE, Judgment, expected_score, fill_template,
+                               judge_expected, judge_samples, load_template, parse_score,
+                               score_tokens)
+
+
+# --------------------------------------------------------------------------- parsing
+
+@pytest.mark.parametrize("text, want", [
+    ("Relevant and clear.\nScore: 4", 4),
+    ("Score: 0", 0),
+    ("Score: 5", 5),
+    # several score lines: the last one wins, even when it is invalid
+    ("Score: 2\nOn reflection it covers more.\nScore: 3", 3),
+    ("Score: 3\nScore: 9", None),
+    # fractions out of 5 are read; other scales are not
+    ("Good.\nScore: 4/5", 4),
+    ("Score: 4 out of 5", 4),
+    ("Score: 8/10", None),
+    # decimals: the rubric adds whole points
+    ("Score: 4.5", None),
+    ("Score: 4.0", 4),
+    # out of range
+    ("Score: 7", None),
+    ("Score: -1", None),
+    ("Score: 45", None),
+    # no score at all, or one only mentioned inside the justification
+    ("The answer is fine but short.", None),
+    ("I would give this a score of 4 since it is relevant.", None),
+    ("It deserves Score: 4 in my view, though it rambles.", None),
+    ("A score of 5 would be too generous.\nScore: 3", 3),
+    ("Score: the answer is relevant", None),
+    # unicode digits: fullwidth (NFKC) and Arabic-Indic (Unicode decimal digits)
+    ("Score: \uff14", 4),
+    ("\uff33\uff43\uff4f\uff52\uff45\uff1a\uff15", 5),
+    ("Score: \u0663", 3),
+    # markdown and other decorations
+    ("**Score:** 3", 3),
+    ("**Score: 2**", 2),
+    ("### Final score: 1", 1),
+    ("score: 4 points.", 4),
+    ("Score: [5]", 5),
+    ("Score:\n4", None),
+])
+def test_parse_score(text, want):
+    assert parse_score(text) == want
+
+
+def test_default_template_contract():
+    t = DEFAULT_TEMPLATE
+    assert "{instruction}" in t and "{response}" in t
+    assert t.rstrip().endswith("Score: <points>")
+    assert "100 words" in t
+    for c in ("Relevance", "Coverage", "Usefulness", "Clarity", "Expertise"):
+        assert c in t
+
+
+def test_fill_template_single_pass():
+    t = "Q: {instruction} A: {response} {other}"
+    got = fill_template(t, "about {response}?", "it is {x}")
+    assert got == "Q: about {response}? A: it is {x} {other}"
+
+
+def test_load_template(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("Rate {response} for {instruction}.\nScore: <n>")
+    assert load_template(good).startswith("Rate")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("Rate the response to {instruction}.")
+    with pytest.raises(DataError, match=r"bad\.txt.*\{response\}"):
+        load_template(bad)
+    none = tmp_path / "none.txt"
+    none.write_text("Rate it.")
+    with pytest.raises(DataError, match=r"none\.txt.*\{instruction\} and \{response\}"):
+        load_template(none)
+    with pytest.raises(DataError, match="not found"):
+        load_template(tmp_path / "missing.txt")
+
+
+def test_judgment_counts():
+    j = Judgment.from_texts(["Score: 4", "no idea", "Score: 3"])
+    assert j.scores == [4, None, 3] and j.mean == 3.5 and (j.n_scored, j.n_unscored) == (2, 1)
+    j = Judgment.from_texts(["?", "Score: 6"])
+    assert j.mean is None and j.n_unscored == 2
+
+
+# --------------------------------------------------------------------------- expected score
+
+def test_expected_score_hand_computed():
+    p = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0, 0.0],      # 0.2 + 0.6 + 1.2 = 2.0
+                      [0.05, 0.1, 0.15, 0.2, 0.0, 0.0],    # same shape, half the mass: renormalised -> 2.0
+                      [1, 1, 1, 1, 1, 1],                  # uniform -> 2.5
+                      [0, 0, 0, 0, 0, 1.0],                # certain 5
+                      [0, 0.5, 0, 0, 0.5, 0]])             # (1 + 4) / 2 = 2.5
+    got = expected_score(p.log())
+    assert torch.allclose(got, torch.tensor([2.0, 2.0, 2.5, 5.0, 2.5], dtype=torch.float64))
+    # fixed logits: softmax([0, ln 3, 0, 0, 0, 0]) = [1,3,1,1,1,1]/8 -> (3+2+3+4+5)/8 = 17/8
+    logits = torch.tensor([[0.0, math.log(3), 0, 0, 0, 0]], dtype=torch.float64) + 11.0
+    assert expected_score(logits).item() == pytest.approx(17 / 8, abs=1e-12)
+
+
+def test_expected_score_range_and_degenerate():
+    g = torch.Generator().manual_seed(0)
+    lp = torch.randn(1000, 6, generator=g) * 30
+    lp[::7, 2] = -math.inf
+    e = expected_score(lp)
+    assert e.shape == (1000,) and bool((e >= 0).all()) and bool((e <= 5).all())
+    assert expected_score(torch.full((1, 6), -math.inf)).item() == 2.5
+    with pytest.raises(ValueError):
+        expected_score(torch.zeros(2, 5))
+
+
+# --------------------------------------------------------------------------- fakes
+
+class CharTokenizer:
+    """One token per character: digits are single tokens, ' 4' is two (Llama 3 / SmolLM style)."""
+
+    def encode(self, s, add_special_tokens=False):
+        return [ord(c) % 256 for c in s]
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        body = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
+        return body + ("<assistant>" if add_generation_prompt else "")
+
+
+class WordTokenizer(CharTokenizer):
+    """GPT-2 style: a leading space joins the next word, so ' 4' is one token."""
+
+    def __init__(self):
+        self.vocab = {}
+
+    def encode(self, s, add_special_tokens=False):
+        return [self.vocab.setdefault(t, len(self.vocab)) for t in re.findall(r" ?[^\s]+|\s", s)]
+
+
+@dataclass
+class FakeLLM:
+    tokenizer: object
+    texts: list = field(default_factory=list)       # scripted outputs, consumed in order
+    vocab: int = 256
+    digit_logprobs: dict = field(default_factory=dict)  # token id -> log-prob
+    calls: list = field(default_factory=list)
+
+    def generate(self, prompts, params, use_tqdm=False):
+        self.calls.append(("generate", list(prompts), params))
+        outs = []
+        for _ in prompts:
+            outs.append(SimpleNamespace(outputs=[SimpleNamespace(text=self.texts.pop(0))
+                                                 for _ in range(params["n"])]))
+        return outs
+
+    def next_token_logprobs(self, prompts):
+        self.calls.append(("logprobs", list(prompts)))
+        lp = torch.full((len(prompts), self.vocab), -20.0)
+        for tid, v in self.digit_logprobs.items():
+            lp[:, tid] = v
+        return lp
+
+
+def params(**kw):
+    return kw
+
+
+# --------------------------------------------------------------------------- judge_samples
+
+def test_judge_samples_one_request_per_item_with_n_k():
+    llm = FakeLLM(CharTokenizer(), texts=["Fine.\nScore: 4", "Score: 5", "garbled",
+                                          "Meh.\nScore: 2", "Score: 7", "nothing"])
+    js = judge_samples(llm, ["What is 2+2?", "Name a color."], ["4", "Blue."], k=3, seed=7,
+                       params_factory=params)
+    assert len(llm.calls) == 1
+    _, prompts, p = llm.calls[0]
+    assert len(prompts) == 2 and p == dict(n=3, temperature=0.7, top_p=0.9, max_tokens=256, seed=7)
+    assert prompts[0].startswith("<user>") and prompts[0].endswith("</user><assistant>")
+    assert "What is 2+2?" in prompts[0] and "[Answer]\n4" in prompts[0]
+    assert js[0].scores == [4, 5, None] and js[0].mean == 4.5 and js[0].n_unscored == 1
+    assert js[1].scores == [2, None, None] and js[1].mean == 2.0 and js[1].n_scored == 1
+    assert judge_samples(llm, [], [], params_factory=params) == []
+    with pytest.raises(ValueError):
+        judge_samples(llm, ["a"], ["b", "c"], params_factory=params)
+
+
+# --------------------------------------------------------------------------- judge_expected
+
+def test_score_tokens_follow_the_tokenizer():
+    suffix, ids = score_tokens(CharTokenizer())
+    assert suffix == "Score: " and ids == [ord(str(d)) for d in range(6)]
+    wt = WordTokenizer()
+    suffix, ids = score_tokens(wt)
+    assert suffix == "Score:" and ids == [wt.vocab[f" {d}"] for d in range(6)]
+
+
+def test_judge_expected_prefix():
+    tok = CharTokenizer()
+    probs = [0.1, 0.2, 0.3, 0.4, 0.0, 0.0]
+    llm = FakeLLM(tok, digit_logprobs={ord(str(d)): math.log(p) if p else -math.inf
+                                       for d, p in enumerate(probs)})
+    got = judge_expected(llm, ["q1", "q2"], ["r1", "r2"], after="prefix")
+    assert got == pytest.approx([2.0, 2.0])
+    assert [c[0] for c in llm.calls] == ["logprobs"]  # one pass, nothing generated
+    assert all(p.endswith("<assistant>Score: ") for p in llm.calls[0][1])
+
+
+def test_judge_expected_after_judgment():
+    wt = WordTokenizer()
+    ids = score_tokens(wt)[1]
+    llm = FakeLLM(wt, texts=["Relevant and clear.\n", "Off topic.\nScore:"], vocab=512,
+                  digit_logprobs={ids[5]: math.log(0.6), ids[4]: math.log(0.2)})
+    got = judge_expected(llm, ["q1", "q2"], ["r1", "r2"], after="judgment", params_factory=params)
+    # p(4) : p(5) = 1 : 3 after renormalising (the other digits sit at exp(-20)): ~ 4.75
+    assert got == pytest.approx([4.75, 4.75], abs=1e-6)
+    (_, _, p), (_, lp_prompts) = llm.calls
+    assert p["n"] == 1 and p["temperature"] == 0.0 and p["stop"] == ["Score:"]
+    assert lp_prompts[0].endswith("<assistant>Relevant and clear.\nScore:")
+    assert lp_prompts[1].endswith("<assistant>Off topic.\nScore:")
+    with pytest.raises(ValueError, match="after"):
+        judge_expected(llm, ["q"], ["r"], after="both")
