@@ -1,0 +1,53 @@
+"""Pair selection: best vs worst, ties and unscored handled, length control."""
+import math
+
+import pytest
+
+from srlm_engine.data import check_pair
+from srlm_engine.pairs import build_pairs, select_pairs
+
+
+def test_best_against_worst():
+    rec = select_pairs("p", ["a", "b", "c", "d"], [3.0, 4.67, 1.33, 2.0])
+    assert rec == {"prompt": "p", "chosen": "b", "rejected": "c", "chosen_score": 4.67,
+                   "rejected_score": 1.33}
+    assert check_pair(rec) is rec  # a valid preference record
+
+
+def test_ties_and_unscored():
+    assert select_pairs("p", ["a", "b", "c"], [4.0, 4.0, 4.0]) is None
+    assert select_pairs("p", ["a", "b", "c"], [None, 4.0, None]) is None        # one scored
+    assert select_pairs("p", ["a", "b"], [float("nan"), 3.0]) is None
+    rec = select_pairs("p", ["a", "b", "c", "d"], [None, 2.0, None, 5.0])     # unscored excluded
+    assert (rec["chosen"], rec["rejected"]) == ("d", "b")
+    # a tie at the top is fine as long as max != min: first of the tier without length control
+    rec = select_pairs("p", ["x", "yy", "zzz"], [5.0, 5.0, 1.0])
+    assert rec["chosen"] == "x"
+    with pytest.raises(ValueError):
+        select_pairs("p", ["a"], [1.0, 2.0])
+
+
+def test_length_control():
+    cands = ["medium answer", "a very long answer indeed", "short", "tiny", "the longest answer of all", "mid"]
+    scores = [5.0, 5.0, 5.0, 1.0, 1.0, 1.0]
+    plain = select_pairs("p", cands, scores)
+    assert (plain["chosen"], plain["rejected"]) == ("medium answer", "tiny")
+    lc = select_pairs("p", cands, scores, length_control=True)
+    assert (lc["chosen"], lc["rejected"]) == ("short", "the longest answer of all")
+    assert lc["chosen_score"] == 5.0 and lc["rejected_score"] == 1.0
+
+
+def test_identical_texts_dropped():
+    assert select_pairs("p", ["same", "same"], [5.0, 2.0]) is None
+
+
+def test_build_pairs_counts():
+    prompts = ["p1", "p2", "p3", "p4", "p5"]
+    cands = [["a", "b"], ["a", "b"], ["a", "b", "c"], ["same", "same"], ["x", "y"]]
+    scores = [[1.0, 4.0], [3.0, 3.0], [None, None, 2.0], [5.0, 0.0], [math.nan, None]]
+    pairs, counts = build_pairs(prompts, cands, scores)
+    assert [p["prompt"] for p in pairs] == ["p1"] and pairs[0]["chosen"] == "b"
+    assert counts == {"pairs": 1, "ties": 1, "too_few_scored": 2, "identical": 1}
+    assert sum(counts.values()) == len(prompts)
+    with pytest.raises(ValueError, match="must match"):
+        build_pairs(prompts, cands[:2], scores)
