@@ -80,8 +80,18 @@ class ModelConfig:
                 raise ConfigError(f"{source}: missing field {name!r}")
         known = {f for f in cls.__dataclass_fields__ if f != "extra"}
         kw = {k: v for k, v in d.items() if k in known}
-        kw.setdefault("num_key_value_heads", d["num_attention_heads"])
+        if kw.get("num_key_value_heads") is None:
+            kw["num_key_value_heads"] = d["num_attention_heads"]
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
+        # transformers >= 5 writes rope settings as one `rope_parameters` block; older files as
+        # top-level rope_theta + rope_scaling. Read both.
         rs = d.get("rope_scaling")
+        rp = d.get("rope_parameters")
+        if isinstance(rp, dict):
+            if "rope_theta" in rp:
+                kw["rope_theta"] = rp["rope_theta"]
+            rs = rp
         if rs is not None:
             kind = rs.get("rope_type", rs.get("type"))
             if kind in ("default", None):
@@ -110,3 +120,86 @@ class ModelConfig:
         d["architectures"] = ["LlamaForCausalLM"]
         d["model_type"] = "llama"
         return d
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one SFT or DPO run (train/trainer.py). The global batch is
+    processes x micro_batch_size x grad_accum sequences (SFT) or pairs (DPO).
+
+    lr / min_lr default to the paper's (SFT 5.5e-6 -> 1.1e-6, DPO 1e-6 -> 1e-7) when left None;
+    they are given for a global batch of `lr_batch_size` (the paper's 16) and scaled by
+    `lr_scaling` ('none', 'linear', 'sqrt') when the run's global batch differs.
+    """
+    max_seq_len: int = 1024
+    micro_batch_size: int = 4
+    grad_accum: int = 4
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs when set
+    lr: float | None = None
+    min_lr: float | None = None
+    lr_batch_size: int = 16
+    lr_scaling: str = "none"
+    warmup_steps: int = 0
+    schedule: str = "linear"  # decay after warmup: 'linear' or 'cosine', down to min_lr
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    seed: int = 0
+    save_every: int = 200
+    keep_last: int = 2
+    dtype: str = "float32"  # dtype the weights are held (and saved) in
+    mixed_precision: bool = False  # FSDP2: bf16 compute, fp32 gradient reduction
+    activation_checkpointing: bool = False
+    ref_batch_size: int = 8
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("max_seq_len", "micro_batch_size", "grad_accum", "lr_batch_size", "save_every",
+                     "keep_last", "ref_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.max_seq_len < 4:
+            raise ConfigError(f"max_seq_len must be at least 4, got {self.max_seq_len}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):
+            raise ConfigError(f"max_steps must be a positive integer or None, got {self.max_steps!r}")
+        if not self.epochs > 0:
+            raise ConfigError(f"epochs must be > 0, got {self.epochs!r}")
+        for name in ("lr", "min_lr"):
+            v = getattr(self, name)
+            if v is not None and not v >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {v!r}")
+        if self.lr is not None and self.min_lr is not None and self.min_lr > self.lr:
+            raise ConfigError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.lr_scaling not in ("none", "linear", "sqrt"):
+            raise ConfigError(f"lr_scaling must be 'none', 'linear' or 'sqrt', got {self.lr_scaling!r}")
+        if self.schedule not in ("linear", "cosine"):
+            raise ConfigError(f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        if self.loss_type not in ("sigmoid", "ipo", "hinge", "robust"):
+            raise ConfigError(f"loss_type must be sigmoid, ipo, hinge or robust, got {self.loss_type!r}")
+        if not self.beta > 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        self.adam_betas = tuple(self.adam_betas)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+        """Build from a TOML table (or any dict); unknown keys are errors that name the source."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown training setting(s) {', '.join(unknown)}")
+        try:
+            return cls(**d)
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"{source}: {e}") from None

@@ -1,0 +1,119 @@
+"""Bad checkpoints fail loudly, naming the file and the tensor; saving round-trips."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from srlm_engine.config import ConfigError
+from srlm_engine.model.llama import Llama
+from srlm_engine.model.weights import WeightsError, load_model, save_model
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    from conftest import write_tiny
+    write_tiny(tmp_path, "gqa_untied")
+    return tmp_path
+
+
+def test_missing_weights_file(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match=r"model\.safetensors: weights file not found"):
+        load_model(ckpt)
+
+
+def test_pickle_weights_refused(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(WeightsError, match="safetensors only"):
+        load_model(ckpt)
+
+
+def test_missing_model_directory(tmp_path):
+    with pytest.raises(WeightsError, match="model directory not found"):
+        load_model(tmp_path / "nope")
+
+
+def test_truncated_file_names_the_tensor(ckpt):
+    f = ckpt / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(WeightsError, match=r"model\.safetensors: truncated: tensor '[\w.]+'"):
+        load_model(ckpt)
+
+
+def test_truncated_header(ckpt):
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(WeightsError, match=r"model\.safetensors: truncated safetensors file"):
+        load_model(ckpt)
+
+
+def _rewrite(ckpt, edit):
+    from safetensors.torch import load_file
+    sd = load_file(ckpt / "model.safetensors")
+    edit(sd)
+    save_file(sd, ckpt / "model.safetensors")
+
+
+def test_missing_tensor_named(ckpt):
+    _rewrite(ckpt, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(WeightsError, match=r"missing tensor\(s\) model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_model(ckpt)
+
+
+def test_wrong_shape_names_tensor_and_file(ckpt):
+    def edit(sd):
+        sd["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(7, 48)
+    _rewrite(ckpt, edit)
+    with pytest.raises(WeightsError, match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj\.weight' "
+                                           r"has shape \(7, 48\), config\.json implies \(16, 48\)"):
+        load_model(ckpt)
+
+
+def test_unexpected_tensor_named(ckpt):
+    _rewrite(ckpt, lambda sd: sd.update({"model.layers.9.mlp.up_proj.weight": torch.zeros(2)}))
+    with pytest.raises(WeightsError, match=r"unexpected tensor 'model\.layers\.9\.mlp\.up_proj\.weight'"):
+        load_model(ckpt)
+
+
+def test_config_missing_field(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    del cfg["hidden_size"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"config\.json: missing field 'hidden_size'"):
+        load_model(ckpt)
+
+
+def test_config_invalid_field(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["num_key_value_heads"] = 4  # 6 query heads cannot share 4 kv heads
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"config\.json: num_attention_heads \(6\) must be a multiple"):
+        load_model(ckpt)
+
+
+def test_missing_shard(tmp_path):
+    from conftest import write_tiny
+    write_tiny(tmp_path, "mha_tied", max_shard_bytes=20_000)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(WeightsError, match=f"{shard.name}: shard listed in"):
+        load_model(tmp_path)
+
+
+def test_save_roundtrip_single_and_sharded(tmp_path):
+    from conftest import tiny_config
+    model = Llama(tiny_config("mha_tied")).init_weights(3)
+    for sub, shard in (("one", 10**9), ("many", 30_000)):
+        save_model(model, tmp_path / sub, max_shard_bytes=shard)
+        back = load_model(tmp_path / sub)
+        sd, sd2 = model.state_dict(), back.state_dict()
+        assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+        assert back.lm_head.weight is back.embed_tokens.weight  # still tied after loading
+    assert len(list((tmp_path / "many").glob("model-*-of-*.safetensors"))) > 1
+    assert not (tmp_path / "one" / "model.safetensors.index.json").exists()
+    # Re-saving into the sharded folder unsharded removes the old shards and their index.
+    save_model(model, tmp_path / "many", max_shard_bytes=10**9)
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["config.json", "model.safetensors"]

@@ -1,0 +1,87 @@
+"""Our tokenizer and chat template agree with transformers on the same files."""
+import json
+
+import pytest
+from jinja2.exceptions import SecurityError, TemplateError
+from transformers import PreTrainedTokenizerFast
+
+from srlm_engine.tokenizer import Tokenizer, TokenizerError
+
+TEXTS = [
+    "What is the capital of France?",
+    "  leading spaces and trailing   ",
+    "Numbers: 1234567890, 3.14159, -42, 1e-5 and 2,165,423 residents.",
+    "def f(x):\n    return x ** 2  # squares\n\n\ttabbed",
+    "Unicode: café, naïve, 東京, Привет, emoji 🤖🚀, ﬁ ligature",
+    "<|im_start|>user\nhi<|im_end|>",  # control tokens inside text are special tokens
+    "",
+]
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}],
+]
+
+
+@pytest.fixture(scope="module")
+def pair(smollm2_dir):
+    return Tokenizer.from_pretrained(smollm2_dir), PreTrainedTokenizerFast(
+        tokenizer_file=str(smollm2_dir / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_ids_match_transformers(pair, text):
+    ours, ref = pair
+    for special in (True, False):
+        ids = ours.encode(text, add_special_tokens=special)
+        assert ids == ref.encode(text, add_special_tokens=special)
+        assert ours.decode(ids, skip_special_tokens=False) == ref.decode(ids, skip_special_tokens=False)
+
+
+def test_special_tokens(pair):
+    ours, _ = pair
+    assert len(ours.special_tokens) == 17  # the GGUF's control tokens
+    assert ours.eos_token == "<|im_end|>" and ours.eos_token_ids == [ours.token_to_id("<|im_end|>")]
+    assert ours.encode("<|im_end|>", add_special_tokens=False) == ours.eos_token_ids
+    assert ours.decode(ours.encode("a<|im_end|>b"), skip_special_tokens=True) == "ab"
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+@pytest.mark.parametrize("gen", [True, False])
+def test_chat_template_matches_transformers(smollm2_dir, messages, gen):
+    from transformers import AutoTokenizer
+    ref = AutoTokenizer.from_pretrained(smollm2_dir)
+    ours = Tokenizer.from_pretrained(smollm2_dir)
+    assert ours.apply_chat_template(messages, add_generation_prompt=gen) == ref.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=gen)
+
+
+def _with_template(tmp_path, smollm2_dir, template):
+    for f in ("tokenizer.json",):
+        (tmp_path / f).write_bytes((smollm2_dir / f).read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    return Tokenizer.from_pretrained(tmp_path)
+
+
+def test_template_is_sandboxed(tmp_path, smollm2_dir):
+    evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(SecurityError):
+        _with_template(tmp_path, smollm2_dir, evil).apply_chat_template([{"role": "user", "content": "x"}])
+    mutate = "{% set _ = messages.append({'role': 'x'}) %}ok"  # immutable sandbox: no list mutation
+    with pytest.raises(SecurityError):
+        _with_template(tmp_path, smollm2_dir, mutate).apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_template_raise_exception_and_chat_template_jinja(tmp_path, smollm2_dir):
+    tok = _with_template(tmp_path, smollm2_dir, "{{ raise_exception('only user turns') }}")
+    with pytest.raises(TemplateError, match="only user turns"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}])
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}")
+    tok = Tokenizer.from_pretrained(tmp_path)  # the .jinja file wins, as in transformers
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "[user]x"
+
+
+def test_missing_tokenizer_and_template(tmp_path):
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json: tokenizer file not found"):
+        Tokenizer.from_pretrained(tmp_path)
