@@ -70,7 +70,7 @@ def lcs_length(a: Sequence, b: Sequence) -> int:
     for t in b:
         u = v & masks.get(t, 0)
         v = ((v + u) | (v - u)) & full
-    return len(a) - v.bit_count() if hasattr(v, "bit_count") else len(a) - bin(v).count("1")
+    return len(a) - v.bit_count()
 
 
 def rouge_l(a: str | Sequence[str], b: str | Sequence[str]) -> float:
