@@ -1,0 +1,297 @@
+"""Fused linear log-prob: the log-prob of each target token without the [N, V] logits.
+
+    z = hidden @ weight.T / temperature            hidden [N, H], weight [V, H], z [N, V] (never stored)
+    lse[n] = logsumexp_v z[n, v]
+    logprobs[n] = z[n, targets[n]] - lse[n]        0 where targets[n] == ignore_index
+Backward, for an upstream gradient g [N] per token:
+    dz[n, v] = g[n] / temperature * (1[v == targets[n]] - softmax(z)[n, v])
+    d hidden = dz @ weight,   d weight = dz.T @ hidden
+
+Both paths walk z in tiles: a tile of rows times a chunk of the vocabulary, with an online
+log-sum-exp in forward. Backward RECOMPUTES each tile from the saved lse [N] rather than
+computing gradients in forward (Liger's trick): that trick needs the upstream gradient at
+forward time, which holds for a mean cross-entropy but not here, where g is per token (a DPO
+gradient is known only after every token of the sequence is summed). The price is one extra
+matmul over the vocabulary (4 instead of 3).
+
+Dtypes: bfloat16/float16/float32 inputs are multiplied with float32 accumulation (the CPU path
+upcasts each chunk); logprobs and lse are float32 (float64 for float64 inputs, CPU path only),
+because they are summed over sequences next. Gradients come back in the inputs' dtype.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import check_backend, check_float, check_index
+from .fused_logprob_torch import torch_fused_linear_logprob, torch_fused_linear_logprob_backward
+
+# ------------------------------------------------------------------------------------ Triton
+
+# (BLOCK_N, BLOCK_V, BLOCK_H), read at launch. The interpreter pays per operation, not per
+# element, so big tiles make it fast; tl.dot needs every block >= 16.
+GPU_BLOCKS = (64, 128, 64)
+INTERPRETER_BLOCKS = (16, 512, 64)
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, rows, cols, rmask, cmask, H, inv_temp,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                 UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """z[rows, cols] = hidden[rows] @ weight[cols].T * inv_temp, a [BLOCK_N, BLOCK_V] fp32 tile."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        ks = k0 + tl.arange(0, BLOCK_H)
+        kmask = ks < H
+        a = tl.load(h_ptr + rows[:, None] * H + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_ptr + cols[None, :] * H + ks[:, None], mask=cmask[None, :] & kmask[:, None], other=0.0)
+        if UPCAST:  # the interpreter gets bf16 arithmetic wrong: compute in fp32 there
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:  # fp32 inputs: no silent TF32 rounding
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    return acc * inv_temp
+
+
+@triton.jit
+def _fwd_kernel(h_ptr, w_ptr, t_ptr, logp_ptr, lse_ptr, N, V, H, inv_temp, ignore_index,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    tgt = tl.load(t_ptr + rows, mask=rmask, other=ignore_index)
+    rows = rows.to(tl.int64)  # rows * H overflows int32 for large N * H
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], dtype=tl.float32)
+    zt = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        cmask = cols < V
+        z = _logits_tile(h_ptr, w_ptr, rows, cols.to(tl.int64), rmask, cmask, H, inv_temp,
+                         BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, IEEE)
+        z = tl.where(cmask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, 1))  # finite: every chunk has a real column
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        m = m_new
+        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
+    lse = m + tl.log(s)
+    tl.store(lse_ptr + rows, lse, mask=rmask)
+    tl.store(logp_ptr + rows, tl.where(tgt != ignore_index, zt - lse, 0.0), mask=rmask)
+
+
+@triton.jit
+def _dz_tile(h_ptr, w_ptr, t_ptr, g_ptr, lse_ptr, rows, cols, rmask, cmask, N, H, inv_temp, ignore_index,
+             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+             UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """dz = g / T * (onehot(targets) - softmax(z)) on one tile, recomputed from the saved lse."""
+    tgt = tl.load(t_ptr + rows, mask=rmask, other=ignore_index)
+    g = tl.load(g_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    g = tl.where(tgt != ignore_index, g * inv_temp, 0.0)
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    z = _logits_tile(h_ptr, w_ptr, rows, cols, rmask, cmask, H, inv_temp,
+                     BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, IEEE)
+    dz = tl.where(cols[None, :] == tgt[:, None], g[:, None], 0.0) - g[:, None] * tl.exp(z - lse[:, None])
+    return tl.where(cmask[None, :], dz, 0.0)
+
+
+@triton.jit
+def _bwd_dh_kernel(h_ptr, w_ptr, t_ptr, g_ptr, lse_ptr, dh_ptr, N, V, H, inv_temp, ignore_index,
+                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                   UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # One program owns a block of rows of dh (fp32), so its read-add-write needs no atomics.
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rmask = rows < N
+    for v0 in range(0, V, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        cmask = cols < V
+        dz = _dz_tile(h_ptr, w_ptr, t_ptr, g_ptr, lse_ptr, rows, cols, rmask, cmask, N, H, inv_temp,
+                      ignore_index, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, IEEE)
+        if not UPCAST:
+            dz = dz.to(w_ptr.dtype.element_ty)  # tensor-core dot in the weights' dtype, fp32 accumulation
+        for k0 in range(0, H, BLOCK_H):
+            ks = k0 + tl.arange(0, BLOCK_H)
+            kmask = ks < H
+            w = tl.load(w_ptr + cols[:, None] * H + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
+            if IEEE:
+                part = tl.dot(dz, w, input_precision="ieee")
+            else:
+                part = tl.dot(dz, w)
+            ptrs = dh_ptr + rows[:, None] * H + ks[None, :]
+            omask = rmask[:, None] & kmask[None, :]
+            tl.store(ptrs, tl.load(ptrs, mask=omask, other=0.0) + part, mask=omask)
+
+
+@triton.jit
+def _bwd_dw_kernel(h_ptr, w_ptr, t_ptr, g_ptr, lse_ptr, dw_ptr, N, V, H, inv_temp, ignore_index,
+                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                   UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # One program owns a chunk of vocabulary rows of dw: deterministic, no atomics.
+    cols = (tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    cmask = cols < V
+    for n0 in range(0, N, BLOCK_N):
+        rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        rmask = rows < N
+        dz = _dz_tile(h_ptr, w_ptr, t_ptr, g_ptr, lse_ptr, rows, cols, rmask, cmask, N, H, inv_temp,
+                      ignore_index, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, IEEE)
+        if not UPCAST:
+            dz = dz.to(h_ptr.dtype.element_ty)
+        dzt = tl.trans(dz)
+        for k0 in range(0, H, BLOCK_H):
+            ks = k0 + tl.arange(0, BLOCK_H)
+            kmask = ks < H
+            h = tl.load(h_ptr + rows[:, None] * H + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            if UPCAST:
+                h = h.to(tl.float32)
+            if IEEE:
+                part = tl.dot(dzt, h, input_precision="ieee")
+            else:
+                part = tl.dot(dzt, h)
+            ptrs = dw_ptr + cols[:, None] * H + ks[None, :]
+            omask = cmask[:, None] & kmask[None, :]
+            tl.store(ptrs, tl.load(ptrs, mask=omask, other=0.0) + part, mask=omask)
+
+
+def _triton_config(hidden, blocks):
+    """(BLOCK_N, BLOCK_V, BLOCK_H) and the dtype flags for one launch."""
+    interp = hidden.device.type == "cpu"
+    if interp:
+        from triton.runtime.interpreter import InterpretedFunction
+        if not isinstance(_fwd_kernel, InterpretedFunction):
+            raise RuntimeError("the Triton path on CPU tensors runs only in Triton's interpreter: set "
+                               "TRITON_INTERPRET=1 before triton is first imported (use backend='torch' on CPU)")
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"the Triton path takes float32, bfloat16 or float16, got {hidden.dtype}")
+    bn, bv, bh = blocks or (INTERPRETER_BLOCKS if interp else GPU_BLOCKS)
+    return dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, UPCAST=interp,
+                IEEE=hidden.dtype == torch.float32)
+
+
+def _triton_fused_linear_logprob(hidden, weight, targets, ignore_index, temperature, blocks=None):
+    """Triton forward -> (logprobs [N] fp32, lse [N] fp32). Inputs already checked and contiguous."""
+    cfg = _triton_config(hidden, blocks)
+    n, h = hidden.shape
+    v = weight.shape[0]
+    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    if n:
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+        _fwd_kernel[grid](hidden, weight, targets, logp, lse, n, v, h, 1.0 / temperature, ignore_index, **cfg)
+    return logp, lse
+
+
+def _triton_fused_linear_logprob_backward(grad, hidden, weight, targets, lse, ignore_index, temperature,
+                                          need_dh=True, need_dw=True, blocks=None):
+    """Triton backward -> (d hidden or None, d weight or None), in the inputs' dtype."""
+    cfg = _triton_config(hidden, blocks)
+    n, h = hidden.shape
+    v = weight.shape[0]
+    grad = grad.contiguous()
+    args = (hidden, weight, targets, grad, lse)
+    scalars = (n, v, h, 1.0 / temperature, ignore_index)
+    dh = dw = None
+    if need_dh:
+        dh = torch.zeros(n, h, dtype=torch.float32, device=hidden.device)
+        if n:
+            _bwd_dh_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](*args, dh, *scalars, **cfg)
+        dh = dh.to(hidden.dtype)
+    if need_dw:
+        dw = torch.zeros(v, h, dtype=torch.float32, device=hidden.device)
+        if n:
+            _bwd_dw_kernel[(triton.cdiv(v, cfg["BLOCK_V"]),)](*args, dw, *scalars, **cfg)
+        dw = dw.to(weight.dtype)
+    return dh, dw
+
+
+# ------------------------------------------------------------------------- op and autograd
+
+def _forward(hidden, weight, targets, ignore_index, temperature, backend):
+    if backend == "triton":
+        return _triton_fused_linear_logprob(hidden, weight, targets, ignore_index, temperature)
+    return torch_fused_linear_logprob(hidden, weight, targets, ignore_index, temperature)
+
+
+@torch.library.custom_op("srlm::fused_linear_logprob", mutates_args=())
+def _op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+        temperature: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(hidden, weight, targets, ignore_index, temperature, backend)
+
+
+@_op.register_fake
+def _op_fake(hidden, weight, targets, ignore_index, temperature, backend):
+    out = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    n = hidden.shape[0]
+    return hidden.new_empty(n, dtype=out), hidden.new_empty(n, dtype=out)
+
+
+@torch.library.custom_op("srlm::fused_linear_logprob_backward", mutates_args=())
+def _bwd_op(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+            lse: torch.Tensor, ignore_index: int, temperature: float, backend: str,
+            need_dh: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    fn = _triton_fused_linear_logprob_backward if backend == "triton" else torch_fused_linear_logprob_backward
+    dh, dw = fn(grad, hidden, weight, targets, lse, ignore_index, temperature, need_dh, need_dw)
+    # A custom op returns tensors: an unneeded gradient is an empty one.
+    return (dh if need_dh else hidden.new_empty(0)), (dw if need_dw else weight.new_empty(0))
+
+
+@_bwd_op.register_fake
+def _bwd_op_fake(grad, hidden, weight, targets, lse, ignore_index, temperature, backend, need_dh, need_dw):
+    return (torch.empty_like(hidden) if need_dh else hidden.new_empty(0),
+            torch.empty_like(weight) if need_dw else weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, targets, ignore_index, temperature, backend = inputs
+    ctx.save_for_backward(hidden, weight, targets, output[1])
+    ctx.args = (ignore_index, temperature, backend)
+    ctx.mark_non_differentiable(output[1])  # lse is saved state, not a result
+
+
+def _backward(ctx, grad_logp, grad_lse):
+    hidden, weight, targets, lse = ctx.saved_tensors
+    need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_logp is None or not (need_dh or need_dw):
+        return None, None, None, None, None, None
+    dh, dw = _bwd_op(grad_logp.contiguous(), hidden, weight, targets, lse, *ctx.args, need_dh, need_dw)
+    return (dh if need_dh else None), (dw if need_dw else None), None, None, None, None
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------ public API
+
+def fused_linear_logprob(hidden, weight, targets, ignore_index=-100, temperature=1.0, backend="auto"):
+    """log_softmax(hidden @ weight.T / temperature) at targets, without the [N, V] logits.
+
+    hidden [N, H] and weight [V, H]: same float dtype and device (non-contiguous ones are copied);
+    targets [N] integer in [0, V) or == ignore_index. Returns logprobs [N], float32 (float64 for
+    float64 inputs), 0 where ignored; differentiable in hidden and weight.
+    backend: 'auto' (Triton on CUDA, the tiled torch path elsewhere), 'triton' or 'torch'.
+    """
+    hidden = check_float("hidden", hidden, 2)
+    weight = check_float("weight", weight, 2, hidden.dtype, hidden.device)
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight {tuple(weight.shape)} and hidden {tuple(hidden.shape)} differ in H")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    targets = check_index("targets", targets, hidden.shape[0], hidden.device, 0, weight.shape[0], ignore_index)
+    backend = check_backend(backend, hidden.device)
+    logp, _ = _op(hidden, weight, targets, int(ignore_index), float(temperature), backend)
+    return logp
+
+
+def sequence_logprobs(hidden, weight, targets, seq_ids, num_seqs, ignore_index=-100, temperature=1.0,
+                      backend="auto"):
+    """Summed token log-probs per sequence: out[s] = sum of logprobs[n] over seq_ids[n] == s.
+
+    seq_ids [N] integer in [0, num_seqs) at every non-ignored token (ignored tokens' ids are not
+    read, so padding may carry any id). Returns [num_seqs], float32 (float64 for float64 inputs).
+    """
+    logp = fused_linear_logprob(hidden, weight, targets, ignore_index, temperature, backend)
+    valid = targets != ignore_index
+    seq_ids = check_index("seq_ids", seq_ids, hidden.shape[0], hidden.device, 0, num_seqs, valid=valid)
+    seq_ids = torch.where(valid, seq_ids, torch.zeros_like(seq_ids))  # logp is 0 there
+    return logp.new_zeros(num_seqs).index_add(0, seq_ids, logp)

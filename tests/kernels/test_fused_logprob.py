@@ -1,0 +1,182 @@
+"""fused_linear_logprob and sequence_logprobs: Triton kernels (interpreter) and the CPU tiled path
+against the float64 reference, outputs and both gradients."""
+import pytest
+import torch
+
+from kernel_compare import assert_close
+from srlm_kernels import fused_linear_logprob, fused_logprob, fused_logprob_torch, sequence_logprobs
+from srlm_kernels.reference.fused_logprob import fused_linear_logprob_ref, sequence_logprobs_ref
+
+# (N, H, V): one row; odd sizes that no tile divides; a V just past one tile.
+SHAPES = [(1, 16, 17), (5, 123, 123), (37, 64, 1000)]
+BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton", marks=pytest.mark.triton)]
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    """Tiles smaller than the shapes, so every test crosses tile edges and partial tiles."""
+    monkeypatch.setattr(fused_logprob_torch, "CHUNK_N", 7)
+    monkeypatch.setattr(fused_logprob_torch, "CHUNK_V", 50)
+    monkeypatch.setattr(fused_logprob, "INTERPRETER_BLOCKS", (16, 64, 32))
+
+
+def make_inputs(n, h, v, dtype, seed=0, logit_scale=1.0, ignore_every=4):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) * (logit_scale / h ** 0.5)).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=g)
+    if ignore_every:
+        targets[::ignore_every] = -100
+    upstream = torch.randn(n, generator=g, dtype=torch.float64)
+    return hidden, weight, targets, upstream
+
+
+def check_against_reference(backend, hidden, weight, targets, upstream, temperature=1.0):
+    """Forward, then backward of sum(upstream * logprobs), on both the kernel and the reference."""
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    out = fused_linear_logprob(h, w, targets, temperature=temperature, backend=backend)
+    (out * upstream.to(out.dtype)).sum().backward()
+    h64 = hidden.to(torch.float64).requires_grad_()
+    w64 = weight.to(torch.float64).requires_grad_()
+    ref = fused_linear_logprob_ref(h64, w64, targets, temperature=temperature)
+    (ref * upstream).sum().backward()
+    max_logit = (h64 @ w64.T / temperature).abs().max().item()
+    assert out.dtype == (torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    assert_close(out, ref, scale=max_logit, what="logprobs")
+    assert (out[targets == -100] == 0).all()
+    assert h.grad.dtype == hidden.dtype and w.grad.dtype == weight.dtype
+    assert_close(h.grad, h64.grad, what="d hidden")
+    assert_close(w.grad, w64.grad, what="d weight")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(backend, dtype, shape):
+    check_against_reference(backend, *make_inputs(*shape, dtype), temperature=0.7)
+
+
+def test_cpu_path_float64_matches_reference():
+    check_against_reference("torch", *make_inputs(37, 64, 1000, torch.float64), temperature=1.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_smollm2_shape(backend, monkeypatch):
+    """H=576, V=49152 as in SmolLM2-135M, with production tile sizes; N kept tiny for the interpreter."""
+    monkeypatch.setattr(fused_logprob_torch, "CHUNK_N", 2048)
+    monkeypatch.setattr(fused_logprob_torch, "CHUNK_V", 4096)
+    monkeypatch.setattr(fused_logprob, "INTERPRETER_BLOCKS", (16, 1024, 64))
+    check_against_reference(backend, *make_inputs(3, 576, 49152, torch.bfloat16, ignore_every=0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits(backend):
+    """Logits of order +-1e4: the online log-sum-exp must not overflow nor lose the target."""
+    hidden, weight, targets, upstream = make_inputs(9, 32, 300, torch.float32, logit_scale=1.0)
+    hidden = hidden / hidden.norm(dim=1, keepdim=True) * 1e2
+    weight = weight / weight.norm(dim=1, keepdim=True) * 1e2  # |z| up to 1e4
+    check_against_reference(backend, hidden, weight, targets, upstream)
+    z = hidden @ weight.T
+    assert z.abs().max() > 5e3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_targets_ignored(backend):
+    hidden, weight, _, upstream = make_inputs(6, 32, 100, torch.float32)
+    targets = torch.full((6,), -100)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    out = fused_linear_logprob(h, w, targets, backend=backend)
+    (out * upstream.float()).sum().backward()
+    assert (out == 0).all() and (h.grad == 0).all() and (w.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_logprobs(backend):
+    hidden, weight, targets, _ = make_inputs(23, 48, 200, torch.float32)
+    seq_ids = torch.arange(23) % 4
+    seq_ids[targets == -100] = -1  # ignored tokens' ids are never read
+    out = sequence_logprobs(hidden, weight, targets, seq_ids, 4, backend=backend)
+    safe = torch.where(targets == -100, 0, seq_ids)
+    ref = sequence_logprobs_ref(hidden.double(), weight.double(), targets, safe, 4)
+    max_logit = (hidden.double() @ weight.double().T).abs().max().item()
+    assert_close(out, ref, scale=max_logit * 23, what="sequence logprobs")
+
+
+def test_gradcheck_cpu_path():
+    hidden, weight, targets, _ = make_inputs(9, 11, 37, torch.float64)
+    h = hidden.requires_grad_()
+    w = weight.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b: fused_linear_logprob(a, b, targets, temperature=0.9, backend="torch"), (h, w))
+
+
+def test_opcheck_registrations():
+    """The fake (meta) kernel, autograd registration and schema agree with the real op."""
+    hidden, weight, targets, _ = make_inputs(9, 11, 37, torch.float32)
+    args = (hidden.requires_grad_(), weight.requires_grad_(), targets, -100, 1.0, "torch")
+    torch.library.opcheck(fused_logprob._op, args)
+
+
+def test_traces_under_torch_compile():
+    hidden, weight, targets, upstream = make_inputs(9, 11, 37, torch.float32)
+    fn = torch.compile(lambda a, b: fused_linear_logprob(a, b, targets, backend="torch"),
+                       backend="aot_eager", fullgraph=True)
+    h = hidden.clone().requires_grad_()
+    out = fn(h, weight)
+    out.sum().backward()
+    h2 = hidden.clone().requires_grad_()
+    eager = fused_linear_logprob(h2, weight, targets, backend="torch")
+    eager.sum().backward()
+    assert torch.equal(out, eager) and torch.equal(h.grad, h2.grad)
+
+
+def test_non_contiguous_inputs_are_copied():
+    hidden, weight, targets, _ = make_inputs(8, 16, 40, torch.float32)
+    out = fused_linear_logprob(hidden.T.contiguous().T, weight.T.contiguous().T, targets)
+    assert not hidden.T.contiguous().T.is_contiguous()
+    assert torch.equal(out, fused_linear_logprob(hidden, weight, targets))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("h_mismatch", "differ in H"),
+    ("targets_len", "targets must have shape"),
+    ("targets_high", "targets must be in"),
+    ("targets_negative", "targets must be in"),
+    ("targets_float", "targets must be an integer"),
+    ("hidden_int", "hidden must be float32"),
+    ("dtype_mismatch", "weight has dtype"),
+    ("hidden_3d", "hidden must have 2 dims"),
+    ("temperature", "temperature must be > 0"),
+    ("backend", "backend must be"),
+    ("seq_ids_range", "seq_ids must be in"),
+])
+def test_bad_inputs(case, match):
+    hidden, weight, targets, _ = make_inputs(8, 16, 40, torch.float32, ignore_every=0)
+    kw = dict(hidden=hidden, weight=weight, targets=targets)
+    if case == "h_mismatch":
+        kw["weight"] = weight[:, :15]
+    elif case == "targets_len":
+        kw["targets"] = targets[:7]
+    elif case == "targets_high":
+        kw["targets"] = targets.clone().index_fill_(0, torch.tensor([3]), 40)
+    elif case == "targets_negative":
+        kw["targets"] = targets.clone().index_fill_(0, torch.tensor([3]), -1)
+    elif case == "targets_float":
+        kw["targets"] = targets.float()
+    elif case == "hidden_int":
+        kw["hidden"] = hidden.long()
+    elif case == "dtype_mismatch":
+        kw["weight"] = weight.double()
+    elif case == "hidden_3d":
+        kw["hidden"] = hidden[None]
+    elif case == "temperature":
+        kw["temperature"] = 0.0
+    elif case == "backend":
+        kw["backend"] = "cuda"
+    with pytest.raises(ValueError, match=match):
+        if case == "seq_ids_range":
+            sequence_logprobs(hidden, weight, targets, torch.full((8,), 2), 2)
+        else:
+            fused_linear_logprob(**kw)
