@@ -47,6 +47,115 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------- training (sft, dpo)
+
+_TRAIN_TYPES = {"max_steps": int, "lr": float, "min_lr": float}
+
+
+def _add_train_flags(q) -> None:
+    """--model/--out/--nproc/--config and one flag per TrainConfig field; a flag left out stays
+    out of the namespace, so the TOML file (or the default) decides it."""
+    from dataclasses import fields
+    from srlm_engine.config import TrainConfig
+    q.add_argument("--model", required=True, help="input model directory (HF layout)")
+    q.add_argument("--out", required=True, help="output directory: checkpoints/, metrics.jsonl, model/")
+    q.add_argument("--nproc", type=int, default=None,
+                   help="start N local processes through torch.distributed.run (FSDP2)")
+    q.add_argument("--config", default=None, help="TOML file of training settings; flags override it")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            q.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        elif f.name == "adam_betas":
+            q.add_argument(flag, dest=f.name, type=float, nargs=2, default=argparse.SUPPRESS)
+        else:
+            q.add_argument(flag, dest=f.name, type=_TRAIN_TYPES.get(f.name, type(f.default)),
+                           default=argparse.SUPPRESS)
+
+
+def _train_config(args):
+    from dataclasses import fields
+    from srlm_engine.config import TrainConfig
+    d = {}
+    if args.config:
+        import tomllib
+        from srlm_engine.config import ConfigError
+        try:
+            with open(args.config, "rb") as fh:
+                d = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{args.config}: invalid TOML: {e}") from None
+        d = d.get("train", d)
+    d.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    return TrainConfig.from_dict(d, source=args.config or "flags")
+
+
+def _relaunch(args, data_flag: str) -> int:
+    """Run this same command in args.nproc local processes under torch.distributed.run."""
+    import socket
+    import subprocess
+    from dataclasses import fields
+    from srlm_engine.config import TrainConfig
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "srlm_engine.cli", args.command,
+           "--model", args.model, data_flag, getattr(args, data_flag[2:]), "--out", args.out]
+    if args.config:
+        cmd += ["--config", args.config]
+    for f in fields(TrainConfig):
+        if hasattr(args, f.name):
+            v, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
+            if isinstance(v, bool):
+                cmd.append(flag if v else "--no-" + f.name.replace("_", "-"))
+            else:
+                cmd += [flag, *map(repr, v)] if isinstance(v, (list, tuple)) else [flag, repr(v) if isinstance(v, float) else str(v)]
+    return subprocess.call(cmd)
+
+
+def _load_records(path, kind: str) -> list:
+    from srlm_engine.io import DataError, read_jsonl
+    try:
+        from srlm_engine import data
+        recs = data.load_sft(path) if kind == "sft" else data.load_pairs(path)
+    except ImportError:
+        recs = read_jsonl(path)
+    if not recs:
+        raise DataError(f"{path}: no records (the file is empty)")
+    return recs
+
+
+def cmd_sft(args) -> int:
+    cfg = _train_config(args)  # a bad setting fails here, before any process starts
+    if args.nproc:
+        return _relaunch(args, "--data")
+    from srlm_engine.train.parallel import teardown
+    from srlm_engine.train.trainer import train_sft
+    try:
+        print(train_sft(args.model, _load_records(args.data, "sft"), args.out, cfg))
+    finally:
+        teardown()
+    return 0
+
+
+def cmd_dpo(args) -> int:
+    cfg = _train_config(args)
+    if args.nproc:
+        return _relaunch(args, "--pairs")
+    from pathlib import Path
+    from srlm_engine.train.parallel import teardown
+    from srlm_engine.train.refs import cached_reference_logps
+    from srlm_engine.train.trainer import train_dpo
+    try:
+        pairs = cached_reference_logps(args.model, _load_records(args.pairs, "dpo"),
+                                       Path(args.out) / "pairs.ref.jsonl", cfg.max_seq_len, cfg.ref_batch_size)
+        print(train_dpo(args.model, pairs, args.out, cfg))
+    finally:
+        teardown()
+    return 0
+
+
 def build() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="srlm", description="Self-Rewarding Language Models engine")
     sub = p.add_subparsers(dest="command", required=True)
@@ -64,6 +173,15 @@ def build() -> argparse.ArgumentParser:
     q = sub.add_parser("demo", help="pull the default model and answer three instructions")
     q.add_argument("--max-tokens", type=int, default=64)
     q.set_defaults(fn=cmd_demo)
+
+    q = sub.add_parser("sft", help="supervised fine-tuning on chat records (loss on assistant turns)")
+    q.add_argument("--data", required=True, help='JSONL of {"messages": [{"role", "content"}, ...]}')
+    _add_train_flags(q)
+    q.set_defaults(fn=cmd_sft)
+    q = sub.add_parser("dpo", help="DPO on preference pairs; reference log-probs computed once first")
+    q.add_argument("--pairs", required=True, help='JSONL of {"prompt", "chosen", "rejected"}')
+    _add_train_flags(q)
+    q.set_defaults(fn=cmd_dpo)
     return p
 
 

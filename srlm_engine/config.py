@@ -6,6 +6,7 @@ ModelConfig mirrors the fields of a Hugging Face Llama config.json that change t
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -203,3 +204,91 @@ class TrainConfig:
             return cls(**d)
         except (ConfigError, TypeError) as e:
             raise ConfigError(f"{source}: {e}") from None
+
+
+SEED_DIR = Path(__file__).resolve().parents[1] / "data" / "seed"
+
+
+@dataclass
+class LoopConfig:
+    """The self-rewarding loop (loop.py). Defaults are the paper's where it gives one
+    (N=4 at temperature 0.7 / top_p 0.9; K=3 judgments; prompts at 0.6 / 0.9; 8 shots)."""
+    iterations: int = 2
+    prompts: int = 64                  # new prompts written per iteration
+    n: int = 4                         # candidates per prompt
+    judge_samples: int = 3             # K
+    judge_mode: str = "sample"         # 'sample' (K texts, parsed, averaged) or 'expected'
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+    prompt_temperature: float = 0.6
+    prompt_top_p: float = 0.9
+    judge_temperature: float = 0.7
+    judge_top_p: float = 0.9
+    judge_max_tokens: int = 160
+    length_control: bool = False       # Meta-Rewarding's shortest-best / longest-worst choice
+    eval_prompts: int = 32             # held-out prompts for the head-to-head win rate
+    eval_max_tokens: int = 256
+    seed: int = 0
+    seed_dir: str = str(SEED_DIR)
+    judge_template: str | None = None  # a file with {instruction} and {response}
+    prompt_writer: str | None = None   # model dir that writes prompts; default: M_t
+    eval_judge: str | None = None      # fixed judge of the head-to-head; default: M1
+    kv_cache_tokens: int = 65536
+    max_num_seqs: int = 64
+    sft: TrainConfig = field(default_factory=TrainConfig)
+    dpo: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if isinstance(self.sft, dict):
+            self.sft = TrainConfig.from_dict(self.sft, "sft")
+        if isinstance(self.dpo, dict):
+            self.dpo = TrainConfig.from_dict(self.dpo, "dpo")
+        for name in ("iterations", "prompts", "n", "judge_samples", "max_new_tokens", "judge_max_tokens",
+                     "eval_prompts", "eval_max_tokens", "kv_cache_tokens", "max_num_seqs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.n < 2:
+            raise ConfigError(f"n must be at least 2 to form a pair, got {self.n}")
+        if self.judge_mode not in ("sample", "expected"):
+            raise ConfigError(f"judge_mode must be 'sample' or 'expected', got {self.judge_mode!r}")
+        for name in ("temperature", "prompt_temperature", "judge_temperature"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("top_p", "prompt_top_p", "judge_top_p"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
+
+    PRESETS = {
+        # The paper's numbers (Llama 2 70B there): ~4k pairs from M1, two iterations.
+        "paper": dict(iterations=2, prompts=5000, n=4, judge_samples=3, max_new_tokens=1024,
+                      judge_max_tokens=256, eval_prompts=253, eval_max_tokens=1024,
+                      sft=dict(lr=5.5e-6, min_lr=1.1e-6, micro_batch_size=4, grad_accum=4, epochs=1.0),
+                      dpo=dict(lr=1e-6, min_lr=1e-7, micro_batch_size=4, grad_accum=4, epochs=1.0, beta=0.1)),
+        # M1 and one iteration of a 135M model on a 2-core CPU in well under 30 minutes.
+        "quick": dict(iterations=1, prompts=24, n=4, judge_samples=2, judge_mode="expected",
+                      max_new_tokens=96, judge_max_tokens=96, eval_prompts=24, eval_max_tokens=96,
+                      sft=dict(lr=3e-5, min_lr=6e-6, micro_batch_size=4, grad_accum=2, epochs=1.0,
+                               max_seq_len=512, warmup_steps=2, save_every=10),
+                      dpo=dict(lr=5e-6, min_lr=5e-7, micro_batch_size=2, grad_accum=2, epochs=2.0,
+                               max_seq_len=384, beta=0.1, save_every=5)),
+    }
+
+    @classmethod
+    def build(cls, preset: str | None = None, toml: dict | None = None, **overrides) -> "LoopConfig":
+        """preset < TOML file < command-line overrides; `sft` / `dpo` tables merge key by key."""
+        if preset and preset not in cls.PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(cls.PRESETS)}")
+        d: dict = {}
+        layers = [cls.PRESETS[preset] if preset else {}, toml or {},
+                  {k: v for k, v in overrides.items() if v is not None}]
+        for layer in layers:
+            for k, v in layer.items():
+                if k not in cls.__dataclass_fields__:
+                    raise ConfigError(f"unknown loop setting {k!r}")
+                d[k] = {**d.get(k, {}), **v} if k in ("sft", "dpo") else v
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

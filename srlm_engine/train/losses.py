@@ -1,0 +1,54 @@
+"""SFT and DPO losses over the fused kernels; the [B, T, V] logits are never materialized.
+
+    logp[b, t] = log p(targets[b, t] | input_ids[b, :t+1])   via srlm_kernels.fused_linear_logprob
+    SFT:  loss = -sum(logp) / (number of trained tokens)           mean over this micro-batch's tokens
+    DPO:  seq[s] = sum_t logp[s, t]                                [2B]: B chosen rows, then B rejected
+          losses, cr, rr = dpo_loss(seq[:B], seq[B:], ref_chosen, ref_rejected, beta, loss_type)
+          loss = mean(losses)                                      mean over this micro-batch's pairs
+DPO variants are the kernel's loss_type: sigmoid (DPO), ipo, hinge (SLiC), robust.
+Our Llama has no dropout (the paper used 0.1): policy and reference passes are deterministic, and
+so is training; nothing here switches train/eval behaviour.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from srlm_kernels import dpo_loss, fused_linear_logprob
+from srlm_engine.train.batches import IGNORE
+
+
+class TokenLogprobs(nn.Module):
+    """Llama -> per-token log-probs in ONE forward, so that FSDP2's root hooks (which gather the
+    embedding, final norm and lm_head) cover the lm_head matmul inside the fused kernel too.
+    Tied embeddings stay tied: lm_head.weight IS embed_tokens.weight, one parameter in the root
+    group. `llama` keeps its own names; train/checkpoint.py strips the "llama." prefix."""
+
+    def __init__(self, llama: nn.Module):
+        super().__init__()
+        self.llama = llama
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """input_ids, targets [B, T] -> logp [B, T] float32, 0 where targets == IGNORE.
+        (Cloned out of the kernel's flat [B*T]: FSDP2 warns on a root returning a view.)"""
+        h = self.llama.hidden_states(input_ids)  # (B, T, H)
+        logp = fused_linear_logprob(h.flatten(0, 1), self.llama.lm_head.weight, targets.flatten(),
+                                    ignore_index=IGNORE)  # (B*T,)
+        return logp.view(targets.shape).clone()
+
+
+def sft_loss(logp: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """-> (mean negative log-likelihood over trained tokens, number of trained tokens)."""
+    n = int((targets != IGNORE).sum())
+    return -logp.sum() / max(n, 1), n
+
+
+def dpo_batch_loss(logp: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+                   beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+    """logp [2B, T] (chosen rows, then rejected), refs [B] ->
+    (mean loss, chosen_rewards [B], rejected_rewards [B]); the rewards are detached."""
+    seq = logp.sum(-1)  # (2B,)
+    b = seq.shape[0] // 2
+    losses, cr, rr = dpo_loss(seq[:b], seq[b:], ref_chosen.to(seq.dtype), ref_rejected.to(seq.dtype),
+                              beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    return losses.mean(), cr, rr

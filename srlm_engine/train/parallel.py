@@ -1,0 +1,92 @@
+"""Process groups from torchrun's environment, and FSDP2 applied to a single-device model.
+
+`setup()` reads RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun or torch.distributed.run) and
+starts the default process group: NCCL when CUDA is present, gloo otherwise. Without those
+variables (or with WORLD_SIZE=1) it starts nothing and training runs in one process, unsharded.
+
+`parallelize()` applies, in this order (torchtitan's):
+  1. activation checkpointing: each transformer block wrapped with checkpoint_wrapper
+     (non-reentrant), so its activations are recomputed in backward;
+  2. fully_shard (FSDP2) on each block: one all-gather / reduce-scatter group per block;
+  3. fully_shard on the root (TokenLogprobs), which takes what is left: embed_tokens, the final
+     norm and lm_head. A tied lm_head.weight is the same Parameter as embed_tokens.weight, so it
+     is sharded once, in one group, and stays tied.
+With mixed precision, parameters are all-gathered and computed in bf16 and gradients reduced in
+fp32 (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)); the sharded master weights and
+the optimizer state stay in the dtype the model was loaded in.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup() -> Dist:
+    """Start the process group from torchrun's environment (idempotent)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    return Dist(rank, world, local, device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parallelize(root: nn.Module, blocks: nn.ModuleList, d: Dist, mixed_precision: bool = False,
+                activation_checkpointing: bool = False) -> nn.Module:
+    """Shard `root` (whose submodules include `blocks`) in place as the module docstring says."""
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+        for i in range(len(blocks)):
+            blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=False)
+    if not d.distributed:
+        return root
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if mixed_precision else MixedPrecisionPolicy()
+    for i, block in enumerate(blocks):
+        # The last block's parameters are needed again at once by backward: keep them gathered.
+        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(root, mp_policy=mp)
+    return root
+
+
+def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
+    """Sum a few floats over all ranks (float64, one collective)."""
+    t = torch.tensor(values, dtype=torch.float64, device=d.device if d.device.type == "cuda" else "cpu")
+    if d.distributed:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(d: Dist) -> None:
+    if d.distributed:
+        dist.barrier()

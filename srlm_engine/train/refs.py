@@ -1,0 +1,88 @@
+"""Reference log-probs for DPO, computed once before training so training holds one model.
+
+    ref_chosen_logp   = sum_t log M_t(chosen_t | prompt, chosen_<t)       summed over response tokens + eos
+    ref_rejected_logp = the same for the rejected response
+computed with no grad by the fused kernel, over the same tokens (same truncation, same
+max_seq_len) that train_dpo trains on. Each record gains those two fields plus `ref_max_seq_len`
+and `ref_model` (a fingerprint of the reference's weights), which train_dpo checks.
+Under torchrun each rank scores every W-th pair with a full copy of the model, and rank 0
+gathers them; call it before the model is sharded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from srlm_engine.io import DataError, write_jsonl
+from srlm_engine.model.llama import Llama
+from srlm_engine.model.weights import load_model
+from srlm_engine.tokenizer import Tokenizer
+from srlm_engine.train import batches
+from srlm_engine.train.checkpoint import model_fingerprint
+from srlm_engine.train.losses import TokenLogprobs
+from srlm_engine.train.parallel import setup
+
+
+@torch.no_grad()
+def sequence_logps(model: Llama, enc: batches.Encoded, order: list[int], pad_id: int,
+                   batch_size: int, device) -> dict[int, tuple[float, float]]:
+    """Summed response log-probs of the pairs in `order` -> {index: (chosen, rejected)}."""
+    root = TokenLogprobs(model).eval()
+    order = sorted(order, key=lambda i: (enc.length(i), i))  # similar lengths share a batch
+    out = {}
+    for k in range(0, len(order), batch_size):
+        idx = order[k:k + batch_size]
+        ids, tgt = batches.collate(enc, idx, pad_id, dpo=True)  # (2b, T)
+        seq = root(ids.to(device), tgt.to(device)).sum(-1).double().cpu()  # (2b,)
+        for j, i in enumerate(idx):
+            out[i] = (float(seq[j]), float(seq[len(idx) + j]))
+    return out
+
+
+def compute_reference_logps(model_dir: str | Path, pairs: list[dict], max_seq_len: int = 1024,
+                            batch_size: int = 8, out_path: str | Path | None = None,
+                            model: Llama | None = None) -> list[dict]:
+    """-> copies of `pairs` with ref_chosen_logp, ref_rejected_logp, ref_max_seq_len, ref_model.
+    Written atomically to `out_path` (JSONL, by rank 0) when given. `model`: an already loaded
+    M_t (float32 recommended); else it is loaded from `model_dir`."""
+    model_dir = Path(model_dir)
+    if not pairs:
+        raise DataError("no preference pairs to score")
+    d = setup()
+    tok = Tokenizer.from_pretrained(model_dir)
+    enc = batches.encode_pairs(tok, pairs, max_seq_len)
+    if model is None:
+        model = load_model(model_dir, dtype=torch.float32, device=d.device)
+    pad_id = tok.token_to_id(tok.pad_token or tok.eos_token or "") or 0
+    mine = sequence_logps(model, enc, list(range(d.rank, len(pairs), d.world)), pad_id, batch_size, d.device)
+    if d.distributed:
+        parts = [None] * d.world
+        dist.all_gather_object(parts, mine)
+        mine = {k: v for p in parts for k, v in p.items()}
+    fp = model_fingerprint(model_dir)
+    out = [{**p, "ref_chosen_logp": mine[i][0], "ref_rejected_logp": mine[i][1],
+            "ref_max_seq_len": max_seq_len, "ref_model": fp} for i, p in enumerate(pairs)]
+    if out_path is not None and d.main:
+        write_jsonl(out_path, out)
+    if d.distributed:
+        dist.barrier()
+    return out
+
+
+def cached_reference_logps(model_dir: str | Path, pairs: list[dict], path: str | Path,
+                           max_seq_len: int = 1024, batch_size: int = 8) -> list[dict]:
+    """compute_reference_logps, reusing `path` when it already holds log-probs of exactly these
+    pairs by this model at this max_seq_len (a resumed run does not score them again)."""
+    path = Path(path)
+    if path.is_file():
+        from srlm_engine.io import read_jsonl
+        old = read_jsonl(path)
+        fp = model_fingerprint(Path(model_dir))
+        same = len(old) == len(pairs) and all(
+            o.get("ref_model") == fp and o.get("ref_max_seq_len") == max_seq_len
+            and all(o.get(k) == v for k, v in p.items()) for o, p in zip(old, pairs))
+        if same:
+            return old
+    return compute_reference_logps(model_dir, pairs, max_seq_len, batch_size, out_path=path)

@@ -1,0 +1,200 @@
+"""One training loop for SFT and DPO. Runs in one process, or in each of N under torchrun (FSDP2).
+
+    train_sft(model_dir, records, out_dir, cfg) -> OUT/model
+    train_dpo(model_dir, pairs_with_refs, out_dir, cfg) -> OUT/model   (refs: train/refs.py)
+
+A step: this rank's `grad_accum` micro-batches (train/batches.py) run forward (hidden states and
+the fused log-prob in one FSDP2 root forward) and backward of loss / grad_accum, where a
+micro-batch's loss is its own mean (SFT: per trained token; DPO: per pair). FSDP2 averages the
+gradients over ranks, so the step's gradient is the mean of the W x A micro-batch means whatever
+W is; one process with grad_accum = W x A computes the same step. Then: the global grad norm;
+a non-finite loss or norm skips the update (logged, the batch still counts); clipping; AdamW;
+the schedule. Rank 0 appends one JSON line per step to OUT/metrics.jsonl and draws tqdm.
+
+Resume: if OUT/checkpoints holds a checkpoint, the run continues from the newest one (weights,
+optimizer, schedule, RNG, data position = step); one of another model, data or kind is refused.
+The final weights go to OUT/model (HF layout + tokenizer files), written atomically.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from srlm_engine.config import TrainConfig
+from srlm_engine.io import DataError, atomic_dir, write_text
+from srlm_engine.model.weights import load_config, load_model
+from srlm_engine.tokenizer import Tokenizer
+from srlm_engine.train import batches, checkpoint as ckpt
+from srlm_engine.train.losses import TokenLogprobs, dpo_batch_loss, sft_loss
+from srlm_engine.train.optim import build_optimizer, resolve_lr
+from srlm_engine.train.parallel import Dist, all_reduce_sum, barrier, parallelize, setup
+
+REF_FIELDS = ("ref_chosen_logp", "ref_rejected_logp")
+
+
+def train_sft(model_dir: str | Path, records: list[dict], out_dir: str | Path,
+              cfg: TrainConfig | None = None) -> Path:
+    """Fine-tune on chat records {"messages": [...]} (loss on assistant turns). -> OUT/model."""
+    return _train("sft", Path(model_dir), records, Path(out_dir), cfg or TrainConfig())
+
+
+def train_dpo(model_dir: str | Path, pairs: list[dict], out_dir: str | Path,
+              cfg: TrainConfig | None = None) -> Path:
+    """DPO on {"prompt", "chosen", "rejected", "ref_chosen_logp", "ref_rejected_logp"} records,
+    the reference being the model in `model_dir`. -> OUT/model."""
+    return _train("dpo", Path(model_dir), pairs, Path(out_dir), cfg or TrainConfig())
+
+
+def _check_refs(pairs: list[dict], cfg: TrainConfig, base: str) -> None:
+    for n, p in enumerate(pairs):
+        if any(not isinstance(p.get(k), (int, float)) or not math.isfinite(p[k]) for k in REF_FIELDS):
+            raise DataError(f"pair record {n}: no finite {REF_FIELDS[0]}/{REF_FIELDS[1]}; compute them "
+                            f"first with train.refs.compute_reference_logps")
+        if p.get("ref_max_seq_len", cfg.max_seq_len) != cfg.max_seq_len:
+            raise DataError(f"pair record {n}: reference log-probs were computed with max_seq_len="
+                            f"{p['ref_max_seq_len']}, this run uses {cfg.max_seq_len}")
+        if p.get("ref_model", base) != base:
+            raise DataError(f"pair record {n}: reference log-probs were computed with another model "
+                            f"({p['ref_model']}, this model is {base})")
+
+
+def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: TrainConfig) -> Path:
+    d = setup()
+    mcfg = load_config(model_dir)  # a missing directory or config is an error here, before any work
+    tok = Tokenizer.from_pretrained(model_dir)
+    if not records:
+        raise DataError(f"no {kind.upper()} records to train on")
+    base = ckpt.model_fingerprint(model_dir)
+    dpo = kind == "dpo"
+    if dpo:
+        _check_refs(records, cfg, base)
+    enc = (batches.encode_pairs if dpo else batches.encode_sft)(tok, records, cfg.max_seq_len)
+    refs = torch.tensor([[r[k] for k in REF_FIELDS] for r in records], dtype=torch.float32) if dpo else None
+    pad_id = tok.token_to_id(tok.pad_token or tok.eos_token or "") or 0
+
+    gb = d.world * cfg.micro_batch_size * cfg.grad_accum
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(records) / gb))
+    lr, min_lr = resolve_lr(kind, cfg.lr, cfg.min_lr, gb, cfg.lr_batch_size, cfg.lr_scaling)
+    meta = {"kind": kind, "base_model": base, "model_config": ckpt.fingerprint(mcfg.to_hf()),
+            "data": ckpt.fingerprint(records), "global_batch": gb, "max_seq_len": cfg.max_seq_len,
+            "total_steps": total}
+
+    found = ckpt.checkpoints(out_dir)
+    state = trainer_state = None
+    if found:
+        state, trainer_state = ckpt.load_checkpoint(found[-1], meta)
+    src = found[-1] / "model" if found else model_dir
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    model = load_model(src, dtype=dtype, device=d.device)
+    root = parallelize(TokenLogprobs(model), model.layers, d, cfg.mixed_precision, cfg.activation_checkpointing)
+    root.train()
+    opt, sched = build_optimizer(root, lr, min_lr, total, cfg.warmup_steps, cfg.schedule, cfg.weight_decay,
+                                 cfg.adam_betas, cfg.adam_eps)
+    start = 0
+    if state is not None:
+        ckpt.restore_optimizer(root, opt, trainer_state["optimizer"], d)
+        sched.load_state_dict(trainer_state["scheduler"])
+        torch.set_rng_state(trainer_state["rng_cpu"])
+        if trainer_state.get("rng_cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(trainer_state["rng_cuda"])
+        start = state["step"]
+    metrics = out_dir / "metrics.jsonl"
+    if d.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _trim_metrics(metrics, start)
+        print(f"srlm {kind}: {len(records)} records ({enc.truncated} truncated to {cfg.max_seq_len} tokens), "
+              f"{d.world} process(es), global batch {gb}, {total} steps, lr {lr:.3g} -> {min_lr:.3g}"
+              + (f", resuming at step {start}" if start else ""), flush=True)
+
+    params = [p for p in root.parameters() if p.requires_grad]
+    bar = tqdm(total=total, initial=start, disable=not (d.main and cfg.progress), desc=kind, dynamic_ncols=True)
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        lr_now = sched.get_last_lr()[0]
+        sums = [0.0] * 8  # loss, micro-batches, tokens, pairs, correct, margin, chosen r, rejected r
+        for idx in batches.micro_batches(enc, step, gb, d.world, d.rank, cfg.grad_accum, cfg.seed):
+            ids, tgt = batches.collate(enc, idx, pad_id, dpo)
+            n_tok = sum(len(enc.ids[i]) + (len(enc.rejected_ids[i]) if dpo else 0) for i in idx)
+            logp = root(ids.to(d.device), tgt.to(d.device))  # (B, T), (2B, T) for DPO
+            if dpo:
+                r = refs[idx].to(d.device)
+                loss, cr, rr = dpo_batch_loss(logp, r[:, 0], r[:, 1], cfg.beta, cfg.loss_type, cfg.label_smoothing)
+                sums[3:] = [sums[3] + len(idx), sums[4] + float((cr > rr).sum()), sums[5] + float((cr - rr).sum()),
+                            sums[6] + float(cr.sum()), sums[7] + float(rr.sum())]
+            else:
+                loss, _ = sft_loss(logp, tgt.to(d.device))
+            (loss / cfg.grad_accum).backward()
+            sums[0] += float(loss.detach())
+            sums[1] += 1
+            sums[2] += n_tok
+        norm = _grad_norm(params)
+        tot = all_reduce_sum(sums, d)
+        loss_val = tot[0] / tot[1]
+        skipped = not (math.isfinite(loss_val) and math.isfinite(norm))
+        if not skipped:
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, torch.tensor(norm), foreach=True)
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        dt = time.perf_counter() - t0
+        row = {"step": step + 1, "loss": loss_val, "lr": lr_now, "grad_norm": norm, "tokens": int(tot[2]),
+               "tokens_per_s": tot[2] / dt, "seconds": dt, "skipped": skipped}
+        if dpo:
+            n = tot[3]
+            row.update(reward_accuracy=tot[4] / n, margin=tot[5] / n, chosen_reward=tot[6] / n,
+                       rejected_reward=tot[7] / n)
+        if d.main:
+            with open(metrics, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            if skipped:
+                print(f"srlm {kind}: step {step + 1}: non-finite loss ({loss_val}) or grad norm ({norm}); "
+                      f"update skipped", flush=True)
+            bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr_now:.2e}")
+            bar.update(1)
+        if (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            ckpt.save_checkpoint(out_dir, step + 1, root, opt, sched, d, meta, mcfg, model_dir, cfg.keep_last)
+    bar.close()
+    return save_final(out_dir, root, d, mcfg, model_dir)
+
+
+def save_final(out_dir: Path, root, d: Dist, mcfg, tokenizer_src: Path) -> Path:
+    """Collective: gather the weights and write OUT/model atomically on rank 0."""
+    sd = ckpt.full_model_state(root, d)
+    path = out_dir / "model"
+    if d.main:
+        with atomic_dir(path) as tmp:
+            ckpt.write_model_dir(sd, mcfg, tmp, tokenizer_src)
+    barrier(d)
+    return path
+
+
+def _grad_norm(params) -> float:
+    """Global L2 norm of all gradients (all ranks' shards), the same float on every rank."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2: a partial sum over the shards
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _trim_metrics(path: Path, upto: int) -> None:
+    """Drop lines past `upto` (steps a killed run logged after its last checkpoint) and any
+    partial last line."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= upto:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    write_text(path, "".join(x + "\n" for x in keep))
