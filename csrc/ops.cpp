@@ -1,0 +1,25 @@
+// The srlm_C operator library: schemas here, CPU kernels in paged_attention.cpp and cache_ops.cpp.
+//
+// `import srlm_engine._C` loads this shared object, whose static initializers register the ops
+// under torch.ops.srlm_C. The module itself is empty: the ops are reached through the dispatcher
+// (so torch.compile and fake tensors see them), never as Python functions of this module.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(srlm_C, m) {
+  // Writes token i of k, v [N, nkv, hd] into slot slot_mapping[i] (= block * block_size + offset)
+  // of the caches [num_blocks, block_size, nkv, hd]; slot -1 is skipped.
+  m.def("reshape_and_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor slot_mapping) -> ()");
+  // One query per sequence, q [B, nh, hd], attends over the first context_lens[b] cached tokens
+  // of its sequence through block_tables [B, max_blocks] (int32); GQA: head h reads kv head
+  // h // (nh // nkv). Returns [B, nh, hd] in q's dtype; zeros where context_lens[b] == 0.
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor context_lens, float scale) -> Tensor");
+}
+
+// An empty Python module named _C, so that `import srlm_engine._C` loads the library above.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
