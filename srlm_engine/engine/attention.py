@@ -1,0 +1,190 @@
+"""Paged attention for the engine: the per-layer KV cache, one step's batch metadata, and the
+`attend` callable the model calls per layer.
+
+Backends (picked once per engine by `select_backend`):
+- "flash-attn": CUDA, flash_attn importable and block_size % 256 == 0 (flash-attn's paged layout);
+- "triton":     CUDA, srlm_kernels.paged_attention for decode and cache writes;
+- "cpp":        CPU, torch.ops.srlm_C (csrc/) for decode and cache writes;
+- "torch":      anywhere; srlm_kernels.reference.paged_attention if present, else the gather
+                below. Correct but re-gathers each sequence's whole cache every decode step.
+Prefill (a sequence with more than one new token) runs SDPA per sequence on non-flash backends:
+over the new tokens alone when nothing is cached, else over the gathered prefix + new tokens with
+the causal diagonal offset by the cached length.
+
+Cache layout, per layer: k, v [num_blocks, block_size, num_kv_heads, head_dim], contiguous.
+Within a layer, every new token's K/V is written before any attention reads: a sequence may read
+blocks that another sequence of the same step writes (prefix-cache hits within a step).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+class KVCache:
+    """Per-layer K and V block tensors."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device):
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.block_size = block_size
+
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        s, d = torch.tensor(src, device=self.k[0].device), torch.tensor(dst, device=self.k[0].device)
+        for t in self.k + self.v:
+            t[d] = t[s]
+
+
+@dataclass
+class StepMetadata:
+    """One step's packed batch: decode rows first (one token each), then prefill sequences.
+
+    slot_mapping [N] int64: cache slot of each new token, -1 where the slot already holds it.
+    block_tables [S, max_blocks] int32 and context_lens [S] int32 for every sequence of the step
+    (context = cached + new tokens). num_decode: the first num_decode sequences have one query
+    token each. query_starts / query_lens: each prefill sequence's rows in the packed tokens."""
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    num_decode: int
+    query_starts: list[int]
+    query_lens: list[int]
+    ctx_lens: list[int]  # context_lens as Python ints, for the prefill loop
+
+
+def _torch_reshape_and_cache(k, v, k_cache, v_cache, slot_mapping):
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k
+    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v
+
+
+def _torch_decode(q, k_cache, v_cache, block_tables, context_lens, scale):
+    """q [B, nh, hd] over each row's first context_lens[b] cached tokens -> [B, nh, hd]."""
+    B, nh, hd = q.shape
+    nkv = k_cache.shape[2]
+    L = int(context_lens.max())
+    nb = -(-L // k_cache.shape[1])
+    bt = block_tables[:, :nb].long()
+    K = k_cache[bt].view(B, -1, nkv, hd)[:, :L].transpose(1, 2)  # (B, nkv, L, hd)
+    V = v_cache[bt].view(B, -1, nkv, hd)[:, :L].transpose(1, 2)
+    mask = torch.arange(L, device=q.device)[None, :] < context_lens[:, None].long()  # (B, L)
+    # GQA without repeating K/V: the nh // nkv query heads of a kv head act as its query rows.
+    qq = q.view(B, nkv, nh // nkv, hd)
+    o = F.scaled_dot_product_attention(qq, K, V, attn_mask=mask[:, None, None, :], scale=scale)
+    return o.reshape(B, nh, hd)
+
+
+class Backend:
+    """The op set of one backend: cache writes, paged decode, and how prefill attends."""
+
+    def __init__(self, name: str, reshape_and_cache, decode, flash=None):
+        self.name, self.reshape_and_cache, self.decode, self.flash = name, reshape_and_cache, decode, flash
+
+
+def select_backend(device: torch.device, block_size: int, prefer: str | None = None) -> Backend:
+    """The fastest available backend for `device` (or `prefer`, if given and available)."""
+    device = torch.device(device)
+    if device.type == "cuda" and prefer in (None, "flash-attn") and block_size % 256 == 0:
+        try:
+            import flash_attn
+            return Backend("flash-attn", None, None, flash=flash_attn)
+        except ImportError:
+            pass
+    if device.type == "cuda" and prefer in (None, "triton", "flash-attn"):
+        from srlm_kernels import paged_attention as tri
+        return Backend("triton", tri.reshape_and_cache, tri.paged_decode_attention)
+    if device.type == "cpu" and prefer in (None, "cpp"):
+        try:
+            import srlm_engine._C  # noqa: F401  registers torch.ops.srlm_C
+            ops = torch.ops.srlm_C
+            return Backend("cpp", ops.reshape_and_cache, ops.paged_decode_attention)
+        except (ImportError, AttributeError, RuntimeError) as e:
+            _warn_once(f"srlm_engine._C is not available ({e}); CPU paged attention falls back "
+                       "to torch, which re-gathers the KV cache every decode step (slower). "
+                       "Build it with `pip install -e . --no-build-isolation`.")
+    try:
+        from srlm_kernels.reference import paged_attention as ref
+        return Backend("torch", ref.reshape_and_cache, ref.paged_decode_attention)
+    except ImportError:
+        return Backend("torch", _torch_reshape_and_cache, _torch_decode)
+
+
+class PagedAttention:
+    """attend(layer, q [N, nh, hd], k [N, nkv, hd], v [N, nkv, hd]) -> [N, nh, hd] for one step."""
+
+    def __init__(self, backend: Backend, cache: KVCache, meta: StepMetadata, scale: float):
+        self.backend, self.cache, self.meta, self.scale = backend, cache, meta, scale
+        if backend.flash is not None:
+            self._flash_prep()
+
+    def __call__(self, layer: int, q, k, v):
+        if self.backend.flash is not None:
+            return self._flash(layer, q, k, v)
+        m, kc, vc = self.meta, self.cache.k[layer], self.cache.v[layer]
+        self.backend.reshape_and_cache(k, v, kc, vc, m.slot_mapping)
+        nd = m.num_decode
+        if nd == q.shape[0]:
+            return self.backend.decode(q, kc, vc, m.block_tables, m.context_lens, self.scale)
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = self.backend.decode(q[:nd], kc, vc, m.block_tables[:nd], m.context_lens[:nd],
+                                           self.scale)
+        for i, (s, n) in enumerate(zip(m.query_starts, m.query_lens)):
+            out[s:s + n] = self._prefill(q[s:s + n], k[s:s + n], v[s:s + n], kc, vc, nd + i)
+        return out
+
+    def _prefill(self, q, k, v, kc, vc, seq: int):
+        """One sequence's n new queries over its context (cached prefix + the new tokens)."""
+        n, ctx = q.shape[0], self.meta.ctx_lens[seq]
+        if ctx > n:  # a cached prefix: read the whole context back from the blocks
+            nb = -(-ctx // kc.shape[1])
+            bt = self.meta.block_tables[seq, :nb].long()
+            k = kc[bt].flatten(0, 1)[:ctx]
+            v = vc[bt].flatten(0, 1)[:ctx]
+            # query i sits at position ctx - n + i and sees keys 0 .. ctx - n + i
+            mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
+        else:
+            mask = None
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True)
+        return o[0].transpose(0, 1)  # (n, nh, hd)
+
+    # ---- flash-attn (CUDA; untested on this CPU-only machine)
+    def _flash_prep(self):
+        m = self.meta
+        dev = m.slot_mapping.device
+        lens = [1] * m.num_decode + m.query_lens
+        self._cu_q = torch.tensor([0] + lens, device=dev).cumsum(0).to(torch.int32)
+        self._cu_k = F.pad(m.context_lens.cumsum(0), (1, 0)).to(torch.int32)
+        self._max_q, self._max_k = max(lens), int(max(m.ctx_lens))
+
+    def _flash(self, layer, q, k, v):
+        fa, m = self.backend.flash, self.meta
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        keep = m.slot_mapping >= 0
+        kc.view(-1, *kc.shape[2:])[m.slot_mapping[keep]] = k[keep]
+        vc.view(-1, *vc.shape[2:])[m.slot_mapping[keep]] = v[keep]
+        if m.num_decode == q.shape[0]:
+            o = fa.flash_attn_with_kvcache(q[:, None], kc, vc, cache_seqlens=m.context_lens,
+                                           block_table=m.block_tables, softmax_scale=self.scale,
+                                           causal=True)
+            return o[:, 0]
+        return fa.flash_attn_varlen_func(q, kc, vc, self._cu_q, self._cu_k, self._max_q, self._max_k,
+                                         softmax_scale=self.scale, causal=True,
+                                         block_table=m.block_tables)

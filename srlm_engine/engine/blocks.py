@@ -1,0 +1,112 @@
+"""Block pool: fixed-size KV blocks, reference counts, prefix hashes, LRU eviction.
+
+A sequence's KV lives in the blocks of its block table; token t sits in slot
+block_table[t // block_size] * block_size + t % block_size of every layer's cache.
+
+Prefix caching at block granularity: a *full* block is keyed by hash((parent key, its token
+ids)), so a key names the whole prefix up to the block's end. A block gets its key when the step
+that writes its last token is scheduled (`commit`): the engine writes every token's KV of a
+layer before any attention of that layer reads, so a sequence scheduled later in the same step
+may already hit it. That is how the n samples of one prompt, submitted together, allocate the
+prompt's full blocks once.
+
+A block whose ref count drops to 0 keeps its key and content and goes to the back of the free
+list; allocation takes from the front (least recently freed first), evicting that block's key.
+Blocks without a key go to the front, as they can never be hit.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.ref = [0] * num_blocks
+        self.key: list[int | None] = [None] * num_blocks
+        self.tokens: list[tuple | None] = [None] * num_blocks  # content check on a hit
+        self.by_key: dict[int, int] = {}
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        # counters for tests and benchmarks
+        self.allocated = 0        # fresh blocks handed out (not hits)
+        self.hit_tokens = 0       # prompt tokens found in the cache
+        self.queried_tokens = 0   # prompt tokens looked up
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+    @staticmethod
+    def chain_key(parent: int | None, tokens) -> int:
+        return hash((parent, tuple(tokens)))
+
+    def block_keys(self, token_ids: list[int], n_full: int) -> list[int]:
+        """Keys of the first n_full full blocks of token_ids."""
+        keys, parent, bs = [], None, self.block_size
+        for i in range(n_full):
+            parent = self.chain_key(parent, token_ids[i * bs:(i + 1) * bs])
+            keys.append(parent)
+        return keys
+
+    def lookup(self, token_ids: list[int]) -> list[int]:
+        """Blocks holding the longest cached prefix of token_ids (full blocks only); no refs taken."""
+        bs, hits, parent = self.block_size, [], None
+        for i in range(len(token_ids) // bs):
+            chunk = tuple(token_ids[i * bs:(i + 1) * bs])
+            parent = self.chain_key(parent, chunk)
+            b = self.by_key.get(parent)
+            if b is None or self.tokens[b] != chunk:
+                break
+            hits.append(b)
+        return hits
+
+    def take(self, blocks: list[int]) -> None:
+        """Add a reference to cached blocks found by lookup()."""
+        for b in blocks:
+            if self.ref[b] == 0:
+                del self.free[b]
+            self.ref[b] += 1
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self.free)
+
+    def allocate(self, n: int) -> list[int]:
+        """n fresh blocks (ref 1), evicting the least recently freed cached ones."""
+        if n > len(self.free):
+            raise RuntimeError(f"block pool exhausted: need {n}, {len(self.free)} free")
+        out = []
+        for _ in range(n):
+            b, _ = self.free.popitem(last=False)
+            if self.key[b] is not None:
+                if self.by_key.get(self.key[b]) == b:
+                    del self.by_key[self.key[b]]
+                self.key[b], self.tokens[b] = None, None
+            self.ref[b] = 1
+            out.append(b)
+        self.allocated += n
+        return out
+
+    def commit(self, block: int, parent_key: int | None, tokens) -> int:
+        """Key a full block by its prefix; returns the key. An equal block already cached keeps
+        its entry (this one stays private and unkeyed in the index)."""
+        chunk = tuple(tokens)
+        k = self.chain_key(parent_key, chunk)
+        if self.key[block] is None and k not in self.by_key:
+            self.by_key[k] = block
+            self.key[block], self.tokens[block] = k, chunk
+        return k
+
+    def release(self, blocks: list[int]) -> None:
+        """Drop one reference from each block; in reverse so a prefix's tail is evicted first."""
+        for b in reversed(blocks):
+            self.ref[b] -= 1
+            assert self.ref[b] >= 0, f"block {b} released twice"
+            if self.ref[b] == 0:
+                self.free[b] = None
+                if self.key[b] is None:
+                    self.free.move_to_end(b, last=False)

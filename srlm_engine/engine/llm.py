@@ -1,0 +1,273 @@
+"""LLM: the public face of the engine, shaped like vLLM's.
+
+    llm = LLM(model_dir)
+    outs = llm.generate(["Hello"], SamplingParams(n=4, temperature=0.7, top_p=0.9, max_tokens=128))
+    outs[0].outputs[2].text
+
+Contracts:
+- A prompt is a string (encoded with add_special_tokens=True, as vLLM does) or a list of token ids.
+- Every request is validated before any work (empty prompt, token ids outside the vocabulary,
+  prompt of max_position_embeddings tokens or more, or too long for the KV pool): ValueError naming
+  the request index. max_tokens is capped so that prompt + output fits max_position_embeddings
+  (vLLM's behaviour at max_model_len); such an output ends with finish_reason "length".
+- An exception during generation names the request(s) it concerns; the engine is then reset
+  (all blocks released) and stays usable.
+- The n samples of a request are n sequences; the prefix cache makes them share the prompt's full
+  blocks (allocated once). Each sample has its own generator: from (seed, index) when seeded.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from srlm_engine.engine.attention import KVCache, PagedAttention, StepMetadata, select_backend
+from srlm_engine.engine.blocks import BlockPool
+from srlm_engine.engine.sampler import Sampler, SamplingParams, check_stop, make_generator, top_logprobs
+from srlm_engine.engine.scheduler import Scheduled, Scheduler, Sequence
+from srlm_engine.model.llama import Llama
+from srlm_engine.tokenizer import Tokenizer
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    cumulative_logprob: float
+    logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+
+
+class LLM:
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 block_size: int = 16, max_num_seqs: int = 128, kv_cache_tokens: int = 32768,
+                 max_num_batched_tokens: int = 2048, attention_backend: str | None = None,
+                 num_threads: int | None = None, seed: int = 0):
+        if torch.device(device).type == "cpu":
+            # one thread per core this process may use; more only adds contention
+            torch.set_num_threads(num_threads or len(os.sched_getaffinity(0)))
+        for name, v in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
+                        ("kv_cache_tokens", kv_cache_tokens),
+                        ("max_num_batched_tokens", max_num_batched_tokens)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"LLM: {name} must be a positive integer, got {v!r}")
+        self.model = Llama.from_pretrained(model_dir, dtype=dtype, device=device)
+        self.tokenizer = Tokenizer.from_pretrained(model_dir)
+        cfg = self.model.config
+        self.max_model_len = cfg.max_position_embeddings
+        self.device = torch.device(device)
+        num_blocks = -(-kv_cache_tokens // block_size)
+        self.pool = BlockPool(num_blocks, block_size)
+        self.cache = KVCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
+                             cfg.head_dim, dtype, device)
+        self.backend = select_backend(self.device, block_size, attention_backend)
+        self.scheduler = Scheduler(self.pool, max_num_seqs, max_num_batched_tokens)
+        self.sampler = Sampler()
+        self.scale = cfg.head_dim ** -0.5
+        self.eos_ids = set(self.tokenizer.eos_token_ids)
+        self._rng = torch.Generator().manual_seed(seed)  # seeds the unseeded requests' generators
+        self.num_steps = 0
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order; each holds params.n CompletionOutputs."""
+        prompts = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
+        ids = self._encode_all(prompts)
+        seqs = []
+        for r, (toks, p) in enumerate(zip(ids, params)):
+            if not isinstance(p, SamplingParams):
+                raise ValueError(f"request {r}: sampling_params must be SamplingParams, got {type(p).__name__}")
+            max_tokens = self._check_lengths(r, toks, p.max_tokens)
+            for i in range(p.n):
+                seed = p.seed if p.seed is not None else int(torch.randint(2**62, (1,), generator=self._rng))
+                seqs.append(Sequence(r, i, list(toks), p, max_tokens, make_generator(seed, i)))
+        self._run(seqs, use_tqdm)
+        outs = []
+        for r, (prompt, toks) in enumerate(zip(prompts, ids)):
+            mine = sorted((s for s in seqs if s.request == r), key=lambda s: s.index)
+            outs.append(RequestOutput(r, prompt if isinstance(prompt, str) else None, list(toks),
+                                      [self._completion(s) for s in mine]))
+        return outs
+
+    def chat(self, messages: list[list[dict]], sampling_params=None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """generate() over conversations rendered by the model's chat template."""
+        if messages and isinstance(messages[0], dict):
+            messages = [messages]
+        ids = [self.tokenizer.encode(self.tokenizer.apply_chat_template(m, add_generation_prompt),
+                                     add_special_tokens=False) for m in messages]
+        return self.generate(ids, sampling_params, use_tqdm)
+
+    @torch.inference_mode()
+    def next_token_logprobs(self, prompts) -> torch.Tensor:
+        """[B, V] fp32 log-softmax of the next token after each prompt (prefix cache reused)."""
+        prompts = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)
+        ids = self._encode_all(prompts)
+        p = SamplingParams(temperature=0, max_tokens=1)
+        seqs = []
+        for r, toks in enumerate(ids):
+            self._check_lengths(r, toks, 1)
+            seqs.append(Sequence(r, 0, list(toks), p, 1, None, keep_logprobs=True))
+        self._run(seqs, use_tqdm=False)
+        return torch.stack([s.full_logprobs for s in seqs])
+
+    def stats(self) -> dict:
+        return {"allocated_blocks": self.pool.allocated, "prefix_hit_tokens": self.pool.hit_tokens,
+                "prefix_queried_tokens": self.pool.queried_tokens, "prefix_hit_rate": self.pool.hit_rate(),
+                "preemptions": self.scheduler.num_preemptions, "steps": self.num_steps,
+                "backend": self.backend.name}
+
+    # ------------------------------------------------------------------ validation
+    def _encode_all(self, prompts) -> list[list[int]]:
+        out = []
+        for r, p in enumerate(prompts):
+            if isinstance(p, str):
+                toks = self.tokenizer.encode(p, add_special_tokens=True)
+            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
+                toks = [int(t) for t in p]
+                bad = [t for t in toks if not 0 <= t < self.model.config.vocab_size]
+                if bad:
+                    raise ValueError(f"request {r}: token id {bad[0]} outside the vocabulary "
+                                     f"(0..{self.model.config.vocab_size - 1})")
+            else:
+                raise ValueError(f"request {r}: a prompt must be a string or a list of token ids, "
+                                 f"got {type(p).__name__}")
+            if not toks:
+                raise ValueError(f"request {r}: the prompt is empty")
+            out.append(toks)
+        return out
+
+    def _check_lengths(self, r: int, toks: list[int], max_tokens: int | None) -> int:
+        n = len(toks)
+        if n >= self.max_model_len:
+            raise ValueError(f"request {r}: prompt of {n} tokens does not fit the model's context of "
+                             f"{self.max_model_len} tokens (at least one token must be generated)")
+        cap = self.max_model_len - n
+        max_tokens = cap if max_tokens is None else min(max_tokens, cap)
+        pool_tokens = self.pool.num_blocks * self.pool.block_size
+        if n + max_tokens > pool_tokens:
+            raise ValueError(f"request {r}: prompt of {n} tokens + max_tokens {max_tokens} exceeds "
+                             f"the KV cache of {pool_tokens} tokens (raise kv_cache_tokens)")
+        return max_tokens
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self, seqs: list[Sequence], use_tqdm: bool) -> None:
+        for s in seqs:
+            self.scheduler.add(s)
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(seqs), desc="generate", unit="seq")
+        try:
+            with torch.inference_mode():
+                while self.scheduler.has_work():
+                    done = self._step(self.scheduler.schedule())
+                    if bar is not None and done:
+                        bar.update(done)
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _abort(self) -> None:
+        sch = self.scheduler
+        for s in list(sch.running):
+            sch.finish(s)
+        sch.waiting.clear()
+
+    def _step(self, sched: Scheduled) -> int:
+        if not sched.seqs:
+            raise RuntimeError("scheduler found nothing to run: the KV pool cannot hold one sequence")
+        self.num_steps += 1
+        ids, pos, meta, sample_rows, samplers = self._prepare(sched)
+        try:
+            attend = PagedAttention(self.backend, self.cache, meta, self.scale)
+            h = self.model.hidden_states(ids, pos, attend=attend)
+            logits = self.model.logits(h[sample_rows]) if samplers else None
+        except Exception as e:
+            reqs = sorted({s.request for s in sched.seqs})
+            raise RuntimeError(f"model step failed for request(s) {reqs}: {e}") from e
+        if not samplers:
+            return 0
+        tokens, logprobs = self.sampler(logits, [s.params for s in samplers],
+                                        [s.generator for s in samplers])
+        tops = top_logprobs(logprobs, tokens, [s.params.logprobs for s in samplers])
+        chosen = logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+        done = 0
+        for j, s in enumerate(samplers):
+            try:
+                if s.keep_logprobs:
+                    s.full_logprobs = logprobs[j].clone()
+                    s.finish_reason = "length"
+                else:
+                    s.token_ids.append(tokens[j])
+                    s.cumulative_logprob += chosen[j]
+                    if tops[j] is not None:
+                        s.logprobs = (s.logprobs or []) + [tops[j]]
+                    s.finish_reason = check_stop(s, self.tokenizer, self.eos_ids, self.max_model_len)
+            except Exception as e:
+                raise RuntimeError(f"request {s.request} (sample {s.index}): {e}") from e
+            if s.finish_reason is not None:
+                self.scheduler.finish(s)
+                done += 1
+        return done
+
+    def _prepare(self, sched: Scheduled):
+        """Packed input ids and positions, the step's attention metadata, and who samples."""
+        bs = self.pool.block_size
+        ids, pos, slots, ctx, tables = [], [], [], [], []
+        q_starts, q_lens, sample_rows, samplers = [], [], [], []
+        for s, n in zip(sched.seqs, sched.num_new):
+            start, end = s.num_computed, s.num_computed + n
+            if n > 1:
+                q_starts.append(len(ids))
+                q_lens.append(n)
+            ids += s.token_ids[start:end]
+            pos += range(start, end)
+            bt = s.block_table
+            slots += [-1 if p < s.num_shared else bt[p // bs] * bs + p % bs for p in range(start, end)]
+            ctx.append(end)
+            tables.append(bt)
+            s.num_computed = end
+            if end == s.num_tokens:  # the chunk reaches the last token: sample from it
+                sample_rows.append(len(ids) - 1)
+                samplers.append(s)
+        width = max(len(t) for t in tables)
+        dev = self.device
+        meta = StepMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
+                                      device=dev),
+            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
+            num_decode=sched.num_decode, query_starts=q_starts, query_lens=q_lens, ctx_lens=ctx)
+        return (torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta,
+                torch.tensor(sample_rows, device=dev), samplers)
+
+    def _completion(self, s: Sequence) -> CompletionOutput:
+        # cut at a stop string: the incrementally decoded text; else decode the whole output once
+        text = s.text if s.stop_text_end is not None else self.tokenizer.decode(s.output_ids)
+        return CompletionOutput(s.index, text, list(s.output_ids), s.finish_reason,
+                                s.cumulative_logprob, s.logprobs)
+
+
+def _is_ids(p) -> bool:
+    return isinstance(p, (list, tuple)) and len(p) > 0 and all(isinstance(t, int) for t in p)

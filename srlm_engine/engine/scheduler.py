@@ -1,0 +1,155 @@
+"""Continuous batching: which sequences run this step, and with how many new tokens.
+
+Each step (vLLM V1 style) first gives every running sequence its next tokens (one for decode, the
+rest of its prompt, up to the token budget, for a chunked prefill), oldest first; a running
+sequence that needs a block when none is free preempts the newest running sequence (its blocks are
+released and it is recomputed later from its tokens; its generated tokens and RNG state are kept,
+so its output does not change). Then waiting sequences are admitted, oldest first (preempted ones
+are put back at the front), while the token budget, max_num_seqs and free blocks allow; they look
+up their prompt in the prefix cache first. A pool of blocks for one max-length sequence is enough
+for any workload to finish.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import count
+
+import torch
+
+from srlm_engine.engine.blocks import BlockPool
+from srlm_engine.engine.sampler import SamplingParams
+
+_ids = count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sample of one request: its tokens, its KV blocks and its output state."""
+    request: int
+    index: int
+    token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    generator: torch.Generator | None = None
+    keep_logprobs: bool = False   # next_token_logprobs: keep the full row, sample nothing
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    num_prompt: int = 0
+    num_computed: int = 0         # tokens whose KV is in the cache (or written this step)
+    num_shared: int = 0           # tokens in prefix-cache hit blocks (written already: slot -1)
+    block_table: list[int] = field(default_factory=list)
+    keys: list[int] = field(default_factory=list)  # prefix keys of the full blocks committed
+    finish_reason: str | None = None
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict] | None = None
+    full_logprobs: torch.Tensor | None = None
+    # incremental detokenization (only used when the request has stop strings)
+    text: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
+    stop_text_end: int | None = None
+
+    def __post_init__(self):
+        self.num_prompt = len(self.token_ids)
+        self.prefix_offset = self.read_offset = self.num_prompt
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt:]
+
+
+@dataclass
+class Scheduled:
+    """One step: sequences in packed order (decodes first) and each one's new-token count."""
+    seqs: list[Sequence]
+    num_new: list[int]
+    num_decode: int
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int):
+        self.pool = pool
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _blocks_needed(self, seq: Sequence, upto: int) -> int:
+        return max(0, -(-upto // self.pool.block_size) - len(seq.block_table))
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.pool.release(seq.block_table)
+        seq.block_table, seq.keys = [], []
+        seq.num_computed = seq.num_shared = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _commit(self, seq: Sequence, upto: int) -> None:
+        """Key every block of seq that is full once its first `upto` tokens are written."""
+        bs = self.pool.block_size
+        for i in range(len(seq.keys), upto // bs):
+            parent = seq.keys[-1] if seq.keys else None
+            seq.keys.append(self.pool.commit(seq.block_table[i], parent, seq.token_ids[i * bs:(i + 1) * bs]))
+
+    def schedule(self) -> Scheduled:
+        budget = self.max_num_batched_tokens
+        chosen: dict[int, int] = {}  # seq_id -> new tokens
+        running = sorted(self.running, key=lambda s: s.seq_id)
+        i = 0
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            need = self._blocks_needed(seq, seq.num_computed + n)
+            while not self.pool.can_allocate(need):
+                victim = running.pop()  # the newest
+                self._preempt(victim)
+                chosen.pop(victim.seq_id, None)
+                if victim is seq:
+                    break
+            else:
+                seq.block_table += self.pool.allocate(need)
+                self._commit(seq, seq.num_computed + n)
+                chosen[seq.seq_id] = n
+                budget -= n
+                i += 1
+        self.running = running
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hits = self.pool.lookup(seq.token_ids)
+            shared = len(hits) * self.pool.block_size
+            cached = min(shared, seq.num_tokens - 1)  # the last token is always run for its logits
+            n = min(seq.num_tokens - cached, budget)
+            need = -(-(cached + n) // self.pool.block_size) - len(hits)
+            # hits that sit in the free list are not free for this request's new blocks
+            if not self.pool.can_allocate(need + sum(self.pool.ref[b] == 0 for b in hits)):
+                break
+            self.waiting.popleft()
+            self.pool.take(hits)
+            seq.block_table = hits + self.pool.allocate(need)
+            seq.keys = [self.pool.key[b] for b in hits]
+            seq.num_computed, seq.num_shared = cached, shared
+            self.pool.queried_tokens += seq.num_tokens
+            self.pool.hit_tokens += cached
+            self.running.append(seq)
+            self._commit(seq, cached + n)  # now: a later admission in this step may hit these
+            chosen[seq.seq_id] = n
+            budget -= n
+        seqs = [s for s in self.running if s.seq_id in chosen]
+        seqs.sort(key=lambda s: chosen[s.seq_id] > 1)  # decodes first, stable otherwise
+        num_new = [chosen[s.seq_id] for s in seqs]
+        return Scheduled(seqs, num_new, sum(1 for n in num_new if n == 1))
+
+    def finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.pool.release(seq.block_table)
+        seq.block_table = []
