@@ -1,0 +1,66 @@
+"""Checkpoints: transformers reads what we save with identical logits; the last k are kept; a
+checkpoint of another model is refused and nothing saved is touched."""
+import hashlib
+
+import pytest
+import torch
+
+from srlm_engine.config import TrainConfig
+from srlm_engine.model.weights import load_model
+from srlm_engine.train.checkpoint import CheckpointError, checkpoints
+from srlm_engine.train.trainer import train_sft
+from trainkit import make_model_dir
+
+
+def cfg(**kw):
+    base = dict(max_seq_len=64, micro_batch_size=2, grad_accum=2, lr=1e-3, save_every=2, keep_last=2,
+                progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def digest(path):
+    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model, sft_records, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return train_sft(tiny_model, sft_records, out, cfg(max_steps=7)), out
+
+
+def test_transformers_reads_our_checkpoint_with_identical_logits(run, tiny_model):
+    from transformers import LlamaForCausalLM
+    final, out = run
+    ids = torch.randint(0, 49152, (2, 17), generator=torch.Generator().manual_seed(0))
+    for path in [final, checkpoints(out)[-1] / "model"]:
+        ours = load_model(path)
+        hf = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
+        assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()  # still tied
+        assert (path / "tokenizer.json").is_file() and (path / "tokenizer_config.json").is_file()
+    # Training moved the weights (the logits test would pass trivially on an untouched copy).
+    base, trained = load_model(tiny_model), load_model(final)
+    assert not torch.equal(base.embed_tokens.weight, trained.embed_tokens.weight)
+
+
+def test_keeps_last_k_complete_checkpoints(run):
+    _, out = run
+    assert [p.name for p in checkpoints(out)] == ["step-00000004", "step-00000006"]
+    assert not list((out / "checkpoints").glob(".*"))  # no temporary directories left
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 7
+
+
+def test_resume_from_another_models_checkpoint_is_refused(run, tiny_model, sft_records, tmp_path):
+    _, out = run
+    before = digest(out)
+    other = make_model_dir(tmp_path / "other", seed=5)
+    with pytest.raises(CheckpointError, match="base model"):
+        train_sft(other, sft_records, out, cfg(max_steps=7))
+    with pytest.raises(CheckpointError, match="training data"):
+        train_sft(tiny_model, sft_records[:-1], out, cfg(max_steps=7))
+    with pytest.raises(CheckpointError, match="global batch"):
+        train_sft(tiny_model, sft_records, out, cfg(max_steps=7, grad_accum=1))
+    assert digest(out) == before  # nothing saved was touched

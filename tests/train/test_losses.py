@@ -1,0 +1,82 @@
+"""Our DPO and SFT losses (fused log-probs, precomputed reference) against plain PyTorch that
+materializes the [B, T, V] logits and runs a separate reference model, on the same batch.
+float64 throughout, so any difference is a bug, not rounding."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainkit import tiny_config
+from srlm_engine.model.llama import Llama
+from srlm_engine.model.pull import pull
+from srlm_engine.tokenizer import Tokenizer
+from srlm_engine.train import batches
+from srlm_engine.train.batches import IGNORE
+from srlm_engine.train.losses import TokenLogprobs, dpo_batch_loss, sft_loss
+from srlm_engine.train.refs import sequence_logps
+
+
+def plain_seq_logps(model, ids, tgt):
+    logits = model(ids)  # (2B, T, V), materialized
+    valid = tgt != IGNORE
+    lp = torch.log_softmax(logits, -1).gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1)
+    return (lp * valid).sum(-1)
+
+
+def plain_dpo(pc, pr, rc, rr, beta, loss_type):
+    """The published losses, written out (DPO, IPO, SLiC hinge, robust DPO with ls = 0)."""
+    logits = (pc - rc) - (pr - rr)
+    if loss_type in ("sigmoid", "robust"):
+        return -F.logsigmoid(beta * logits)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * logits)
+    return (logits - 1 / (2 * beta)) ** 2
+
+
+@pytest.fixture(scope="module")
+def batch():
+    tok = Tokenizer.from_pretrained(pull())
+    pairs = [{"prompt": "What is 2+2?", "chosen": "4.", "rejected": "It is 5, surely."},
+             {"prompt": "Capital of Peru?", "chosen": "The capital of Peru is Lima.", "rejected": "Quito."},
+             {"prompt": "Say hi", "chosen": "Hi!", "rejected": "No."}]
+    enc = batches.encode_pairs(tok, pairs, max_seq_len=64)
+    ids, tgt = batches.collate(enc, [0, 1, 2], pad_id=2, dpo=True)
+    return enc, ids, tgt
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust"])
+def test_dpo_loss_and_grads_match_plain_pytorch(batch, loss_type):
+    enc, ids, tgt = batch
+    beta = 0.1 if loss_type != "hinge" else 2.0  # hinge: a beta that leaves some pairs inside the margin
+    policy = Llama(tiny_config()).init_weights(0).double()
+    reference = Llama(tiny_config()).init_weights(1).double()  # a different model: nonzero logits
+
+    refs = sequence_logps(reference, enc, [0, 1, 2], pad_id=2, batch_size=2, device="cpu")
+    rc = torch.tensor([refs[i][0] for i in range(3)], dtype=torch.float64)
+    rr = torch.tensor([refs[i][1] for i in range(3)], dtype=torch.float64)
+    loss, cr, rrew = dpo_batch_loss(TokenLogprobs(policy)(ids, tgt), rc, rr, beta, loss_type)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    policy.zero_grad()
+
+    seq = plain_seq_logps(policy, ids, tgt)
+    with torch.no_grad():
+        ref_seq = plain_seq_logps(reference, ids, tgt)
+    pc, pr, prc, prr = seq[:3], seq[3:], ref_seq[:3], ref_seq[3:]
+    torch.testing.assert_close(rc, prc, rtol=1e-12, atol=1e-10)
+    plain = plain_dpo(pc, pr, prc, prr, beta, loss_type).mean()
+    plain.backward()
+    torch.testing.assert_close(loss, plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cr, beta * (pc - prc).detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rrew, beta * (pr - prr).detach(), rtol=1e-12, atol=1e-12)
+    assert any(ours[n].abs().max() > 0 for n in ours)
+    for n, p in policy.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_sft_loss_matches_cross_entropy(batch):
+    _, ids, tgt = batch
+    model = Llama(tiny_config()).init_weights(0).double()
+    loss, n = sft_loss(TokenLogprobs(model)(ids, tgt), tgt)
+    plain = F.cross_entropy(model(ids).flatten(0, 1), tgt.flatten(), ignore_index=IGNORE)
+    assert n == int((tgt != IGNORE).sum())
+    torch.testing.assert_close(loss, plain, rtol=1e-12, atol=1e-12)
