@@ -63,11 +63,13 @@ def test_cpu_path_float64_matches_reference():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_smollm2_shape(backend, monkeypatch):
-    """H=576, V=49152 as in SmolLM2-135M, with production tile sizes; N kept tiny for the interpreter."""
+    """H=576, V=49152 as in SmolLM2-135M, with production tile sizes on the CPU path. N is tiny and
+    the inputs fp32 because the interpreter pays ~1 us per weight element per pass (bf16 costs a
+    slow conversion on top); bf16 is covered on the small shapes."""
     monkeypatch.setattr(fused_logprob_torch, "CHUNK_N", 2048)
     monkeypatch.setattr(fused_logprob_torch, "CHUNK_V", 4096)
     monkeypatch.setattr(fused_logprob, "INTERPRETER_BLOCKS", (16, 1024, 64))
-    check_against_reference(backend, *make_inputs(3, 576, 49152, torch.bfloat16, ignore_every=0))
+    check_against_reference(backend, *make_inputs(3, 576, 49152, torch.float32, ignore_every=0))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
