@@ -1,0 +1,98 @@
+"""Shared by the bench scripts: timing stats, peak memory of a worker process, RESULTS.md rows."""
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+HEADER = ("# Benchmark results\n\nOne row per case per run, appended by the bench/ scripts. "
+          "Times are medians (p20-p80) in ms; memory is the peak above the inputs, in MB.\n\n"
+          "| date | commit | bench | machine | device | case | result |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |\n")
+
+
+def stats(ms):
+    """(median, p20, p80) of a list of times in ms."""
+    s = sorted(ms)
+    q = statistics.quantiles(s, n=5, method="inclusive") if len(s) > 1 else [s[0]] * 4
+    return statistics.median(s), q[0], q[3]
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = f", load {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return f"{platform.system()} {cpu}, {os.cpu_count()} cores{load}"
+
+
+def device_name(device):
+    import torch
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, triton {_triton_version()})"
+    return f"CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def _triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return "none"
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS.parent, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels"], cwd=RESULTS.parent,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def append_rows(bench, device, rows):
+    """rows: [(case, result)] -> appended to RESULTS.md (created with its header if absent)."""
+    if not RESULTS.exists():
+        RESULTS.write_text(HEADER)
+    date = datetime.date.today().isoformat()
+    with RESULTS.open("a") as f:
+        for case, result in rows:
+            f.write(f"| {date} | {git_commit()} | {bench} | {machine()} | {device} | {case} | {result} |\n")
+
+
+def reset_peak_rss():
+    """Resets the kernel's high-water mark of this process's RSS (Linux); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_mb(field):
+    """VmRSS or VmHWM of this process, MB."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def run_worker(script, args, timeout=1800):
+    """Runs `script --worker args...` in a fresh process (clean peak memory) -> its JSON result."""
+    proc = subprocess.run([sys.executable, str(script), "--worker", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["killed"]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])

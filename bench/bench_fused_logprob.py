@@ -1,0 +1,163 @@
+"""Fused linear log-prob vs log_softmax(h @ W.T).gather: forward + backward, time and peak memory.
+
+    python bench/bench_fused_logprob.py [--shapes 4096x576x49152,...] [--dtype fp32] [--reps 3]
+
+Each (implementation, shape) runs in its own process so its peak memory is clean: peak RSS above
+the inputs on CPU (Linux /proc high-water mark, reset after setup), torch.cuda.max_memory_allocated
+above the inputs on CUDA. Baselines: the naive PyTorch expression, and on CUDA Liger-Kernel's
+LigerFusedLinearCrossEntropyLoss when `liger_kernel` is importable (same matmuls, mean-CE loss).
+Default shapes: SmolLM2-135M (N=4096, H=576, V=49152) and Llama-3 8B's head (H=2048 for 1B/3B,
+V=128256) at N=8192 on CUDA; on CPU N=512 for the second, since one naive step at N=8192 costs
+~2 minutes of 2 cores and ~19 GB. `pytest bench --benchmark-only` runs the small pytest-benchmark
+cases at the bottom.
+"""
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import append_rows, device_name, reset_peak_rss, rss_mb, run_worker, stats  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def make_inputs(n, h, v, dtype, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(n, h, generator=g, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g, device=device) / h ** 0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g, device=device)
+    return hidden, weight, targets
+
+
+def make_step(impl, hidden, weight, targets):
+    """A closure doing one forward + backward (per-token log-probs summed, so g = 1 per token)."""
+    if impl == "ours":
+        from srlm_kernels import fused_linear_logprob
+
+        def loss():
+            return fused_linear_logprob(hidden, weight, targets).sum()
+    elif impl == "naive":
+        def loss():
+            logits = (hidden @ weight.T).float()  # (N, V); fp32 softmax for bf16 too, as HF does
+            return torch.log_softmax(logits, -1).gather(1, targets[:, None]).sum()
+    elif impl == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        ce = LigerFusedLinearCrossEntropyLoss()
+
+        def loss():
+            return ce(weight, hidden, targets)
+    else:
+        raise ValueError(impl)
+
+    def step():
+        hidden.grad = weight.grad = None
+        loss().backward()
+    return step
+
+
+def worker(impl, n, h, v, dtype, reps):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hidden, weight, targets = make_inputs(n, h, v, DTYPES[dtype], device)
+    step = make_step(impl, hidden, weight, targets)
+    gc.collect()
+    if device == "cuda":  # the first step measures memory, and warms up
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    else:
+        base = rss_mb("VmRSS")
+        if not reset_peak_rss():
+            raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
+        step()
+        peak = rss_mb("VmHWM") - base
+    for _ in range(2 if device == "cuda" else 0):
+        step()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    print(json.dumps({"times_ms": times, "peak_mb": peak, "device": device_name(device)}))
+
+
+def main():
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="4096x576x49152,8192x2048x128256" if cuda else "4096x576x49152,512x2048x128256")
+    p.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=DTYPES)
+    p.add_argument("--reps", type=int, default=20 if cuda else 3)
+    args = p.parse_args()
+    impls = ["naive", "ours"]
+    if cuda:
+        try:
+            import liger_kernel  # noqa: F401
+            impls.append("liger")
+        except ImportError:
+            print("liger_kernel not importable: Liger baseline skipped")
+    rows, device = [], None
+    print(f"{'shape N x H x V':>22} {'impl':>6} {'median ms':>10} {'p20':>9} {'p80':>9} {'peak MB':>9} "
+          f"{'time/naive':>10} {'mem/naive':>9}")
+    for shape in args.shapes.split(","):
+        n, h, v = map(int, shape.split("x"))
+        res = {i: run_worker(__file__, [i, n, h, v, args.dtype, args.reps]) for i in impls}
+        base = res["naive"]
+        elt = torch.finfo(DTYPES[args.dtype]).bits // 8
+        floor = (n * h + v * h) * elt / 2 ** 20  # the gradients every implementation must hold
+        parts = []
+        for impl, r in res.items():
+            if "error" in r:
+                print(f"{shape:>22} {impl:>6} failed: {r['error']}")
+                parts.append(f"{impl}: failed ({r['error'][0][:80]})")
+                continue
+            device = r["device"]
+            med, p20, p80 = stats(r["times_ms"])
+            tr = mr = float("nan")
+            if "error" not in base:
+                tr = med / stats(base["times_ms"])[0]
+                mr = r["peak_mb"] / base["peak_mb"]
+            print(f"{shape:>22} {impl:>6} {med:>10.1f} {p20:>9.1f} {p80:>9.1f} {r['peak_mb']:>9.0f} {tr:>10.2f} {mr:>9.1%}")
+            parts.append(f"{impl} {med:.0f} ms ({p20:.0f}-{p80:.0f}), {r['peak_mb']:.0f} MB"
+                         + ("" if impl == "naive" else f", time x{tr:.2f}, memory {mr:.1%} of naive"))
+        print(f"{'':>22} gradient floor (dh + dW) {floor:.0f} MB")
+        rows.append((f"fwd+bwd N={n} H={h} V={v} {args.dtype}, {args.reps} reps",
+                     "; ".join(parts) + f"; grad floor {floor:.0f} MB"))
+    append_rows("fused_logprob", device or ("cuda" if cuda else "cpu"), rows)
+
+
+# ------------------------------------------------------------- pytest-benchmark (small shape)
+
+def _bench_case(benchmark, impl):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hidden, weight, targets = make_inputs(512, 576, 16384, torch.float32, device)
+    benchmark.pedantic(make_step(impl, hidden, weight, targets), rounds=5, warmup_rounds=1)
+    got = weight.grad.clone()
+    make_step("naive", hidden, weight, targets)()
+    torch.testing.assert_close(got, weight.grad, atol=1e-5, rtol=1e-4)  # what was timed is right
+
+
+def test_fused_logprob_ours(benchmark):
+    _bench_case(benchmark, "ours")
+
+
+def test_fused_logprob_naive(benchmark):
+    _bench_case(benchmark, "naive")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        impl, n, h, v, dtype, reps = sys.argv[2:8]
+        worker(impl, int(n), int(h), int(v), dtype, int(reps))
+    else:
+        main()
