@@ -6,11 +6,7 @@ import argparse
 import sys
 import time
 
-DEMO_INSTRUCTIONS = [
-    "What is the capital of France?",
-    "Give three tips for staying focused while studying.",
-    "Write a haiku about the sea.",
-]
+from srlm_engine.config import SEED_DIR
 
 
 def cmd_model_pull(args) -> int:
@@ -32,23 +28,65 @@ def cmd_model_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from srlm_engine.model.greedy import greedy_generate
-    from srlm_engine.model.llama import Llama
+    """The main job on the embedded model: pull SmolLM2, run the `quick` self-rewarding loop."""
     from srlm_engine.model.pull import pull
-    from srlm_engine.tokenizer import Tokenizer
-    path = pull()
-    model, tok = Llama.from_pretrained(path), Tokenizer.from_pretrained(path)
-    for q in DEMO_INSTRUCTIONS:
-        t0 = time.perf_counter()
-        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]), add_special_tokens=False)
-        out = greedy_generate(model, ids, args.max_tokens, tok.eos_token_ids)
-        dt = time.perf_counter() - t0
-        print(f"\n>>> {q}\n{tok.decode(out).strip()}\n[{len(out)} tokens, {len(out) / dt:.1f} tok/s]")
+    args.model = str(pull())
+    return cmd_loop(args)
+
+
+def cmd_loop(args) -> int:
+    from pathlib import Path
+    from srlm_engine import loop
+    from srlm_engine.config import ConfigError, LoopConfig
+    from srlm_engine.report import summary_table
+    toml = None
+    if args.config:
+        import tomllib
+        try:
+            with open(args.config, "rb") as fh:
+                toml = tomllib.load(fh)
+        except (tomllib.TOMLDecodeError, OSError) as e:
+            raise ConfigError(f"{args.config}: {e}") from None
+    cfg = LoopConfig.build(args.preset, toml, iterations=args.iterations, prompts=args.prompts, n=args.n,
+                           judge_samples=args.judge_samples, judge_mode=args.judge_mode,
+                           eval_judge=args.eval_judge, prompt_writer=args.prompt_writer, seed=args.seed)
+    t0 = time.perf_counter()
+    try:
+        final = loop.run(args.model, args.out, cfg, nproc=args.nproc)
+    except loop.LoopStop as e:
+        print(f"srlm loop: stopped: {e}", file=sys.stderr)
+        return 3
+    print("\n" + summary_table(Path(args.out)))
+    print(f"final model: {final}\nreport: {Path(args.out) / 'report.md'}  ({time.perf_counter() - t0:.0f}s)")
+    return 0
+
+
+def cmd_judge_eval(args) -> int:
+    from srlm_engine import data, judge
+    from srlm_engine.config import LoopConfig
+    from srlm_engine.engine import LLM
+    from srlm_engine.evaluate import JudgeMetrics, format_table
+    from srlm_engine.loop import judge_eval
+    cfg = LoopConfig.build(None, None, judge_samples=args.judge_samples, seed=args.seed)
+    items = data.load_eft_eval(args.data)
+    template = judge.load_template(args.template) if args.template else judge.DEFAULT_TEMPLATE
+    t0 = time.perf_counter()
+    res = judge_eval(LLM(args.model, kv_cache_tokens=cfg.kv_cache_tokens), cfg, template, items, args.seed)
+    for mode, r in res.items():
+        print(f"\n{mode} mode: parse rate {100 * r['parse_rate']:.1f}%, scores {r['distribution']}")
+        print(format_table({args.model: JudgeMetrics(**r["metrics"])}))
+    print(f"({len(items)} instructions, {time.perf_counter() - t0:.0f}s)")
+    return 0
+
+
+def cmd_data_oasst(args) -> int:
+    from srlm_engine.data import convert_oasst
+    counts = convert_oasst(args.file, args.out)
+    print(", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
 
 # ------------------------------------------------------------------- training (sft, dpo)
-
 _TRAIN_TYPES = {"max_steps": int, "lr": float, "min_lr": float}
 
 
@@ -156,6 +194,21 @@ def cmd_dpo(args) -> int:
     return 0
 
 
+def _add_loop_flags(q, preset: str | None, out: str | None) -> None:
+    q.add_argument("--out", required=out is None, default=out, help="run folder (resumed if it exists)")
+    q.add_argument("--config", default=None, help="TOML file of loop settings ([sft] and [dpo] tables too)")
+    q.add_argument("--preset", choices=["quick", "paper"], default=preset)
+    q.add_argument("--iterations", type=int)
+    q.add_argument("--prompts", type=int, help="new prompts per iteration")
+    q.add_argument("--n", type=int, help="candidates per prompt")
+    q.add_argument("--judge-samples", type=int, help="K judgments per candidate")
+    q.add_argument("--judge-mode", choices=["sample", "expected"])
+    q.add_argument("--eval-judge", help="fixed judge model for the head-to-head (default: M1)")
+    q.add_argument("--prompt-writer", help="model that writes new prompts (default: M_t)")
+    q.add_argument("--seed", type=int)
+    q.add_argument("--nproc", type=int, default=1, help="processes for SFT/DPO (FSDP2 over torchrun)")
+
+
 def build() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="srlm", description="Self-Rewarding Language Models engine")
     sub = p.add_subparsers(dest="command", required=True)
@@ -170,9 +223,26 @@ def build() -> argparse.ArgumentParser:
     q.add_argument("dir")
     q.set_defaults(fn=cmd_model_info)
 
-    q = sub.add_parser("demo", help="pull the default model and answer three instructions")
-    q.add_argument("--max-tokens", type=int, default=64)
+    q = sub.add_parser("demo", help="pull SmolLM2-135M-Instruct and run the quick self-rewarding loop on it")
+    _add_loop_flags(q, preset="quick", out="runs/demo")
     q.set_defaults(fn=cmd_demo)
+    q = sub.add_parser("loop", help="the self-rewarding loop: M1 = SFT, then T iterations of judge + DPO")
+    q.add_argument("--model", required=True, help="M0: a Hugging Face Llama directory")
+    _add_loop_flags(q, preset=None, out=None)
+    q.set_defaults(fn=cmd_loop)
+    q = sub.add_parser("judge-eval", help="a model's judge against human scores (EFT-eval), both modes")
+    q.add_argument("--model", required=True)
+    q.add_argument("--data", default=str(SEED_DIR / "eft_eval.jsonl"))
+    q.add_argument("--template", default=None, help="judge template file with {instruction} and {response}")
+    q.add_argument("--judge-samples", type=int, default=3)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(fn=cmd_judge_eval)
+    q = sub.add_parser("data", help="convert public data sets")
+    dsub = q.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("oasst", help="Open Assistant trees JSONL -> ift.jsonl + eft_eval.jsonl")
+    q.add_argument("file")
+    q.add_argument("--out", required=True)
+    q.set_defaults(fn=cmd_data_oasst)
 
     q = sub.add_parser("sft", help="supervised fine-tuning on chat records (loss on assistant turns)")
     q.add_argument("--data", required=True, help='JSONL of {"messages": [{"role", "content"}, ...]}')

@@ -218,6 +218,7 @@ class LoopConfig:
     n: int = 4                         # candidates per prompt
     judge_samples: int = 3             # K
     judge_mode: str = "sample"         # 'sample' (K texts, parsed, averaged) or 'expected'
+    expected_after: str = "prefix"     # expected mode reads the digit at once, or after a justification
     temperature: float = 0.7
     top_p: float = 0.9
     max_new_tokens: int = 256
@@ -233,6 +234,7 @@ class LoopConfig:
     seed_dir: str = str(SEED_DIR)
     judge_template: str | None = None  # a file with {instruction} and {response}
     prompt_writer: str | None = None   # model dir that writes prompts; default: M_t
+    prompt_pool: str | None = None     # JSONL of {"prompt"} to draw from instead of writing prompts
     eval_judge: str | None = None      # fixed judge of the head-to-head; default: M1
     kv_cache_tokens: int = 65536
     max_num_seqs: int = 64
@@ -251,6 +253,8 @@ class LoopConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if self.n < 2:
             raise ConfigError(f"n must be at least 2 to form a pair, got {self.n}")
+        if self.expected_after not in ("prefix", "judgment"):
+            raise ConfigError(f"expected_after must be 'prefix' or 'judgment', got {self.expected_after!r}")
         if self.judge_mode not in ("sample", "expected"):
             raise ConfigError(f"judge_mode must be 'sample' or 'expected', got {self.judge_mode!r}")
         for name in ("temperature", "prompt_temperature", "judge_temperature"):

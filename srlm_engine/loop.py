@@ -1,0 +1,359 @@
+"""The self-rewarding loop (Yuan et al., 2024), step by step.
+
+    M1 = SFT(M0, IFT + EFT)
+    for t in 1..T:
+        (1) self-instruction creation with M_t: new prompts, N candidates each, K judgments each,
+            (best, worst) pairs with ties dropped  -> AIFT(M_t)
+        (2) DPO from M_t (also the reference) on AIFT(M_t)  -> M_{t+1}
+
+Every step writes its artifact into the run folder, whole or not at all, before the next step
+starts; a rerun of the same command skips what exists and resumes at the first missing artifact
+(DPO resumes from its own last checkpoint). RUN/manifest.json pins the config and the input
+hashes: a run folder made with another config is refused.
+
+    RUN/manifest.json
+    RUN/m1/model/                                  M1 (and m1/train/: its checkpoints, metrics)
+    RUN/eval/judge_m{t}.json                       M_t's judge against the human EFT-eval scores
+    RUN/iter_{t}/prompts.jsonl candidates.jsonl judgments.jsonl pairs.jsonl pairs.ref.jsonl
+    RUN/iter_{t}/model/                            M_{t+1}
+    RUN/iter_{t}/metrics.json                      counts, lengths, win rate of M_{t+1} over M_t
+    RUN/iter_{t}/timings.json                      seconds per stage
+    RUN/report.md, RUN/plots/*.png
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+
+from srlm_engine import data, judge, pairs as pairing, selfinstruct
+from srlm_engine.config import LoopConfig
+from srlm_engine.engine import LLM, SamplingParams
+from srlm_engine.evaluate import judge_vs_human
+from srlm_engine.io import DataError, read_json, read_jsonl, write_json, write_jsonl
+from srlm_engine.train.refs import compute_reference_logps
+from srlm_engine.train.trainer import train_dpo, train_sft
+
+
+class LoopStop(RuntimeError):
+    """The loop cannot go on (no prompts survived the filters, no pairs after ties); the
+    artifacts written so far are kept, and the message says what happened."""
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Run:
+    """The run folder: the manifest check, and artifacts made once."""
+
+    def __init__(self, root: Path, cfg: LoopConfig, model_dir: Path, log: Callable[[str], None]):
+        self.root, self.cfg, self.log = root, cfg, log
+        seed_dir = Path(cfg.seed_dir)
+        inputs = {f"seed/{n}": file_hash(seed_dir / n) for n in ("ift.jsonl", "eft_train.jsonl", "eft_eval.jsonl")}
+        inputs["model/config.json"] = file_hash(model_dir / "config.json")
+        weights = sorted(model_dir.glob("model*.safetensors"))
+        inputs["model/weights"] = hashlib.sha256(
+            "".join(f"{w.name}:{w.stat().st_size}" for w in weights).encode()).hexdigest()
+        if cfg.judge_template:
+            inputs["judge_template"] = file_hash(Path(cfg.judge_template))
+        manifest = {"config": json.loads(json.dumps(cfg.to_dict())), "model": str(model_dir), "inputs": inputs}
+        path = root / "manifest.json"
+        if path.is_file():
+            old = read_json(path)
+            diff = [k for k in ("config", "inputs") if old.get(k) != manifest[k]]
+            if diff:
+                keys = _changed(old.get("config", {}), manifest["config"]) if "config" in diff else []
+                keys += [f"input {k}" for k in manifest["inputs"] if old.get("inputs", {}).get(k) != manifest["inputs"][k]]
+                raise LoopStop(f"{root} was made with another config or inputs (changed: {', '.join(keys)}); "
+                               f"use a new --out folder, or rerun with the settings of that run")
+        else:
+            write_json(path, manifest)
+        self.timings: dict[str, dict[str, float]] = {}
+
+    def step(self, path: Path, make: Callable[[], object], stage: str, timings_file: Path | None = None):
+        """Return the artifact at `path`, making it with `make()` (which writes it) if absent."""
+        if path.exists():
+            self.log(f"[{stage}] done before: {path.relative_to(self.root)}")
+        else:
+            self.log(f"[{stage}] running")
+            t0 = time.perf_counter()
+            make()
+            dt = time.perf_counter() - t0
+            if timings_file is not None:
+                t = read_json(timings_file) if timings_file.is_file() else {}
+                t[stage] = round(dt, 3)
+                write_json(timings_file, t)
+            self.log(f"[{stage}] {dt:.1f}s -> {path.relative_to(self.root)}")
+        return path
+
+
+def _changed(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _changed(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    return out
+
+
+def _llm(model_dir: Path, cfg: LoopConfig) -> LLM:
+    return LLM(str(model_dir), kv_cache_tokens=cfg.kv_cache_tokens, max_num_seqs=cfg.max_num_seqs)
+
+
+def _free(*objs) -> None:
+    del objs
+    gc.collect()
+
+
+def _judge(llm, cfg: LoopConfig, template: str, instructions: list[str], responses: list[str],
+           seed: int, mode: str | None = None) -> list[dict]:
+    """One record per (instruction, response): the mean score (None = unscored) and the texts."""
+    mode = mode or cfg.judge_mode
+    if mode == "expected":
+        scores = judge.judge_expected(llm, instructions, responses, template=template, after=cfg.expected_after,
+                                      max_tokens=cfg.judge_max_tokens, seed=seed)
+        return [{"score": s, "scores": [s], "texts": []} for s in scores]
+    js = judge.judge_samples(llm, instructions, responses, template=template, k=cfg.judge_samples,
+                             temperature=cfg.judge_temperature, top_p=cfg.judge_top_p,
+                             max_tokens=cfg.judge_max_tokens, seed=seed)
+    return [{"score": j.mean, "scores": j.scores, "texts": j.texts} for j in js]
+
+
+def judge_eval(llm, cfg: LoopConfig, template: str, items: list[dict], seed: int) -> dict:
+    """M_t's judge against the human scores of the EFT-eval set, in both modes: the paper's
+    reward-modelling table, the judge's score distribution and its parse rate."""
+    flat_i = [it["instruction"] for it in items for _ in it["responses"]]
+    flat_r = [r for it in items for r in it["responses"]]
+    out = {}
+    for mode in ("sample", "expected"):
+        recs = _judge(llm, cfg, template, flat_i, flat_r, seed, mode=mode)
+        scores, k = [], 0
+        for it in items:
+            scores.append([recs[k + j]["score"] for j in range(len(it["responses"]))])
+            k += len(it["responses"])
+        raw = [s for r in recs for s in r["scores"]]
+        out[mode] = {"metrics": judge_vs_human([it["scores"] for it in items], scores).__dict__,
+                     "judge_scores": scores, "parse_rate": sum(s is not None for s in raw) / max(len(raw), 1),
+                     "distribution": _histogram(raw)}
+    return out
+
+
+def _histogram(scores: list) -> dict[str, int]:
+    h = {"unscored": 0, **{str(s): 0 for s in range(6)}}
+    for s in scores:
+        h["unscored" if s is None else str(min(5, max(0, round(s))))] += 1
+    return h
+
+
+def _chat(llm, prompts: list[str], params) -> list:
+    return llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=True)
+
+
+def head_to_head(cfg: LoopConfig, template: str, new: Path, old: Path, judge_dir: Path,
+                 prompts: list[str], seed: int) -> dict:
+    """Win rate of the model in `new` over the one in `old`: each answers the held-out prompts
+    greedily, the fixed judge scores both answers; a tie counts half."""
+    params = SamplingParams(temperature=0.0, max_tokens=cfg.eval_max_tokens)
+    answers = {}
+    for name, d in (("new", new), ("old", old)):
+        llm = _llm(d, cfg)
+        answers[name] = [o.outputs[0].text for o in _chat(llm, prompts, params)]
+        _free(llm)
+    llm = _llm(judge_dir, cfg)
+    recs = _judge(llm, cfg, template, prompts * 2, answers["new"] + answers["old"], seed, mode="expected")
+    _free(llm)
+    n = len(prompts)
+    s_new, s_old = [r["score"] for r in recs[:n]], [r["score"] for r in recs[n:]]
+    wins = sum(a > b for a, b in zip(s_new, s_old))
+    ties = sum(a == b for a, b in zip(s_new, s_old))
+    return {"wins": wins, "ties": ties, "losses": n - wins - ties, "win_rate": (wins + 0.5 * ties) / n,
+            "mean_len_new": _mean_words(answers["new"]), "mean_len_old": _mean_words(answers["old"])}
+
+
+def _mean_words(texts: list[str]) -> float:
+    return sum(len(t.split()) for t in texts) / max(len(texts), 1)
+
+
+def draw_prompts(pool: Path, seed_prompts: list[str], root: Path, t: int, count: int,
+                 seed: int) -> tuple[list[str], dict]:
+    """Up to `count` prompts from a pool file (e.g. written by a larger model, as in the paper),
+    through the same filters as written ones, never reusing a prompt of an earlier iteration."""
+    used = [r["prompt"] for i in range(1, t) if (root / f"iter_{i}" / "prompts.jsonl").is_file()
+            for r in read_jsonl(root / f"iter_{i}" / "prompts.jsonl")]
+    flt = selfinstruct.PromptFilter(seed_prompts + used)
+    cands = [r["prompt"] if isinstance(r.get("prompt"), str) else "" for r in read_jsonl(pool)]
+    random.Random(seed).shuffle(cands)
+    kept = []
+    for p in cands:
+        if len(kept) == count:
+            break
+        if flt.offer(p):
+            kept.append(p)
+    return kept, {**flt.stats, "pool": len(cands), "kept": len(kept)}
+
+
+def _train(kind: str, model: Path, records: list[dict], out_dir: Path, tcfg, nproc: int) -> Path:
+    """SFT or DPO in this process, or in `nproc` processes (FSDP2) through `srlm sft|dpo --nproc`."""
+    if nproc <= 1:
+        return (train_sft if kind == "sft" else train_dpo)(model, records, out_dir, tcfg)
+    data_file = out_dir.parent / f"{kind}.records.jsonl"
+    write_jsonl(data_file, records)
+    cmd = [sys.executable, "-m", "srlm_engine.cli", kind, "--model", str(model),
+           "--data" if kind == "sft" else "--pairs", str(data_file), "--out", str(out_dir), "--nproc", str(nproc)]
+    for f in fields(tcfg):
+        v, flag = getattr(tcfg, f.name), "--" + f.name.replace("_", "-")
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            cmd.append(flag if v else "--no-" + f.name.replace("_", "-"))
+        else:
+            cmd += [flag, *map(str, v)] if isinstance(v, (list, tuple)) else [flag, repr(v) if isinstance(v, float) else str(v)]
+    if subprocess.call(cmd) != 0:
+        raise RuntimeError(f"{kind} in {nproc} processes failed; its checkpoints in {out_dir} are kept, rerun to resume")
+    return out_dir / "model"
+
+
+def run(model_dir: str | Path, out: str | Path, cfg: LoopConfig, log: Callable[[str], None] = print,
+        nproc: int = 1) -> Path:
+    """Run (or resume) the loop; returns the path of the final model. `nproc` > 1 trains with
+    FSDP2 over that many local processes (generation stays in this one)."""
+    model_dir, root = Path(model_dir).expanduser(), Path(out)
+    if not (model_dir / "config.json").is_file():
+        raise DataError(f"{model_dir}: not a model directory (no config.json)")
+    run_ = Run(root, cfg, model_dir, log)
+    seed_dir = Path(cfg.seed_dir)
+    template = judge.load_template(cfg.judge_template) if cfg.judge_template else judge.DEFAULT_TEMPLATE
+    ift = data.load_sft(seed_dir / "ift.jsonl")
+    eft = data.load_eft_train(seed_dir / "eft_train.jsonl")
+    eft_eval = data.load_eft_eval(seed_dir / "eft_eval.jsonl")
+    seed_prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in ift]
+    held_out = [it["instruction"] for it in eft_eval][: cfg.eval_prompts]
+    evals = root / "eval"
+
+    # M1: SFT on instruction following (IFT) and evaluation fine-tuning (EFT) together.
+    m1 = root / "m1" / "model"
+    sft_records = ift + data.eft_to_sft(eft, template)
+    run_.step(m1, lambda: _move(_train("sft", model_dir, sft_records, root / "m1" / "train", cfg.sft, nproc), m1),
+              "M1 = SFT(M0, IFT + EFT)", root / "m1" / "timings.json")
+    # The judge before and after EFT: M0 is the pretrained model, M1 the fine-tuned one.
+    for name, d in (("m0", model_dir), ("m1", m1)):
+        def make(d=d, name=name):
+            llm = _llm(d, cfg)
+            write_json(evals / f"judge_{name}.json", judge_eval(llm, cfg, template, eft_eval, cfg.seed))
+            _free(llm)
+        run_.step(evals / f"judge_{name}.json", make, f"judge eval {name.upper()}", evals / "timings.json")
+
+    model = m1
+    eval_judge = Path(cfg.eval_judge) if cfg.eval_judge else m1
+    for t in range(1, cfg.iterations + 1):
+        it = root / f"iter_{t}"
+        tf = it / "timings.json"
+        seed = cfg.seed * 1000 + t
+        llm = None
+
+        def engine():
+            nonlocal llm
+            llm = llm or _llm(model, cfg)
+            return llm
+
+        # (1) Self-instruction creation with M_t.
+        def make_prompts():
+            if cfg.prompt_pool:
+                prompts, stats = draw_prompts(Path(cfg.prompt_pool), seed_prompts, root, t, cfg.prompts, seed)
+            else:
+                writer = _llm(Path(cfg.prompt_writer), cfg) if cfg.prompt_writer else engine()
+                prompts, stats = selfinstruct.generate_prompts(
+                    writer, seed_prompts, cfg.prompts, seed=seed, temperature=cfg.prompt_temperature,
+                    top_p=cfg.prompt_top_p)
+            write_json(it / "prompt_stats.json", stats)
+            if not prompts:
+                raise LoopStop(f"iteration {t}: no new prompt survived the filters ({stats}); "
+                               f"nothing was written for this iteration, earlier artifacts are intact")
+            write_jsonl(it / "prompts.jsonl", [{"prompt": p} for p in prompts])
+        run_.step(it / "prompts.jsonl", make_prompts, f"iter {t}: prompts", tf)
+        prompts = [r["prompt"] for r in read_jsonl(it / "prompts.jsonl")]
+
+        def make_candidates():
+            params = SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
+                                    max_tokens=cfg.max_new_tokens, seed=seed)
+            outs = _chat(engine(), prompts, params)
+            write_jsonl(it / "candidates.jsonl", [
+                {"prompt": p, "candidates": [c.text for c in o.outputs],
+                 "finish_reasons": [c.finish_reason for c in o.outputs]} for p, o in zip(prompts, outs)])
+        run_.step(it / "candidates.jsonl", make_candidates, f"iter {t}: candidates", tf)
+        cands = read_jsonl(it / "candidates.jsonl")
+
+        def make_judgments():
+            flat_i = [c["prompt"] for c in cands for _ in c["candidates"]]
+            flat_r = [r for c in cands for r in c["candidates"]]
+            recs = iter(_judge(engine(), cfg, template, flat_i, flat_r, seed))
+            write_jsonl(it / "judgments.jsonl", [
+                {"prompt": c["prompt"], "candidates": c["candidates"],
+                 "judgments": [next(recs) for _ in c["candidates"]]} for c in cands])
+        run_.step(it / "judgments.jsonl", make_judgments, f"iter {t}: judgments", tf)
+        judged = read_jsonl(it / "judgments.jsonl")
+        _free(llm)
+        llm = None
+
+        def make_pairs():
+            got, counts = pairing.build_pairs([j["prompt"] for j in judged], [j["candidates"] for j in judged],
+                                              [[r["score"] for r in j["judgments"]] for j in judged],
+                                              length_control=cfg.length_control)
+            write_json(it / "pair_counts.json", counts)
+            if not got:
+                raise LoopStop(f"iteration {t}: no preference pairs ({counts}): every prompt's candidates "
+                               f"tied or went unscored; the judgments are kept in {it / 'judgments.jsonl'}")
+            write_jsonl(it / "pairs.jsonl", got)
+        run_.step(it / "pairs.jsonl", make_pairs, f"iter {t}: pairs", tf)
+
+        # (2) Instruction-following training: DPO from M_t, with M_t as the reference.
+        run_.step(it / "pairs.ref.jsonl", lambda: compute_reference_logps(
+            model, data.load_pairs(it / "pairs.jsonl"), max_seq_len=cfg.dpo.max_seq_len,
+            batch_size=cfg.dpo.ref_batch_size, out_path=it / "pairs.ref.jsonl"),
+            f"iter {t}: reference log-probs", tf)
+        run_.step(it / "model", lambda: _move(_train("dpo", model, read_jsonl(it / "pairs.ref.jsonl"),
+                                                     it / "train", cfg.dpo, nproc), it / "model"),
+                  f"iter {t}: DPO -> M{t + 1}", tf)
+
+        def make_metrics():
+            m = {"iteration": t, "prompts": len(prompts), "prompt_stats": read_json(it / "prompt_stats.json"),
+                 "pair_counts": read_json(it / "pair_counts.json"),
+                 "candidate_mean_words": _mean_words([r for c in cands for r in c["candidates"]]),
+                 "judge_distribution": _histogram([s for j in judged for r in j["judgments"] for s in r["scores"]]),
+                 "head_to_head": head_to_head(cfg, template, it / "model", model, eval_judge, held_out, seed)}
+            write_json(it / "metrics.json", m)
+        run_.step(it / "metrics.json", make_metrics, f"iter {t}: evaluation", tf)
+        run_.step(evals / f"judge_m{t + 1}.json", lambda: _judge_file(it / "model", cfg, template, eft_eval,
+                                                                       evals / f"judge_m{t + 1}.json"),
+                  f"judge eval M{t + 1}", evals / "timings.json")
+        model = it / "model"
+
+    from srlm_engine.report import write_report
+    log(f"report: {write_report(root, cfg)}")
+    return model
+
+
+def _judge_file(model: Path, cfg, template, items, path: Path) -> None:
+    llm = _llm(model, cfg)
+    write_json(path, judge_eval(llm, cfg, template, items, cfg.seed))
+    _free(llm)
+
+
+def _move(src: Path, dst: Path) -> None:
+    """Move a finished model directory into place in one rename (same filesystem)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dst)
