@@ -61,11 +61,32 @@ SRLM_INLINE const A* widen(const T* __restrict src, A* __restrict buf, int64_t n
   }
 }
 
-template <typename A>
-SRLM_INLINE A dot(const A* __restrict a, const A* __restrict b, int64_t n) {
-  A s = 0;
-  // `omp simd reduction` lets gcc reorder the sum into vector lanes without -ffast-math.
-#pragma omp simd reduction(+ : s)
+// a . b: float32 in 16-lane vectors (GCC vector extensions; lowered to whatever the target
+// clone has), then a tree over the lanes. (`omp simd reduction` vectorizes the products too, but
+// gcc 12 then adds the 16 lanes one by one: a chain of 16 dependent adds per dot.)
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+
+SRLM_INLINE float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  f32x16 acc = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    f32x16 x, y;
+    __builtin_memcpy(&x, a + i, sizeof x);  // unaligned vector loads
+    __builtin_memcpy(&y, b + i, sizeof y);
+    acc += x * y;
+  }
+  const f32x8 h8 = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7) +
+                   __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f32x4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+  float s = (h4[0] + h4[2]) + (h4[1] + h4[3]);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+SRLM_INLINE double dot(const double* __restrict a, const double* __restrict b, int64_t n) {
+  double s = 0;  // float64 is the checking path: plain is fine
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
 }
@@ -95,45 +116,60 @@ SRLM_INLINE float exp_nonpos(float x) {
 
 SRLM_INLINE double exp_nonpos(double x) { return std::exp(x); }
 
-// One (sequence b, kv head j) item: writes out[b, j*G : (j+1)*G]. scratch holds 2*G*hd + hd + G*L.
-template <typename T>
-SRLM_INLINE void decode_item(const DecodeArgs& a, int64_t b, int64_t j, acc_t<T>* __restrict scratch) {
+// Prefetches the cache lines of n_bytes from p (one token's rows in the next block: random
+// block placement defeats the hardware prefetcher at every block boundary).
+SRLM_INLINE void prefetch_bytes(const void* p, int64_t n_bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < n_bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+
+// One item: sequence b, kv heads [j0, j1) and their query heads [j0*G, j1*G), writing those rows
+// of out[b]. HD > 0 fixes head_dim at compile time (unrolled inner loops); HD == 0 reads a.hd.
+// scratch holds 2*H*hd + hd + H*L values, H = (j1 - j0) * G query heads.
+template <typename T, int HD>
+SRLM_INLINE void decode_item(const DecodeArgs& a, int64_t b, int64_t j0, int64_t j1, acc_t<T>* __restrict scratch) {
   using A = acc_t<T>;
-  const int64_t G = a.nh / a.nkv, hd = a.hd, bs = a.bs;
+  const int64_t G = a.nh / a.nkv, hd = HD > 0 ? HD : a.hd, bs = a.bs;
+  const int64_t H = (j1 - j0) * G;  // query heads of this item
   const int64_t L = a.context_lens[b];
-  T* __restrict out = static_cast<T*>(a.out) + (b * a.nh + j * G) * hd;
+  T* __restrict out = static_cast<T*>(a.out) + (b * a.nh + j0 * G) * hd;
   if (L == 0) {
-    std::fill(out, out + G * hd, T(0));
+    std::fill(out, out + H * hd, T(0));
     return;
   }
-  A* __restrict qf = scratch;       // [G, hd] scaled queries
-  A* __restrict acc = qf + G * hd;  // [G, hd]
-  A* __restrict row = acc + G * hd; // [hd] one widened key/value row
-  A* __restrict logits = row + hd;  // [G, L]
+  A* __restrict qf = scratch;        // [H, hd] scaled queries; later 1/sum per head
+  A* __restrict acc = qf + H * hd;   // [H, hd]
+  A* __restrict row = acc + H * hd;  // [hd] one widened key/value row
+  A* __restrict logits = row + hd;   // [H, L]
 
-  const T* q = static_cast<const T*>(a.q) + b * a.q_s0 + j * G * a.q_s1;
+  const T* q = static_cast<const T*>(a.q) + b * a.q_s0 + j0 * G * a.q_s1;
   const A scale = static_cast<A>(a.scale);
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t d = 0; d < hd; ++d) qf[g * hd + d] = static_cast<A>(q[g * a.q_s1 + d]) * scale;
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t d = 0; d < hd; ++d) qf[h * hd + d] = static_cast<A>(q[h * a.q_s1 + d]) * scale;
 
   const int32_t* table = a.block_tables + b * a.max_blocks;
   const int64_t rs = a.nkv * hd;  // elements between consecutive tokens of a block
-  const T* k_base = static_cast<const T*>(a.k_cache) + j * hd;
-  const T* v_base = static_cast<const T*>(a.v_cache) + j * hd;
+  const int64_t item_bytes = (j1 - j0) * hd * static_cast<int64_t>(sizeof(T));  // this item's part of a token
+  const T* k_base = static_cast<const T*>(a.k_cache) + j0 * hd;
+  const T* v_base = static_cast<const T*>(a.v_cache) + j0 * hd;
 
-  // Pass 1: logits[g, t] = qf[g] . k_t
+  // Pass 1: logits[h, t] = qf[h] . k_t, each key row used by the G query heads of its kv head.
   for (int64_t t0 = 0, blk = 0; t0 < L; t0 += bs, ++blk) {
     const T* kb = k_base + static_cast<int64_t>(table[blk]) * bs * rs;
+    const T* next = t0 + bs < L ? k_base + static_cast<int64_t>(table[blk + 1]) * bs * rs : nullptr;
     const int64_t n = std::min(bs, L - t0);
     for (int64_t i = 0; i < n; ++i) {
-      const A* kr = widen(kb + i * rs, row, hd);
-      for (int64_t g = 0; g < G; ++g) logits[g * L + t0 + i] = dot(qf + g * hd, kr, hd);
+      if (next) prefetch_bytes(next + i * rs, item_bytes);
+      for (int64_t j = 0; j < j1 - j0; ++j) {
+        const A* kr = widen(kb + i * rs + j * hd, row, hd);
+        for (int64_t g = 0; g < G; ++g) logits[(j * G + g) * L + t0 + i] = dot(qf + (j * G + g) * hd, kr, hd);
+      }
     }
   }
 
   // Softmax numerators in place; acc is normalized at the end.
-  for (int64_t g = 0; g < G; ++g) {
-    A* lg = logits + g * L;
+  for (int64_t h = 0; h < H; ++h) {
+    A* lg = logits + h * L;
     A m = -std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(max : m)
     for (int64_t t = 0; t < L; ++t) m = std::max(m, lg[t]);
@@ -143,53 +179,79 @@ SRLM_INLINE void decode_item(const DecodeArgs& a, int64_t b, int64_t j, acc_t<T>
       lg[t] = exp_nonpos(lg[t] - m);
       s += lg[t];
     }
-    qf[g] = A(1) / s;  // the queries are done with: qf[g] keeps 1/sum for the end
+    qf[h] = A(1) / s;  // the queries are done with
   }
 
-  // Pass 2: acc[g] = sum_t p[g, t] v_t
-  std::fill(acc, acc + G * hd, A(0));
+  // Pass 2: acc[h] = sum_t p[h, t] v_t
+  std::fill(acc, acc + H * hd, A(0));
   for (int64_t t0 = 0, blk = 0; t0 < L; t0 += bs, ++blk) {
     const T* vb = v_base + static_cast<int64_t>(table[blk]) * bs * rs;
+    const T* next = t0 + bs < L ? v_base + static_cast<int64_t>(table[blk + 1]) * bs * rs : nullptr;
     const int64_t n = std::min(bs, L - t0);
     for (int64_t i = 0; i < n; ++i) {
-      const A* vr = widen(vb + i * rs, row, hd);
-      for (int64_t g = 0; g < G; ++g) {
-        const A p = logits[g * L + t0 + i];
-        A* __restrict ag = acc + g * hd;
+      if (next) prefetch_bytes(next + i * rs, item_bytes);
+      for (int64_t j = 0; j < j1 - j0; ++j) {
+        const A* vr = widen(vb + i * rs + j * hd, row, hd);
+        for (int64_t g = 0; g < G; ++g) {
+          const A p = logits[(j * G + g) * L + t0 + i];
+          A* __restrict ah = acc + (j * G + g) * hd;
 #pragma omp simd
-        for (int64_t d = 0; d < hd; ++d) ag[d] += p * vr[d];
+          for (int64_t d = 0; d < hd; ++d) ah[d] += p * vr[d];
+        }
       }
     }
   }
-  for (int64_t g = 0; g < G; ++g) {
-    const A inv = qf[g];
-    for (int64_t d = 0; d < hd; ++d) out[g * hd + d] = static_cast<T>(acc[g * hd + d] * inv);
+  for (int64_t h = 0; h < H; ++h) {
+    const A inv = qf[h];
+    for (int64_t d = 0; d < hd; ++d) out[h * hd + d] = static_cast<T>(acc[h * hd + d] * inv);
+  }
+}
+
+template <typename T>
+SRLM_INLINE void decode_item_any_hd(const DecodeArgs& a, int64_t b, int64_t j0, int64_t j1, acc_t<T>* scratch) {
+  switch (a.hd) {  // the head sizes of the Llama family; others take the generic loops
+    case 64: return decode_item<T, 64>(a, b, j0, j1, scratch);
+    case 128: return decode_item<T, 128>(a, b, j0, j1, scratch);
+    default: return decode_item<T, 0>(a, b, j0, j1, scratch);
   }
 }
 
 // One non-template entry per dtype, so that target_clones can build each for several ISAs.
-SRLM_MULTIVERSION void item_f32(const DecodeArgs& a, int64_t b, int64_t j, float* s) { decode_item<float>(a, b, j, s); }
-SRLM_MULTIVERSION void item_f64(const DecodeArgs& a, int64_t b, int64_t j, double* s) { decode_item<double>(a, b, j, s); }
-SRLM_MULTIVERSION void item_bf16(const DecodeArgs& a, int64_t b, int64_t j, float* s) { decode_item<c10::BFloat16>(a, b, j, s); }
-SRLM_MULTIVERSION void item_f16(const DecodeArgs& a, int64_t b, int64_t j, float* s) { decode_item<c10::Half>(a, b, j, s); }
+#define SRLM_ITEM(name, T)                                                                    \
+  SRLM_MULTIVERSION void name(const DecodeArgs& a, int64_t b, int64_t j0, int64_t j1, acc_t<T>* s) { \
+    decode_item_any_hd<T>(a, b, j0, j1, s);                                                    \
+  }
+SRLM_ITEM(item_f32, float)
+SRLM_ITEM(item_f64, double)
+SRLM_ITEM(item_bf16, c10::BFloat16)
+SRLM_ITEM(item_f16, c10::Half)
+#undef SRLM_ITEM
 
 template <typename T>
-void run_items(const DecodeArgs& a, int64_t B, int64_t max_len) {
+void run_items(const DecodeArgs& a, int64_t B, int64_t max_len, int64_t total_len) {
   using A = acc_t<T>;
   const int64_t G = a.nh / a.nkv;
-  const int64_t n_items = B * a.nkv;
-  const int64_t scratch_len = 2 * G * a.hd + a.hd + G * max_len;
-  const int n_threads = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), n_items));
-#pragma omp parallel num_threads(n_threads)
+  const int64_t max_threads = omp_get_max_threads();
+  // Whole sequences when there are enough of them to balance the threads: a block's rows of all
+  // kv heads are then read as one contiguous stretch. Otherwise one kv head per item.
+  const int64_t heads_per_item = B >= 4 * max_threads ? a.nkv : 1;
+  const int64_t parts = a.nkv / heads_per_item;
+  const int64_t n_items = B * parts;
+  const int64_t H = heads_per_item * G;
+  const int64_t scratch_len = 2 * H * a.hd + a.hd + H * max_len;
+  const int n_threads = static_cast<int>(std::min(max_threads, n_items));
+  // Below ~4k key rows (~0.1 ms on one core) waking the other threads costs more than it saves.
+  const bool parallel = total_len * a.nkv >= 4096;
+#pragma omp parallel num_threads(n_threads) if (parallel)
   {
     std::vector<A> scratch(scratch_len);  // once per thread and call, reused by every item
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < n_items; ++it) {
-      const int64_t b = it / a.nkv, j = it % a.nkv;
-      if constexpr (std::is_same_v<T, float>) item_f32(a, b, j, scratch.data());
-      else if constexpr (std::is_same_v<T, double>) item_f64(a, b, j, scratch.data());
-      else if constexpr (std::is_same_v<T, c10::BFloat16>) item_bf16(a, b, j, scratch.data());
-      else item_f16(a, b, j, scratch.data());
+      const int64_t b = it / parts, j0 = (it % parts) * heads_per_item, j1 = j0 + heads_per_item;
+      if constexpr (std::is_same_v<T, float>) item_f32(a, b, j0, j1, scratch.data());
+      else if constexpr (std::is_same_v<T, double>) item_f64(a, b, j0, j1, scratch.data());
+      else if constexpr (std::is_same_v<T, c10::BFloat16>) item_bf16(a, b, j0, j1, scratch.data());
+      else item_f16(a, b, j0, j1, scratch.data());
     }
   }
 }
@@ -228,7 +290,7 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_c
   const int64_t max_blocks = bt.size(1);
   const int32_t* bt_p = bt.data_ptr<int32_t>();
   const int32_t* lens_p = lens.data_ptr<int32_t>();
-  int64_t max_len = 0;
+  int64_t max_len = 0, total_len = 0;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t L = lens_p[b];
     TORCH_CHECK(L >= 0 && L <= max_blocks * bs, op, "context_lens[", b, "] = ", L, " is outside [0, max_blocks * block_size = ",
@@ -239,6 +301,7 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_c
                   " is outside [0, num_blocks = ", num_blocks, ") and is used by context length ", L);
     }
     max_len = std::max(max_len, L);
+    total_len += L;
   }
 
   // Only the last dim of q must be dense (q may be a view of a fused qkv projection).
@@ -249,7 +312,7 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_c
   DecodeArgs a{qc.data_ptr(), qc.stride(0), qc.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), bt_p, max_blocks,
                lens_p, nh, nkv, hd, bs, scale, out.data_ptr()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "paged_decode_attention",
-                                  [&] { run_items<scalar_t>(a, B, max_len); });
+                                  [&] { run_items<scalar_t>(a, B, max_len, total_len); });
   return out;
 }
 

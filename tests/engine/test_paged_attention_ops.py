@@ -134,6 +134,24 @@ def test_decode_matches_reference(backend, dtype, case):
     assert torch.equal(out[ctx == 0], torch.zeros_like(out[ctx == 0]))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("hd", [64, 128, 40])
+def test_cpp_decode_work_splits(threads, hd):
+    """The C++ op's paths: one kv head per item (few sequences) or whole sequences (B >= 4 x
+    threads), serial below ~4k key rows or OpenMP above, head_dim 64/128 (compiled for that size)
+    or any other (generic loops)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for B, lens in [(2, [300, 1000]), (3, [1, 9, 17]), (12, [1, 16, 17, 64, 100, 250, 333, 500, 31, 2, 48, 400])]:
+            q, kc, vc, tables, ctx = make_paged(B, 12, 4, hd, 16, lens, torch.float32, seed=B)
+            out = torch.ops.srlm_C.paged_decode_attention(q, kc, vc, tables, ctx, hd ** -0.5)
+            want = ref.paged_decode_attention(q.double(), kc.double(), vc.double(), tables, ctx, hd ** -0.5)
+            assert_close(out, want, f"cpp B={B} hd={hd} threads={threads}")
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cpp_decode_float64():
     """The C++ op in float64 against the float64 reference: only summation order differs."""
     B, nh, nkv, hd, bs, lens = CASES["smollm2_bs16"]
