@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+
+# Spinning OpenMP barriers make small steps 3-4x slower on a shared 2-core machine; only takes
+# effect if torch was not loaded yet (see bench/bench_generate.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
