@@ -52,3 +52,14 @@ def tiny_checkpoint(request, tmp_path):
 def smollm2_dir():
     from srlm_engine.model.pull import pull
     return pull(log=lambda *_: None)
+
+
+@pytest.fixture
+def tiny_writer():
+    """write_tiny(path, config_name, seed=0, max_shard_bytes=...) -> the model it saved."""
+    return write_tiny
+
+
+@pytest.fixture
+def tiny_config_of():
+    return tiny_config

@@ -2,9 +2,8 @@
 from srlm_engine.cli import main
 
 
-def test_model_info_prints_config_and_parameter_count(tmp_path, capsys):
-    from conftest import write_tiny
-    model = write_tiny(tmp_path, "gqa_untied")
+def test_model_info_prints_config_and_parameter_count(tmp_path, capsys, tiny_writer):
+    model = tiny_writer(tmp_path, "gqa_untied")
     assert main(["model", "info", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     n = sum(p.numel() for p in model.parameters())

@@ -11,9 +11,8 @@ from srlm_engine.model.weights import WeightsError, load_model, save_model
 
 
 @pytest.fixture
-def ckpt(tmp_path):
-    from conftest import write_tiny
-    write_tiny(tmp_path, "gqa_untied")
+def ckpt(tmp_path, tiny_writer):
+    tiny_writer(tmp_path, "gqa_untied")
     return tmp_path
 
 
@@ -94,18 +93,16 @@ def test_config_invalid_field(ckpt):
         load_model(ckpt)
 
 
-def test_missing_shard(tmp_path):
-    from conftest import write_tiny
-    write_tiny(tmp_path, "mha_tied", max_shard_bytes=20_000)
+def test_missing_shard(tmp_path, tiny_writer):
+    tiny_writer(tmp_path, "mha_tied", max_shard_bytes=20_000)
     shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
     shard.unlink()
     with pytest.raises(WeightsError, match=f"{shard.name}: shard listed in"):
         load_model(tmp_path)
 
 
-def test_save_roundtrip_single_and_sharded(tmp_path):
-    from conftest import tiny_config
-    model = Llama(tiny_config("mha_tied")).init_weights(3)
+def test_save_roundtrip_single_and_sharded(tmp_path, tiny_config_of):
+    model = Llama(tiny_config_of("mha_tied")).init_weights(3)
     for sub, shard in (("one", 10**9), ("many", 30_000)):
         save_model(model, tmp_path / sub, max_shard_bytes=shard)
         back = load_model(tmp_path / sub)

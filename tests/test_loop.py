@@ -1,0 +1,248 @@
+"""The self-rewarding loop end to end on a tiny random model: artifacts, resume, bad input.
+
+The tiny model carries SmolLM2's tokenizer (vocab 49152, hidden 32) so the chat template and the
+judge's score digits are real; its answers are noise, which is what these tests need: the
+mechanics, not the quality. Judging uses the expected-score mode, which never leaves a
+candidate unscored, so pairs exist."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from srlm_engine import loop
+from srlm_engine.config import SEED_DIR, LoopConfig, ModelConfig
+from srlm_engine.io import read_jsonl
+from srlm_engine.model.llama import Llama
+from srlm_engine.model.weights import load_model, save_model
+
+POOL = [  # varied enough that ROUGE-L keeps them all apart
+    "Why do cats purr when they are content?",
+    "Suggest a name for a bakery that sells only bread made with rye.",
+    "How many minutes are there in three and a half hours?",
+    "Write one sentence persuading a friend to try rock climbing.",
+    "What causes the seasons on Earth?",
+    "List four vegetables that grow well in shade.",
+    "Translate 'the library opens at nine' into French.",
+    "Give me a tip for remembering people's names at parties.",
+    "Describe the smell of rain to someone who has never noticed it.",
+    "Is a tomato botanically a fruit or a vegetable, and why?",
+    "Draft a two-line apology for missing a team meeting.",
+    "Which planet has the shortest year in our solar system?",
+]
+
+SETTINGS = dict(iterations=2, prompts=3, n=3, judge_samples=2, judge_mode="expected", max_new_tokens=8,
+                judge_max_tokens=8, eval_prompts=3, eval_max_tokens=6, kv_cache_tokens=4096, max_num_seqs=16,
+                sft=dict(max_steps=2, micro_batch_size=2, grad_accum=1, max_seq_len=256, save_every=1,
+                         progress=False),
+                dpo=dict(max_steps=2, micro_batch_size=1, grad_accum=1, max_seq_len=128, save_every=1,
+                         progress=False))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, smollm2_dir):
+    d = tmp_path_factory.mktemp("tiny")
+    cfg = ModelConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
+    save_model(Llama(cfg).init_weights(0), d)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(smollm2_dir / f, d / f)
+    return d
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory):
+    """A small slice of the shipped seed data, and a prompt pool."""
+    d = tmp_path_factory.mktemp("seed")
+    for name, n in (("ift.jsonl", 8), ("eft_train.jsonl", 6), ("eft_eval.jsonl", 3)):
+        lines = (SEED_DIR / name).read_text().splitlines()[:n]
+        (d / name).write_text("\n".join(lines) + "\n")
+    (d / "pool.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in POOL))
+    return d
+
+
+def config(seeds: Path, **over) -> LoopConfig:
+    return LoopConfig.build(None, {**SETTINGS, "seed_dir": str(seeds), "prompt_pool": str(seeds / "pool.jsonl")},
+                            **over)
+
+
+def artifacts(run: Path) -> dict[str, bytes]:
+    """Every artifact of a run, by relative path, except wall-clock records (timings, tokens/s)."""
+    out = {}
+    for p in sorted(run.rglob("*")):
+        rel = str(p.relative_to(run))
+        if p.is_file() and not (p.name in ("timings.json", "metrics.jsonl") or "/checkpoints/" in rel
+                                or rel.startswith("plots/") or p.name == "report.md"):
+            out[rel] = p.read_bytes()
+    return out
+
+
+@pytest.mark.slow  # two full iterations (SFT, generation, judging, DPO, evaluation) in one process: ~1 min
+def test_two_iterations_end_to_end(tmp_path, tiny_model, seeds):
+    run = tmp_path / "run"
+    logs = []
+    final = loop.run(tiny_model, run, config(seeds), log=logs.append)
+    assert final == run / "iter_2" / "model"
+    for t in (1, 2):
+        it = run / f"iter_{t}"
+        prompts = [r["prompt"] for r in read_jsonl(it / "prompts.jsonl")]
+        assert len(prompts) == 3 and set(prompts) <= set(POOL)
+        cands = read_jsonl(it / "candidates.jsonl")
+        assert [c["prompt"] for c in cands] == prompts and all(len(c["candidates"]) == 3 for c in cands)
+        judged = read_jsonl(it / "judgments.jsonl")
+        scores = [r["score"] for j in judged for r in j["judgments"]]
+        assert len(scores) == 9 and all(0 <= s <= 5 for s in scores)
+        pairs = read_jsonl(it / "pairs.jsonl")
+        assert pairs and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+        refs = read_jsonl(it / "pairs.ref.jsonl")
+        assert len(refs) == len(pairs) and all(r["ref_chosen_logp"] < 0 and r["ref_rejected_logp"] < 0 for r in refs)
+        load_model(it / "model")  # loads, complete
+        m = json.loads((it / "metrics.json").read_text())
+        assert 0 <= m["head_to_head"]["win_rate"] <= 1 and m["pair_counts"]["pairs"] == len(pairs)
+    # Prompts are never reused across iterations.
+    p1 = {r["prompt"] for r in read_jsonl(run / "iter_1" / "prompts.jsonl")}
+    assert not p1 & {r["prompt"] for r in read_jsonl(run / "iter_2" / "prompts.jsonl")}
+    for name in ("m0", "m1", "m2", "m3"):
+        e = json.loads((run / "eval" / f"judge_{name}.json").read_text())
+        assert set(e) == {"sample", "expected"} and e["expected"]["parse_rate"] == 1.0
+    report = (run / "report.md").read_text()
+    assert "pairwise accuracy" in report and "win rate" in report
+    assert all((run / "plots" / p).stat().st_size > 1000 for p in ("judge_vs_human.png", "iterations.png"))
+
+    # A rerun resumes at the first missing artifact: here there is none, so nothing changes.
+    before = artifacts(run)
+    logs.clear()
+    loop.run(tiny_model, run, config(seeds), log=logs.append)
+    assert artifacts(run) == before
+    assert not any(line.endswith("running") for line in logs)
+
+    # The same folder with another config is refused, naming what changed.
+    with pytest.raises(loop.LoopStop, match=r"another config.*n: 3 -> 4"):
+        loop.run(tiny_model, run, config(seeds, n=4))
+
+
+def _loop_cmd(tiny_model: Path, run: Path, cfg_file: Path) -> list[str]:
+    return [sys.executable, "-m", "srlm_engine.cli", "loop", "--model", str(tiny_model), "--out", str(run),
+            "--config", str(cfg_file)]
+
+
+def _write_toml(path: Path, seeds: Path) -> Path:
+    # One iteration; judging generates a justification first so it lasts long enough to be killed.
+    path.write_text(f"""iterations = 1
+prompts = 4
+n = 3
+judge_mode = "expected"
+expected_after = "judgment"
+judge_max_tokens = 300
+max_new_tokens = 8
+eval_prompts = 2
+eval_max_tokens = 4
+kv_cache_tokens = 8192
+seed_dir = "{seeds}"
+prompt_pool = "{seeds / 'pool.jsonl'}"
+[sft]
+max_steps = 2
+micro_batch_size = 2
+max_seq_len = 256
+progress = false
+[dpo]
+max_steps = 6
+micro_batch_size = 1
+max_seq_len = 128
+save_every = 1
+progress = false
+""")
+    return path
+
+
+def _run_until(cmd: list[str], ready, timeout: float = 300) -> None:
+    """Start the loop, SIGKILL it as soon as `ready()` holds."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    try:
+        while not ready():
+            assert proc.poll() is None, "the loop ended before the point where the test kills it"
+            assert time.time() - t0 < timeout
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow  # three loop runs in subprocesses, two of them killed and resumed: ~2 min
+def test_killed_in_judging_and_in_dpo_resumes_to_identical_artifacts(tmp_path, tiny_model, seeds):
+    cfg_file = _write_toml(tmp_path / "loop.toml", seeds)
+    ref = tmp_path / "uninterrupted"
+    subprocess.run(_loop_cmd(tiny_model, ref, cfg_file), check=True, capture_output=True)
+
+    run = tmp_path / "killed"
+    it = run / "iter_1"
+    # Killed while judging: candidates are written, judgments are not.
+    _run_until(_loop_cmd(tiny_model, run, cfg_file),
+               lambda: (it / "candidates.jsonl").exists() and time.sleep(1.0) is None)
+    assert (it / "candidates.jsonl").exists() and not (it / "judgments.jsonl").exists()
+    # Killed during DPO, after its first checkpoint.
+    _run_until(_loop_cmd(tiny_model, run, cfg_file),
+               lambda: any((it / "train" / "checkpoints").glob("step-*")) if (it / "train" / "checkpoints").exists()
+               else False)
+    assert not (it / "model").exists()
+    subprocess.run(_loop_cmd(tiny_model, run, cfg_file), check=True, capture_output=True)
+    a, b = artifacts(ref), artifacts(run)
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_empty_prompt_set_after_filtering_stops_clearly(tmp_path, tiny_model, seeds):
+    pool = tmp_path / "pool.jsonl"  # every prompt repeats a seed prompt: the filters drop them all
+    seed_prompts = [r["messages"][0]["content"] for r in read_jsonl(seeds / "ift.jsonl")]
+    pool.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in seed_prompts))
+    run = tmp_path / "run"
+    cfg = config(seeds, prompt_pool=str(pool), iterations=1)
+    with pytest.raises(loop.LoopStop, match=r"iteration 1: no new prompt survived the filters.*duplicate"):
+        loop.run(tiny_model, run, cfg, log=lambda *_: None)
+    assert (run / "m1" / "model" / "config.json").is_file()  # M1 is kept
+    assert not (run / "iter_1" / "prompts.jsonl").exists()
+
+
+def test_no_pairs_after_ties_stops_clearly(tmp_path, tiny_model, seeds):
+    # Sampled judgments from a random model never end in a score line: all unscored, no pairs.
+    run = tmp_path / "run"
+    cfg = config(seeds, judge_mode="sample", iterations=1)
+    with pytest.raises(loop.LoopStop, match=r"iteration 1: no preference pairs"):
+        loop.run(tiny_model, run, cfg, log=lambda *_: None)
+    judged = read_jsonl(run / "iter_1" / "judgments.jsonl")
+    assert all(r["score"] is None for j in judged for r in j["judgments"])
+    assert not (run / "iter_1" / "pairs.jsonl").exists()
+
+
+def test_disk_full_while_writing_an_artifact(tmp_path, tiny_model, seeds, monkeypatch):
+    run = tmp_path / "run"
+    cfg = config(seeds, iterations=1)
+    real_replace = os.replace
+
+    def full(src, dst):  # the disk fills up exactly when candidates.jsonl is committed
+        if str(dst).endswith("candidates.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError, match=r"candidates\.jsonl: cannot write: No space left on device"):
+        loop.run(tiny_model, run, cfg, log=lambda *_: None)
+    it = run / "iter_1"
+    assert [p.name for p in it.iterdir() if p.name.startswith(".")] == []  # no temp file left
+    assert read_jsonl(it / "prompts.jsonl") and not (it / "candidates.jsonl").exists()
+    monkeypatch.setattr(os, "replace", real_replace)
+    before = (it / "prompts.jsonl").read_bytes()
+    loop.run(tiny_model, run, cfg, log=lambda *_: None)  # space again: resumes from the candidates
+    assert (it / "prompts.jsonl").read_bytes() == before and (it / "metrics.json").is_file()
