@@ -117,10 +117,11 @@ SRLM_INLINE float exp_nonpos(float x) {
 SRLM_INLINE double exp_nonpos(double x) { return std::exp(x); }
 
 // Prefetches the cache lines of n_bytes from p (one token's rows in the next block: random
-// block placement defeats the hardware prefetcher at every block boundary).
+// block placement defeats the hardware prefetcher at every block boundary). Into L2, not L1:
+// L1's few miss buffers capped a 200 MB cache at ~8 GB/s per core, L2 reaches ~11 (Zen 4, fp32).
 SRLM_INLINE void prefetch_bytes(const void* p, int64_t n_bytes) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < n_bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+  for (int64_t o = 0; o < n_bytes; o += 64) __builtin_prefetch(c + o, 0, 1);
 }
 
 // One item: sequence b, kv heads [j0, j1) and their query heads [j0*G, j1*G), writing those rows

@@ -1,0 +1,135 @@
+"""Paged decode attention on CPU: the C++ op (torch.ops.srlm_C) against torch gather + SDPA.
+
+The baseline is what the engine would do without the op: gather every sequence's blocks into a
+padded [B, nkv, T, hd] copy, then one masked scaled_dot_product_attention with GQA. Both run in
+this process on the same inputs (SmolLM2 attention: nh=9, nkv=3, hd=64, block 16, float32).
+Bandwidth counts the K and V bytes that must be read (sum of context lengths x nkv x hd x 2);
+the limit it is compared with is this machine's streaming read rate (a torch sum over 512 MB).
+
+    python bench/bench_paged_attention.py [--threads N] [--dtype float32|bfloat16] [--no-append]
+"""
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import srlm_engine._C  # noqa: F401  registers torch.ops.srlm_C
+
+ROOT = Path(__file__).resolve().parents[1]
+NH, NKV, HD, BS = 9, 3, 64, 16
+CASES = [(1, 1024), (16, 512), (64, 1024), (256, 256), (256, 1024)]  # (sequences, context length)
+
+
+def make_inputs(B, L, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(L // 2, L + 1, (B,), generator=g, dtype=torch.int32)  # ragged, mean ~3L/4
+    lens[0] = L
+    n_blocks = -(-L // BS)
+    pool = B * n_blocks + 1
+    k_cache = torch.randn(pool, BS, NKV, HD, generator=g).to(dtype)
+    v_cache = torch.randn(pool, BS, NKV, HD, generator=g).to(dtype)
+    tables = torch.randperm(pool, generator=g)[:B * n_blocks].view(B, n_blocks).int()  # scattered blocks
+    q = torch.randn(B, NH, HD, generator=g).to(dtype)
+    return q, k_cache, v_cache, tables, lens
+
+
+def gather_sdpa(q, k_cache, v_cache, tables, lens, scale):
+    B, nh, hd = q.shape
+    T = tables.shape[1] * k_cache.shape[1]
+    k = k_cache[tables.long()].view(B, T, NKV, hd).transpose(1, 2)  # (B, nkv, T, hd), a copy
+    v = v_cache[tables.long()].view(B, T, NKV, hd).transpose(1, 2)
+    mask = torch.arange(T)[None, :] < lens[:, None].long()  # (B, T)
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None], scale=scale,
+                                         enable_gqa=True)  # (B, nh, 1, hd)
+    return out[:, :, 0]
+
+
+def ours(q, k_cache, v_cache, tables, lens, scale):
+    return torch.ops.srlm_C.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
+
+
+def timeit(fn, budget_s=1.0, min_reps=5):
+    """Per-call seconds: (median, p20, p80) over as many calls as fit the budget after 2 warmups."""
+    fn()
+    fn()
+    times, start = [], time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < budget_s:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+        if len(times) >= 200:
+            break
+    times.sort()
+    pick = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
+    return pick(0.5), pick(0.2), pick(0.8)
+
+
+def stream_read_gbs():
+    x = torch.ones(128 * 2**20)  # 512 MB
+    best = min(timeit(lambda: x.sum(), budget_s=0.5)[:2])
+    return x.numel() * 4 / best / 1e9
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    limit = stream_read_gbs()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"paged decode attention, nh={NH} nkv={NKV} hd={HD} block={BS} {args.dtype}, {args.threads} threads, "
+          f"stream read {limit:.1f} GB/s, load average {load:.1f}")
+    head = f"{'B':>4} {'L':>5} | {'ours ms (p20-p80)':>24} | {'gather+SDPA ms (p20-p80)':>26} | {'speedup':>7} | " \
+           f"{'GB/s':>6} {'of limit':>8}"
+    print(head)
+    print("-" * len(head))
+    rows = []
+    for B, L in CASES:
+        q, kc, vc, tables, lens = make_inputs(B, L, dtype)
+        scale = HD ** -0.5
+        torch.testing.assert_close(ours(q, kc, vc, tables, lens, scale), gather_sdpa(q, kc, vc, tables, lens, scale),
+                                   atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2 if dtype == torch.bfloat16
+                                   else 1e-5)  # the same answer before timing
+        t_ours = timeit(lambda: ours(q, kc, vc, tables, lens, scale))
+        t_base = timeit(lambda: gather_sdpa(q, kc, vc, tables, lens, scale))
+        gbs = int(lens.sum()) * NKV * HD * 2 * kc.element_size() / t_ours[0] / 1e9
+        print(f"{B:>4} {L:>5} | {t_ours[0]*1e3:>8.3f} ({t_ours[1]*1e3:.3f}-{t_ours[2]*1e3:.3f}) | "
+              f"{t_base[0]*1e3:>9.3f} ({t_base[1]*1e3:.3f}-{t_base[2]*1e3:.3f}) | {t_base[0]/t_ours[0]:>6.1f}x | "
+              f"{gbs:>6.1f} {gbs/limit:>7.0%}")
+        rows.append(f"B={B} L<={L}: {t_ours[0]*1e3:.3f} ms vs {t_base[0]*1e3:.3f} ms ({t_base[0]/t_ours[0]:.1f}x, "
+                    f"{gbs:.1f} GB/s)")
+    if args.no_append:
+        return
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "?"
+    results = ROOT / "bench" / "RESULTS.md"
+    if not results.exists():
+        results.write_text("# Benchmark results\n\nOne row per run, appended by bench/bench_*.py.\n\n"
+                           "| date | commit | machine | device | bench | result |\n| --- | --- | --- | --- | --- | --- |\n")
+    with results.open("a") as f:
+        f.write(f"| {datetime.date.today()} | {commit} | {machine()} | cpu, {args.threads} threads, load {load:.1f} "
+                f"| paged_attention {args.dtype} nh={NH} nkv={NKV} hd={HD} bs={BS}, ours vs gather+SDPA "
+                f"(median), stream read {limit:.1f} GB/s | {'; '.join(rows)} |\n")
+    print(f"appended to {results.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
