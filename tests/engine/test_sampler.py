@@ -44,9 +44,13 @@ CASES = [  # (temperature, top_k, top_p, min_p)
 ]
 
 
-def test_filters_match_reference():
+@pytest.mark.parametrize("vocab", [37, 1000])
+def test_filters_match_reference(vocab):
+    # vocab 1000 > CANDIDATES (256): peaked rows take the candidate path, flat rows (scaled
+    # down) hold under top_p of the mass in their best 256 and take the full sort
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(len(CASES), 37, generator=g) * 2
+    scale = torch.tensor([4.0, 0.05] * (len(CASES) // 2))[:, None]
+    logits = torch.randn(len(CASES), vocab, generator=g) * scale
     t, k, p, mp = (torch.tensor(c) for c in zip(*CASES))
     got = filter_logits(logits, t.float(), k.long(), p.float(), mp.float())
     for i, (ti, ki, pi, mpi) in enumerate(CASES):
