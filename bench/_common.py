@@ -54,7 +54,7 @@ def git_commit():
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS.parent, capture_output=True,
                              text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels"], cwd=RESULTS.parent,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ":/kernels"], cwd=RESULTS.parent,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

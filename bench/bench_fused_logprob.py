@@ -127,7 +127,7 @@ def main():
             if "error" not in base:
                 tr = med / stats(base["times_ms"])[0]
                 mr = r["peak_mb"] / base["peak_mb"]
-            print(f"{shape:>22} {impl:>6} {med:>10.1f} {p20:>9.1f} {p80:>9.1f} {r['peak_mb']:>9.0f} {tr:>10.2f} {mr:>9.1%}")
+            print(f"{shape:>22} {impl:>6} {med:>10.1f} {p20:>9.1f} {p80:>9.1f} {r['peak_mb']:>9.0f} {tr:>10.2f} {mr:>9.1%}", flush=True)
             parts.append(f"{impl} {med:.0f} ms ({p20:.0f}-{p80:.0f}), {r['peak_mb']:.0f} MB"
                          + ("" if impl == "naive" else f", time x{tr:.2f}, memory {mr:.1%} of naive"))
         print(f"{'':>22} gradient floor (dh + dW) {floor:.0f} MB")

@@ -45,7 +45,8 @@ def torch_fused_linear_logprob(hidden, weight, targets, ignore_index, temperatur
     if temperature != 1.0:
         h = h * (1.0 / temperature)
     t = targets if dense else targets.index_select(0, rows)
-    lse_run = torch.full((n,), float("-inf"), dtype=cdt, device=hidden.device)
+    m = torch.full((n,), float("-inf"), dtype=cdt, device=hidden.device)
+    s = torch.zeros(n, dtype=cdt, device=hidden.device)
     zt = torch.zeros(n, dtype=cdt, device=hidden.device)
     buf = torch.empty(min(n, chunk_n) * min(v_all, chunk_v), dtype=cdt, device=hidden.device)
     for v0 in range(0, v_all, chunk_v):
@@ -55,9 +56,12 @@ def torch_fused_linear_logprob(hidden, weight, targets, ignore_index, temperatur
             z = torch.mm(hc, w.T, out=_tile(buf, hc.shape[0], w.shape[0]))  # (cn, cv)
             idx, col = _hits(t[n0:n0 + chunk_n], v0, v0 + w.shape[0])
             zt[n0 + idx] = z[idx, col]
-            run = lse_run[n0:n0 + chunk_n]  # online log-sum-exp, one fused reduction per tile
-            torch.logaddexp(run, torch.logsumexp(z, 1), out=run)
-    lse_rows = lse_run
+            mc = m[n0:n0 + chunk_n]  # online log-sum-exp; in place, since torch.logsumexp
+            m_new = torch.maximum(mc, z.amax(1))  # allocates a tile-sized temporary per call
+            sc = s[n0:n0 + chunk_n]
+            sc.mul_(torch.exp(mc - m_new)).add_(z.sub_(m_new[:, None]).exp_().sum(1))
+            mc.copy_(m_new)
+    lse_rows = m.add_(s.log_())
     logp[rows] = zt - lse_rows
     lse[rows] = lse_rows
     return logp, lse
