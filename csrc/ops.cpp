@@ -8,7 +8,8 @@
 
 TORCH_LIBRARY(srlm_C, m) {
   // Writes token i of k, v [N, nkv, hd] into slot slot_mapping[i] (= block * block_size + offset)
-  // of the caches [num_blocks, block_size, nkv, hd]; slot -1 is skipped.
+  // of the caches [num_blocks, block_size, nkv, hd]; slot -1 is skipped. k, v and the caches share
+  // one dtype; slots must be distinct (two tokens written to one slot race when N is large).
   m.def("reshape_and_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor slot_mapping) -> ()");
   // One query per sequence, q [B, nh, hd], attends over the first context_lens[b] cached tokens

@@ -134,12 +134,13 @@ def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping, validate=True):
                                     ROW=row, BLOCK=triton.next_power_of_2(row))
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, validate=True, block_t=32):
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, validate=True, block_t=None):
     """q [B, nh, hd] attends over its sequence's paged cache -> out [B, nh, hd] in q's dtype.
 
     validate=True checks context lengths and the block-table entries they use (a device sync);
     the engine may pass False once it has checked a step's tables (they are shared by all layers).
     Table entries past a sequence's last used block are never read and may hold anything.
+    block_t: tokens per tile (a power of two); by default the (G, T, D) product tile holds ~4k values.
     """
     _check_cache(k_cache, v_cache)
     num_blocks, block_size, nkv, hd = k_cache.shape
@@ -173,9 +174,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     if out.numel() == 0:
         return out
     group = nh // nkv
+    block_g, block_d = triton.next_power_of_2(group), triton.next_power_of_2(hd)
+    if block_t is None:
+        block_t = max(16, min(64, 4096 // (block_g * block_d)))
     _decode_kernel[(B, nkv)](q, k_cache, v_cache, block_tables, context_lens.contiguous(), out,
                              q.stride(0), q.stride(1), block_tables.stride(0), float(scale),
                              NKV=nkv, GROUP=group, HEAD_DIM=hd, BLOCK_SIZE=block_size,
-                             BLOCK_G=triton.next_power_of_2(group), BLOCK_D=triton.next_power_of_2(hd),
-                             BLOCK_T=block_t)
+                             BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_T=block_t)
     return out
