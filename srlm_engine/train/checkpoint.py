@@ -150,8 +150,9 @@ def load_checkpoint(path: Path, meta: dict) -> tuple[dict, dict]:
 
 def restore_optimizer(root: nn.Module, optimizer, full_osd: dict, d: Dist) -> None:
     """Load a full optimizer state (Llama names) into this run's (maybe sharded) optimizer."""
-    names = {_clean(k): k for k, _ in root.named_parameters()}
-    fix = lambda n: names.get(n, n)  # noqa: E731  back to this run's names (prefixes, wrappers)
+    # Back to the names the state-dict API uses for this run: "llama." kept, wrappers dropped.
+    names = {_clean(k): k.replace("_checkpoint_wrapped_module.", "") for k, _ in root.named_parameters()}
+    fix = lambda n: names.get(n, n)  # noqa: E731
     osd = {"state": {fix(k): v for k, v in full_osd["state"].items()},
            "param_groups": [{**g, "params": [fix(p) for p in g["params"]]} for g in full_osd["param_groups"]]}
     set_optimizer_state_dict(root, optimizer, osd, options=StateDictOptions(full_state_dict=True))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -141,7 +142,9 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
                 torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, torch.tensor(norm), foreach=True)
             opt.step()
         opt.zero_grad(set_to_none=True)
-        sched.step()
+        with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            sched.step()
         dt = time.perf_counter() - t0
         row = {"step": step + 1, "loss": loss_val, "lr": lr_now, "grad_norm": norm, "tokens": int(tot[2]),
                "tokens_per_s": tot[2] / dt, "seconds": dt, "skipped": skipped}

@@ -29,13 +29,15 @@ def losses(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,data", [("sft", ["--data", DATA / "sft_train.jsonl"]),
-                                       ("dpo", ["--pairs", DATA / "pairs.jsonl"])])
-def test_two_processes_equal_one_with_the_same_global_batch(kind, data, tiny_model, tmp_path):
+@pytest.mark.parametrize("kind,data,extra", [
+    ("sft", ["--data", DATA / "sft_train.jsonl"], []),
+    # Activation checkpointing recomputes the same blocks' forward: the same numbers.
+    ("dpo", ["--pairs", DATA / "pairs.jsonl"], ["--activation-checkpointing"])])
+def test_two_processes_equal_one_with_the_same_global_batch(kind, data, extra, tiny_model, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # Global batch 8 both ways: 1 x 2 x 4 and 2 x 2 x 2.
     srlm(kind, "--model", tiny_model, *data, "--out", one, *COMMON, "--grad-accum", 4)
-    r = srlm(kind, "--model", tiny_model, *data, "--out", two, *COMMON, "--grad-accum", 2, "--nproc", 2)
+    r = srlm(kind, "--model", tiny_model, *data, "--out", two, *COMMON, "--grad-accum", 2, "--nproc", 2, *extra)
     assert "2 process(es), global batch 8" in r.stdout
     assert moved(tiny_model, one / "model") > 1e-3  # the runs trained: lr 1e-3 over 4 steps
     # Summation order differs (gradients reduce-scattered across ranks), so not bit-exact.
@@ -44,3 +46,32 @@ def test_two_processes_equal_one_with_the_same_global_batch(kind, data, tiny_mod
     if kind == "dpo":
         refs = [json.loads(x) for x in (two / "pairs.ref.jsonl").read_text().splitlines()]
         assert len(refs) == 24 and all(r["ref_chosen_logp"] < 0 for r in refs)
+        # Resume under FSDP2: a checkpoint at step 2 (gathered to rank 0), then the same command
+        # again: it resumes there (optimizer state scattered back to the shards), redoes steps
+        # 3-4, and ends where the uninterrupted 2-process run ended.
+        three = tmp_path / "three"
+        args = (kind, "--model", tiny_model, *data, "--out", three, *COMMON, "--grad-accum", 2, "--nproc", 2,
+                *extra, "--save-every", 2)
+        srlm(*args)
+        first = load_model(three / "model").state_dict()
+        r = srlm(*args)
+        assert "resuming at step 2" in r.stdout
+        again = load_model(three / "model").state_dict()
+        assert all(torch.equal(first[k], again[k]) for k in first)
+        assert max_diff(two / "model", three / "model") == 0.0
+
+
+@pytest.mark.slow
+def test_mixed_precision_two_processes(tiny_model, tmp_path):
+    """bf16 compute, fp32 reduction: the first loss agrees with fp32 to bf16 precision, the run
+    trains, and the saved weights are the fp32 master copy."""
+    data = ["--data", DATA / "sft_train.jsonl"]
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    srlm("sft", "--model", tiny_model, *data, "--out", fp32, *COMMON, "--grad-accum", 2, "--nproc", 2)
+    srlm("sft", "--model", tiny_model, *data, "--out", bf16, *COMMON, "--grad-accum", 2, "--nproc", 2,
+         "--mixed-precision")
+    assert losses(bf16)[0] == pytest.approx(losses(fp32)[0], rel=1e-2)
+    assert losses(bf16)[-1] < losses(bf16)[0]
+    assert load_model(bf16 / "model").embed_tokens.weight.dtype == torch.float32
+    assert json.loads((bf16 / "model" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert 1e-3 < moved(tiny_model, bf16 / "model")
