@@ -238,6 +238,7 @@ class LoopConfig:
     eval_judge: str | None = None      # fixed judge of the head-to-head; default: M1
     kv_cache_tokens: int = 65536
     max_num_seqs: int = 64
+    dtype: str = "bfloat16"            # generation and judging (bf16 matmuls: 1.8x fp32 on this CPU)
     sft: TrainConfig = field(default_factory=TrainConfig)
     dpo: TrainConfig = field(default_factory=TrainConfig)
 
@@ -253,6 +254,8 @@ class LoopConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if self.n < 2:
             raise ConfigError(f"n must be at least 2 to form a pair, got {self.n}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.expected_after not in ("prefix", "judgment"):
             raise ConfigError(f"expected_after must be 'prefix' or 'judgment', got {self.expected_after!r}")
         if self.judge_mode not in ("sample", "expected"):

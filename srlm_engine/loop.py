@@ -34,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
+import torch
+
 from srlm_engine import data, judge, pairs as pairing, selfinstruct
 from srlm_engine.config import LoopConfig
 from srlm_engine.engine import LLM, SamplingParams
@@ -111,7 +113,8 @@ def _changed(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def _llm(model_dir: Path, cfg: LoopConfig) -> LLM:
-    return LLM(str(model_dir), kv_cache_tokens=cfg.kv_cache_tokens, max_num_seqs=cfg.max_num_seqs)
+    return LLM(str(model_dir), dtype=getattr(torch, cfg.dtype), kv_cache_tokens=cfg.kv_cache_tokens,
+               max_num_seqs=cfg.max_num_seqs)
 
 
 def _free(*objs) -> None:

@@ -137,13 +137,18 @@ def _loop_cmd(tiny_model: Path, run: Path, cfg_file: Path) -> list[str]:
 
 
 def _write_toml(path: Path, seeds: Path) -> Path:
+    small = path.parent / "seed"  # one EFT-eval item keeps the judge evaluations short
+    shutil.copytree(seeds, small)
+    (small / "eft_eval.jsonl").write_text((seeds / "eft_eval.jsonl").read_text().splitlines()[0] + "\n")
+    seeds = small
     # One iteration; judging generates a justification first so it lasts long enough to be killed.
     path.write_text(f"""iterations = 1
-prompts = 4
+prompts = 8
 n = 3
 judge_mode = "expected"
 expected_after = "judgment"
-judge_max_tokens = 300
+judge_max_tokens = 500
+judge_samples = 1
 max_new_tokens = 8
 eval_prompts = 2
 eval_max_tokens = 4
@@ -191,7 +196,7 @@ def test_killed_in_judging_and_in_dpo_resumes_to_identical_artifacts(tmp_path, t
     it = run / "iter_1"
     # Killed while judging: candidates are written, judgments are not.
     _run_until(_loop_cmd(tiny_model, run, cfg_file),
-               lambda: (it / "candidates.jsonl").exists() and time.sleep(1.0) is None)
+               lambda: (it / "candidates.jsonl").exists() and time.sleep(0.3) is None)
     assert (it / "candidates.jsonl").exists() and not (it / "judgments.jsonl").exists()
     # Killed during DPO, after its first checkpoint.
     _run_until(_loop_cmd(tiny_model, run, cfg_file),
