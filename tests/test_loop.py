@@ -40,7 +40,9 @@ POOL = [  # varied enough that ROUGE-L keeps them all apart
     "Which planet has the shortest year in our solar system?",
 ]
 
-SETTINGS = dict(iterations=2, prompts=3, n=3, judge_samples=2, judge_mode="expected", max_new_tokens=8,
+# top_p = 1: a random model's flat distribution sends every top-p row to the full-vocabulary sort,
+# which is most of these tests' time and none of what they check.
+SETTINGS = dict(top_p=1.0, judge_top_p=1.0, iterations=2, prompts=3, n=3, judge_samples=2, judge_mode="expected", max_new_tokens=8,
                 judge_max_tokens=8, eval_prompts=3, eval_max_tokens=6, kv_cache_tokens=4096, max_num_seqs=16,
                 sft=dict(max_steps=2, micro_batch_size=2, grad_accum=1, max_seq_len=256, save_every=1,
                          progress=False),
@@ -142,7 +144,9 @@ def _write_toml(path: Path, seeds: Path) -> Path:
     (small / "eft_eval.jsonl").write_text((seeds / "eft_eval.jsonl").read_text().splitlines()[0] + "\n")
     seeds = small
     # One iteration; judging generates a justification first so it lasts long enough to be killed.
-    path.write_text(f"""iterations = 1
+    path.write_text(f"""top_p = 1.0
+judge_top_p = 1.0
+iterations = 1
 prompts = 8
 n = 3
 judge_mode = "expected"
