@@ -111,6 +111,9 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
         print(f"srlm {kind}: {len(records)} records ({enc.truncated} truncated to {cfg.max_seq_len} tokens), "
               f"{d.world} process(es), global batch {gb}, {total} steps, lr {lr:.3g} -> {min_lr:.3g}"
               + (f", resuming at step {start}" if start else ""), flush=True)
+        if cfg.mixed_precision and not d.distributed:
+            print(f"srlm {kind}: mixed_precision applies under FSDP2 (2+ processes); one process computes "
+                  f"in {cfg.dtype} (use --dtype bfloat16 for bf16 weights)", flush=True)
 
     params = [p for p in root.parameters() if p.requires_grad]
     bar = tqdm(total=total, initial=start, disable=not (d.main and cfg.progress), desc=kind, dynamic_ncols=True)
