@@ -69,6 +69,7 @@ def _plots(root: Path, evals: dict, iters: dict) -> list[str]:
         axes[0].plot(ts, [iters[t]["head_to_head"]["mean_len_new"] for t in ts], "s-", label="M_{t+1} on held-out")
         axes[0].set_title("response length (words)")
         axes[0].set_xlabel("iteration t")
+        axes[0].set_xticks(ts)
         axes[0].legend(fontsize=8)
         axes[1].bar([str(t) for t in ts], [iters[t]["head_to_head"]["win_rate"] for t in ts])
         axes[1].axhline(0.5, color="grey", lw=0.8)
@@ -145,12 +146,20 @@ def _honest(evals: dict) -> str:
         for mode in ("sample", "expected"):
             if mode not in e:
                 continue
-            acc = e[mode]["metrics"]["pairwise_accuracy"]
-            verdict = ("no better than a coin flip" if acc < 0.55 else
-                       "weakly above chance" if acc < 0.65 else "clearly above chance")
-            out.append(f"- {n.upper()}, {mode} mode: pairwise accuracy {100 * acc:.1f}% ({verdict}); "
-                       f"parse rate {100 * e[mode]['parse_rate']:.0f}%.")
-    out.append("A pairwise accuracy near 50% means the judge orders answers at random; self-rewarding "
+            acc, parse = e[mode]["metrics"]["pairwise_accuracy"], e[mode]["parse_rate"]
+            if parse == 0:
+                verdict = "never wrote a score line, so it cannot judge in this mode"
+            elif acc < 0.45:
+                verdict = "worse than chance: it tends to prefer the answers humans rank lower"
+            elif acc < 0.55:
+                verdict = "no better than a coin flip"
+            elif acc < 0.65:
+                verdict = "weakly above chance"
+            else:
+                verdict = "clearly above chance"
+            out.append(f"- {n.upper()}, {mode} mode: pairwise accuracy {100 * acc:.1f}%, parse rate "
+                       f"{100 * parse:.0f}%: {verdict}.")
+    out.append("A pairwise accuracy near 50% means the judge orders answers at random, and self-rewarding "
                "then trains on noise. The paper's 70B model reached 78-82%; the figures above are what "
                "this model reaches, measured, not assumed.")
     return "\n".join(out)
