@@ -96,3 +96,41 @@ def run_worker(script, args, timeout=1800):
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["killed"]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(step, device, reps, inner=1, warmup=0):
+    """Run `step` once for its peak memory above the state before it (MB; CUDA allocator or the
+    process's RSS high-water mark), `warmup` more times, then `reps` timed rounds of `inner`
+    calls. Returns (ms per call for each round, peak MB)."""
+    import gc
+    import time
+
+    import torch
+    gc.collect()
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    else:
+        base = rss_mb("VmRSS")
+        if not reset_peak_rss():
+            raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
+        step()
+        peak = rss_mb("VmHWM") - base
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3 / inner)
+    return times, peak

@@ -7,16 +7,14 @@ path that backend='auto' picks there. Each case runs in its own process (clean p
 timed sample is the mean of `inner` calls, since one call takes microseconds.
 """
 import argparse
-import gc
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import append_rows, device_name, reset_peak_rss, rss_mb, run_worker, stats  # noqa: E402
+from _common import append_rows, device_name, measure, run_worker, stats  # noqa: E402
 
 
 def make_inputs(b, device):
@@ -44,32 +42,7 @@ def worker(impl, b, loss_type, reps, inner):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pol, ref = make_inputs(b, device)
     step = make_step(impl, pol, ref, loss_type)
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    else:
-        base = rss_mb("VmRSS")
-        if not reset_peak_rss():
-            raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
-        step()
-        peak = rss_mb("VmHWM") - base
-    for _ in range(inner):  # warm up
-        step()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3 / inner)
+    times, peak = measure(step, device, reps, inner=inner, warmup=inner)
     print(json.dumps({"times_ms": times, "peak_mb": peak, "device": device_name(device)}))
 
 

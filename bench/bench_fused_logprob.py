@@ -12,16 +12,14 @@ V=128256) at N=8192 on CUDA; on CPU N=512 for the second, since one naive step a
 cases at the bottom.
 """
 import argparse
-import gc
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import append_rows, device_name, reset_peak_rss, rss_mb, run_worker, stats  # noqa: E402
+from _common import append_rows, device_name, measure, run_worker, stats  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -64,31 +62,7 @@ def worker(impl, n, h, v, dtype, reps):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hidden, weight, targets = make_inputs(n, h, v, DTYPES[dtype], device)
     step = make_step(impl, hidden, weight, targets)
-    gc.collect()
-    if device == "cuda":  # the first step measures memory, and warms up
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    else:
-        base = rss_mb("VmRSS")
-        if not reset_peak_rss():
-            raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
-        step()
-        peak = rss_mb("VmHWM") - base
-    for _ in range(2 if device == "cuda" else 0):
-        step()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
+    times, peak = measure(step, device, reps, warmup=2 if device == "cuda" else 0)
     print(json.dumps({"times_ms": times, "peak_mb": peak, "device": device_name(device)}))
 
 

@@ -40,7 +40,7 @@ from srlm_engine import data, judge, pairs as pairing, selfinstruct
 from srlm_engine.config import LoopConfig
 from srlm_engine.engine import LLM, SamplingParams
 from srlm_engine.evaluate import judge_vs_human
-from srlm_engine.io import DataError, read_json, read_jsonl, write_json, write_jsonl
+from srlm_engine.io import DataError, file_sha256, read_json, read_jsonl, write_json, write_jsonl
 from srlm_engine.train.refs import compute_reference_logps
 from srlm_engine.train.trainer import train_dpo, train_sft
 
@@ -50,27 +50,19 @@ class LoopStop(RuntimeError):
     artifacts written so far are kept, and the message says what happened."""
 
 
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class Run:
     """The run folder: the manifest check, and artifacts made once."""
 
     def __init__(self, root: Path, cfg: LoopConfig, model_dir: Path, log: Callable[[str], None]):
         self.root, self.cfg, self.log = root, cfg, log
         seed_dir = Path(cfg.seed_dir)
-        inputs = {f"seed/{n}": file_hash(seed_dir / n) for n in ("ift.jsonl", "eft_train.jsonl", "eft_eval.jsonl")}
-        inputs["model/config.json"] = file_hash(model_dir / "config.json")
+        inputs = {f"seed/{n}": file_sha256(seed_dir / n) for n in ("ift.jsonl", "eft_train.jsonl", "eft_eval.jsonl")}
+        inputs["model/config.json"] = file_sha256(model_dir / "config.json")
         weights = sorted(model_dir.glob("model*.safetensors"))
         inputs["model/weights"] = hashlib.sha256(
             "".join(f"{w.name}:{w.stat().st_size}" for w in weights).encode()).hexdigest()
         if cfg.judge_template:
-            inputs["judge_template"] = file_hash(Path(cfg.judge_template))
+            inputs["judge_template"] = file_sha256(Path(cfg.judge_template))
         manifest = {"config": json.loads(json.dumps(cfg.to_dict())), "model": str(model_dir), "inputs": inputs}
         path = root / "manifest.json"
         if path.is_file():

