@@ -18,6 +18,7 @@ Contracts:
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,10 +178,14 @@ class LLM:
             bar = tqdm(total=len(seqs), desc="generate", unit="seq")
         try:
             with torch.inference_mode():
+                t0, tokens = time.perf_counter(), 0
                 while self.scheduler.has_work():
-                    done = self._step(self.scheduler.schedule())
-                    if bar is not None and done:
+                    sched = self.scheduler.schedule()
+                    tokens += sum(sched.num_new)  # prompt and generated tokens computed
+                    done = self._step(sched)
+                    if bar is not None:
                         bar.update(done)
+                        bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):.0f} tok/s", refresh=False)
         except BaseException:
             self._abort()
             raise

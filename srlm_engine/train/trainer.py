@@ -161,7 +161,7 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
             if skipped:
                 print(f"srlm {kind}: step {step + 1}: non-finite loss ({loss_val}) or grad norm ({norm}); "
                       f"update skipped", flush=True)
-            bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr_now:.2e}")
+            bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tot[2] / dt:.0f}")
             bar.update(1)
         if (step + 1) % cfg.save_every == 0 and step + 1 < total:
             ckpt.save_checkpoint(out_dir, step + 1, root, opt, sched, d, meta, mcfg, model_dir, cfg.keep_last)
