@@ -255,3 +255,19 @@ def test_disk_full_while_writing_an_artifact(tmp_path, tiny_model, seeds, monkey
     before = (it / "prompts.jsonl").read_bytes()
     loop.run(tiny_model, run, cfg, log=lambda *_: None)  # space again: resumes from the candidates
     assert (it / "prompts.jsonl").read_bytes() == before and (it / "metrics.json").is_file()
+
+
+@pytest.mark.slow  # starts 2 processes under torch.distributed.run: ~20 s
+def test_training_in_two_processes_matches_one(tmp_path, tiny_model, seeds):
+    # `--nproc 2` goes through `srlm sft` with every TrainConfig field as a flag; a lost flag
+    # (lr, steps, seed, ...) would change the weights. Same global batch of 4 on both sides.
+    from srlm_engine.config import TrainConfig
+    from srlm_engine.data import load_sft
+    recs = load_sft(seeds / "ift.jsonl")
+    common = dict(max_steps=3, micro_batch_size=2, max_seq_len=128, lr=1e-3, min_lr=1e-4, progress=False, seed=7)
+    one = loop._train("sft", tiny_model, recs, tmp_path / "one", TrainConfig(grad_accum=2, **common), nproc=1)
+    two = loop._train("sft", tiny_model, recs, tmp_path / "two", TrainConfig(grad_accum=1, **common), nproc=2)
+    a, b = load_model(one).state_dict(), load_model(two).state_dict()
+    base = load_model(tiny_model).state_dict()
+    assert max((a[k] - base[k]).abs().max().item() for k in a) > 1e-3  # it trained
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
