@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One script for a lent GPU machine (H100/H200, its own torch and triton): the gpu-marked tests, the
-# engine on its GPU backends, and the benches that have a GPU case, each appending to bench/RESULTS.md.
-# Run from the repository root: `bash bench/gpu_check.sh`. bench_generate.py is CPU-only so far.
-# Not yet run on a GPU (no device was lent
-# to the session that wrote it); expect to fix paths that only a GPU exercises.
+# One script for a lent GPU machine (H100/H200, its own torch and triton): the gpu-marked tests and
+# the kernel benches, which time their CUDA cases there and append to bench/RESULTS.md.
+# Run from the repository root: `bash bench/gpu_check.sh`. Not yet run on a GPU (no device was lent
+# to the session that wrote it). Still missing: gpu tests of the engine's flash-attn and Triton
+# backends, and a CUDA case in bench_generate.py (CPU-only so far).
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PWD}"
 py=${PYTHON:-python}
