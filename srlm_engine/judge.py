@@ -5,7 +5,7 @@ as the paper does (K = 3, temperature 0.7, top_p 0.9). `judge_expected` reads th
 distribution over the score digits right after "Score:" and returns its expected value: one
 forward pass per item, never unparsable.
 
-The engine is duck-typed: `llm.generate(prompts, params, use_tqdm=False)`,
+The engine is duck-typed: `llm.generate(prompts, params, use_tqdm=True)` (a progress bar with tokens/s),
 `llm.next_token_logprobs(prompts) -> Tensor [B, V]` and `llm.tokenizer` (`encode`,
 `apply_chat_template`). Nothing here imports the engine at import time.
 """
@@ -179,7 +179,7 @@ def judge_samples(llm, instructions: Sequence[str], responses: Sequence[str], *,
         return []
     params = (params_factory or _default_params)(n=k, temperature=temperature, top_p=top_p,
                                                  max_tokens=max_tokens, seed=seed)
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=True)
     return [Judgment.from_texts([c.text for c in o.outputs]) for o in outs]
 
 
@@ -254,7 +254,7 @@ def judge_expected(llm, instructions: Sequence[str], responses: Sequence[str], *
         params = (params_factory or _default_params)(n=1, temperature=temperature, top_p=top_p,
                                                      max_tokens=max_tokens, seed=seed,
                                                      stop=[SCORE_PREFIX])
-        outs = llm.generate(prompts, params, use_tqdm=False)
+        outs = llm.generate(prompts, params, use_tqdm=True)
         prompts = [p + _strip_score_prefix(o.outputs[0].text).rstrip() + "\n" + suffix
                    for p, o in zip(prompts, outs)]
     logprobs = llm.next_token_logprobs(prompts)  # [B, V]

@@ -226,7 +226,7 @@ def generate_prompts(llm, seed_prompts: Sequence[str], count: int, *, seed: int 
         prompts = [fewshot_prompt(pick_shots(rng, seed_prompts, kept)) for _ in range(batch_size)]
         params = factory(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                          seed=rng.randrange(2**31), stop=["\nTask"])
-        for out in llm.generate(prompts, params, use_tqdm=False):
+        for out in llm.generate(prompts, params, use_tqdm=True):
             if len(kept) >= count or streak >= max_consecutive_rejections:
                 break
             attempts += 1
