@@ -32,15 +32,21 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _dpo_fwd_kernel(pc_ptr, pr_ptr, rc_ptr, rr_ptr, loss_ptr, crew_ptr, rrew_ptr, B, beta, ls,
-                    LOSS: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < B
+def _load_logits(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, mask):
+    """The four summed log-probs of a block of pairs and the DPO logits (pc - rc) - (pr - rr)."""
     pc = tl.load(pc_ptr + offs, mask=mask, other=0.0)
     pr = tl.load(pr_ptr + offs, mask=mask, other=0.0)
     rc = tl.load(rc_ptr + offs, mask=mask, other=0.0)
     rr = tl.load(rr_ptr + offs, mask=mask, other=0.0)
-    logits = (pc - rc) - (pr - rr)
+    return pc, pr, rc, rr, (pc - rc) - (pr - rr)
+
+
+@triton.jit
+def _dpo_fwd_kernel(pc_ptr, pr_ptr, rc_ptr, rr_ptr, loss_ptr, crew_ptr, rrew_ptr, B, beta, ls,
+                    LOSS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < B
+    pc, pr, rc, rr, logits = _load_logits(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, mask)
     u = beta * logits
     if LOSS == 0:
         loss = -(1.0 - ls) * _logsigmoid(u) - ls * _logsigmoid(-u)
@@ -62,12 +68,8 @@ def _dpo_bwd_kernel(pc_ptr, pr_ptr, rc_ptr, rr_ptr, g_ptr, dlogits_ptr, B, beta,
     """dlogits = g * dL/dlogits; the four input gradients are +-dlogits."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < B
-    pc = tl.load(pc_ptr + offs, mask=mask, other=0.0)
-    pr = tl.load(pr_ptr + offs, mask=mask, other=0.0)
-    rc = tl.load(rc_ptr + offs, mask=mask, other=0.0)
-    rr = tl.load(rr_ptr + offs, mask=mask, other=0.0)
+    _, _, _, _, logits = _load_logits(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, mask)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-    logits = (pc - rc) - (pr - rr)
     u = beta * logits
     if LOSS == 0:
         d = beta * (-(1.0 - ls) * _sigmoid(-u) + ls * _sigmoid(u))
