@@ -3,7 +3,7 @@
     python bench/bench_generate.py [--prompts 64] [--n 4] [--max-tokens 128] [--judge-k 3]
                                    [--judge-tokens 32] [--hf-batch 32] [--b1-tokens 64] [--no-record]
 
-Workload (SmolLM2-135M-Instruct, fp32, both engines in this process, same torch threads):
+Workload (SmolLM2-135M-Instruct; both engines in this process, same dtype, same torch threads):
   1. answer: --prompts chat prompts, --n samples each (temperature 0.7, top_p 0.9), --max-tokens
      new tokens per sample;
   2. judge: every answer under the one long judge template (srlm_engine.judge.DEFAULT_TEMPLATE,
@@ -13,6 +13,12 @@ transformers), so both do the same useful work; tokens/s counts generated tokens
 transformers runs batched with left padding, --hf-batch rows per generate call, n samples by
 num_return_sequences. Batch 1: one short prompt, --b1-tokens greedy tokens, tokens/s of the whole call.
 `pytest bench --benchmark-only` runs a small version through pytest-benchmark.
+
+Device: CPU by default (fp32, our C++ paged attention); `--device cuda` runs both engines on the
+GPU (bf16 by default; ours with the Triton paged attention and CUDA graphs for decode, or
+--enforce-eager; transformers with its default SDPA attention). `--model DIR` benchmarks another
+checkpoint than the pulled SmolLM2 (e.g. random weights of the same shape where the real ones
+cannot be fetched: the row then says so).
 """
 from __future__ import annotations
 
@@ -73,12 +79,13 @@ def hf_generate(hf, tok, prompts, n, max_tokens, batch, do_sample=True):
     for i in range(0, len(enc), per):
         chunk = enc[i:i + per]
         L = max(map(len, chunk))
-        ids = torch.tensor([[pad] * (L - len(e)) + e for e in chunk])
-        mask = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in chunk])
+        ids = torch.tensor([[pad] * (L - len(e)) + e for e in chunk], device=hf.device)
+        mask = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in chunk], device=hf.device)
         kw = dict(do_sample=True, temperature=0.7, top_p=0.9) if do_sample else dict(do_sample=False)
         out = hf.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                           num_return_sequences=n, pad_token_id=pad, **kw)
         total += (out.shape[1] - L) * out.shape[0]
+    _sync(hf.device)
     return total
 
 
@@ -104,11 +111,21 @@ def batch1(llm, hf, tokens):
     llm.generate([chat], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
     t = time.perf_counter()
     llm.generate([chat], p, use_tqdm=False)
+    _sync(llm.device)
     ours = tokens / (time.perf_counter() - t)
     hf_generate(hf, llm.tokenizer, [chat], 1, 4, 1, do_sample=False)
     t = time.perf_counter()
     hf_generate(hf, llm.tokenizer, [chat], 1, tokens, 1, do_sample=False)
+    _sync(llm.device)
     return ours, tokens / (time.perf_counter() - t)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def load(args):
@@ -117,10 +134,15 @@ def load(args):
     from srlm_engine.engine import LLM
     from srlm_engine.model.pull import pull
 
-    path = pull()
-    llm = LLM(path, kv_cache_tokens=args.kv_tokens, max_num_seqs=args.max_num_seqs)
-    hf = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
-    return llm, hf
+    path = args.model or pull()
+    dtype = DTYPES[args.dtype]
+    llm = LLM(path, dtype=dtype, device=args.device, kv_cache_tokens=args.kv_tokens,
+              max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager)
+    try:
+        hf = LlamaForCausalLM.from_pretrained(path, dtype=dtype)
+    except TypeError:  # transformers < 4.56 names it torch_dtype
+        hf = LlamaForCausalLM.from_pretrained(path, torch_dtype=dtype)
+    return llm, hf.to(args.device).eval()
 
 
 def main(argv=None):
@@ -134,8 +156,14 @@ def main(argv=None):
     ap.add_argument("--b1-tokens", type=int, default=64)
     ap.add_argument("--kv-tokens", type=int, default=32768)
     ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for our decode steps")
+    ap.add_argument("--model", help="checkpoint directory (default: the pulled SmolLM2)")
+    ap.add_argument("--weights-note", default="", help="said in the recorded row, e.g. 'random weights'")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = ap.parse_args(argv)
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     llm, hf = load(args)
     qs = questions(args.prompts)
     with torch.inference_mode():
@@ -147,7 +175,10 @@ def main(argv=None):
         hf_toks, hf_s, hf_parts = hf_workload(hf, llm.tokenizer, qs, inst, resp, args)
         b1_ours, b1_hf = batch1(llm, hf, args.b1_tokens)
     size = (f"{args.prompts} prompts x n={args.n} x {args.max_tokens} tok; judge x{args.judge_k} "
-            f"x {args.judge_tokens} tok")
+            f"x {args.judge_tokens} tok; {args.dtype}"
+            + (f", CUDA graphs {stats['cuda_graph_steps']} of {stats['steps']} steps" if args.device == "cuda" else "")
+            + (f"; {args.weights_note}" if args.weights_note else ""))
+    dev = device_name(args.device)
     rows = [
         ("engine", f"{ours_toks / ours_s:.1f}", f"answer {ours_parts[0] / ours_parts[1]:.1f}, "
          f"judge {ours_parts[2] / ours_parts[3]:.1f}"),
@@ -155,7 +186,7 @@ def main(argv=None):
          f"judge {hf_parts[2] / hf_parts[3]:.1f}"),
     ]
     ratio = (ours_toks / ours_s) / (hf_toks / hf_s)
-    print(f"workload: {size}; {device_name('cpu')}; attention backend {stats['backend']}; "
+    print(f"workload: {size}; {dev}; attention backend {stats['backend']}; "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     print(f"| impl | tokens/s | phases (tokens/s) |\n| --- | --- | --- |")
     for r in rows:
@@ -166,7 +197,7 @@ def main(argv=None):
     print(f"batch 1 decode: engine {b1_ours:.1f} tok/s, transformers {b1_hf:.1f} tok/s, "
           f"{b1_ours / b1_hf:.2f}x (goal 1.5x)")
     if not args.no_record:
-        append_rows("bench_generate", device_name("cpu"), [
+        append_rows("bench_generate", dev, [
             (f"workload ({size})", f"engine {ours_toks / ours_s:.1f} tok/s vs transformers "
              f"{hf_toks / hf_s:.1f} tok/s = {ratio:.2f}x; prefix hits {stats['prefix_hit_rate']:.0%}"),
             (f"batch 1, {args.b1_tokens} greedy tok", f"engine {b1_ours:.1f} tok/s vs transformers "
@@ -176,8 +207,10 @@ def main(argv=None):
 
 # ------------------------------------------------------------- pytest-benchmark (small size)
 def _small():
+    cuda = torch.cuda.is_available()
     return argparse.Namespace(prompts=2, n=2, max_tokens=8, judge_k=2, judge_tokens=4, hf_batch=8,
-                              kv_tokens=8192, max_num_seqs=64)
+                              kv_tokens=8192, max_num_seqs=64, model=None, device="cuda" if cuda else "cpu",
+                              dtype="bf16" if cuda else "fp32", enforce_eager=False)
 
 
 def test_generate_workload_ours(benchmark):

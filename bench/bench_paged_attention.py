@@ -1,4 +1,5 @@
-"""Paged decode attention on CPU: the C++ op (torch.ops.srlm_C) against torch gather + SDPA.
+"""Paged decode attention: the C++ op (torch.ops.srlm_C) on CPU, or the Triton kernel on a CUDA
+GPU (--device cuda), against torch gather + SDPA on the same device.
 
 The baseline is what the engine would do without the op: gather every sequence's blocks into a
 padded [B, nkv, T, hd] copy, then one masked scaled_dot_product_attention with GQA. Both run in
@@ -8,7 +9,10 @@ the limit it is compared with is this machine's streaming read rate (a torch sum
 Bandwidth uses CPU time per thread (process CPU time / threads), not wall time: on a loaded
 machine the wall time includes time the threads sat descheduled.
 
-    python bench/bench_paged_attention.py [--threads N] [--dtype float32|bfloat16] [--no-append]
+On CUDA, times are triton.testing.do_bench medians and bandwidth is bytes / GPU time, compared
+with the card's device-to-device copy rate measured here (bytes read + written per second).
+
+    python bench/bench_paged_attention.py [--device cpu|cuda] [--threads N] [--dtype float32|bfloat16] [--no-append]
 """
 import argparse
 import os
@@ -17,8 +21,6 @@ import time
 import torch
 import torch.nn.functional as F
 from _common import append_rows, device_name
-
-import srlm_engine._C  # noqa: F401  registers torch.ops.srlm_C
 
 NH, NKV, HD, BS = 9, 3, 64, 16
 CASES = [(1, 1024), (16, 512), (64, 1024), (256, 256), (256, 1024)]  # (sequences, context length)
@@ -42,14 +44,47 @@ def gather_sdpa(q, k_cache, v_cache, tables, lens, scale):
     T = tables.shape[1] * k_cache.shape[1]
     k = k_cache[tables.long()].view(B, T, NKV, hd).transpose(1, 2)  # (B, nkv, T, hd), a copy
     v = v_cache[tables.long()].view(B, T, NKV, hd).transpose(1, 2)
-    mask = torch.arange(T)[None, :] < lens[:, None].long()  # (B, T)
+    mask = torch.arange(T, device=q.device)[None, :] < lens[:, None].long()  # (B, T)
     out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask[:, None, None], scale=scale,
                                          enable_gqa=True)  # (B, nh, 1, hd)
     return out[:, :, 0]
 
 
 def ours(q, k_cache, v_cache, tables, lens, scale):
+    if q.is_cuda:
+        from srlm_kernels.paged_attention import paged_decode_attention
+        return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, validate=False)
+    import srlm_engine._C  # noqa: F401  registers torch.ops.srlm_C
     return torch.ops.srlm_C.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
+
+
+def main_cuda(args):
+    from triton.testing import do_bench
+
+    dtype = getattr(torch, args.dtype)
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    copy_gbs = 2 * x.numel() / (do_bench(lambda: x.clone()) * 1e-3) / 1e9  # read + write
+    del x
+    dev = device_name("cuda")
+    print(f"paged decode attention on {dev}, nh={NH} nkv={NKV} hd={HD} block={BS} {args.dtype}; "
+          f"device copy {copy_gbs:.0f} GB/s")
+    rows = []
+    for B, L in CASES + [(256, 4096)]:
+        q, kc, vc, tables, lens = (t.cuda() for t in make_inputs(B, L, dtype))
+        scale = HD ** -0.5
+        torch.testing.assert_close(ours(q, kc, vc, tables, lens, scale), gather_sdpa(q, kc, vc, tables, lens, scale),
+                                   atol=2e-2 if dtype == torch.bfloat16 else 1e-4, rtol=1e-2 if dtype == torch.bfloat16
+                                   else 1e-4)  # the same answer before timing
+        t_ours = do_bench(lambda: ours(q, kc, vc, tables, lens, scale))
+        t_base = do_bench(lambda: gather_sdpa(q, kc, vc, tables, lens, scale))
+        gbs = int(lens.sum()) * NKV * HD * 2 * kc.element_size() / (t_ours * 1e-3) / 1e9
+        print(f"B={B:>4} L<={L:>5}: triton {t_ours * 1e3:8.1f} us, gather+SDPA {t_base * 1e3:8.1f} us, "
+              f"x{t_base / t_ours:.1f}; {gbs:.0f} GB/s = {gbs / copy_gbs:.0%} of the copy rate")
+        rows.append((f"paged decode B={B} L<={L} nh={NH} nkv={NKV} hd={HD} bs={BS} {args.dtype}",
+                     f"gather+SDPA {t_base * 1e3:.1f} us; triton {t_ours * 1e3:.1f} us, x{t_base / t_ours:.1f}; "
+                     f"{gbs:.0f} GB/s = {gbs / copy_gbs:.0%} of a {copy_gbs:.0f} GB/s device copy"))
+    if not args.no_append:
+        append_rows("paged_attention", dev, rows)
 
 
 def timeit(fn, budget_s=1.0, min_reps=5):
@@ -82,7 +117,10 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args()
+    if args.device == "cuda":
+        return main_cuda(args)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     limit = stream_read_gbs()

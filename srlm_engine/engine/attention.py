@@ -18,6 +18,7 @@ blocks that another sequence of the same step writes (prefix-cache hits within a
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from dataclasses import dataclass
 
 import torch
@@ -107,7 +108,10 @@ def select_backend(device: torch.device, block_size: int, prefer: str | None = N
             pass
     if device.type == "cuda" and prefer in (None, "triton", "flash-attn"):
         from srlm_kernels import paged_attention as tri
-        return Backend("triton", tri.reshape_and_cache, tri.paged_decode_attention)
+        # The engine builds slots and tables itself: skip the ops' checks, which sync with the
+        # host every layer and would keep decode steps out of CUDA graphs.
+        return Backend("triton", partial(tri.reshape_and_cache, validate=False),
+                       partial(tri.paged_decode_attention, validate=False))
     if device.type == "cpu" and prefer in (None, "cpp"):
         try:
             import srlm_engine._C  # noqa: F401  registers torch.ops.srlm_C

@@ -54,7 +54,7 @@ class LLM:
     def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  block_size: int = 16, max_num_seqs: int = 128, kv_cache_tokens: int = 32768,
                  max_num_batched_tokens: int = 2048, attention_backend: str | None = None,
-                 num_threads: int | None = None, seed: int = 0):
+                 num_threads: int | None = None, seed: int = 0, enforce_eager: bool = False):
         if torch.device(device).type == "cpu":
             # one thread per core this process may use; more only adds contention
             torch.set_num_threads(num_threads or len(os.sched_getaffinity(0)))
@@ -73,6 +73,12 @@ class LLM:
         self.cache = KVCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
                              cfg.head_dim, dtype, device)
         self.backend = select_backend(self.device, block_size, attention_backend)
+        # CUDA graphs for decode steps (vLLM's default; enforce_eager=True turns them off)
+        self.graphs = None
+        if self.device.type == "cuda" and not enforce_eager and self.backend.name == "triton":
+            from srlm_engine.engine.cuda_graph import DecodeGraphs
+            self.graphs = DecodeGraphs(self.model, self.backend, self.cache, cfg.head_dim ** -0.5,
+                                       max_num_seqs, -(-self.max_model_len // block_size))
         self.scheduler = Scheduler(self.pool, max_num_seqs, max_num_batched_tokens)
         self.sampler = Sampler()
         self.scale = cfg.head_dim ** -0.5
@@ -127,13 +133,13 @@ class LLM:
             self._check_lengths(r, toks, 1)
             seqs.append(Sequence(r, 0, list(toks), p, 1, None, keep_logprobs=True))
         self._run(seqs, use_tqdm=False)
-        return torch.stack([s.full_logprobs for s in seqs])
+        return torch.stack([s.full_logprobs for s in seqs]).cpu()
 
     def stats(self) -> dict:
         return {"allocated_blocks": self.pool.allocated, "prefix_hit_tokens": self.pool.hit_tokens,
                 "prefix_queried_tokens": self.pool.queried_tokens, "prefix_hit_rate": self.pool.hit_rate(),
                 "preemptions": self.scheduler.num_preemptions, "steps": self.num_steps,
-                "backend": self.backend.name}
+                "backend": self.backend.name, "cuda_graph_steps": self.graphs.replays if self.graphs else 0}
 
     # ------------------------------------------------------------------ validation
     def _encode_all(self, prompts) -> list[list[int]]:
@@ -203,11 +209,10 @@ class LLM:
         if not sched.seqs:
             raise RuntimeError("scheduler found nothing to run: the KV pool cannot hold one sequence")
         self.num_steps += 1
-        ids, pos, meta, sample_rows, samplers = self._prepare(sched)
+        step = self._prepare(sched)
+        samplers = step[-1]
         try:
-            attend = PagedAttention(self.backend, self.cache, meta, self.scale)
-            h = self.model.hidden_states(ids, pos, attend=attend)
-            logits = self.model.logits(h[sample_rows]) if samplers else None
+            logits = self._forward(sched, *step)
         except Exception as e:
             reqs = sorted({s.request for s in sched.seqs})
             raise RuntimeError(f"model step failed for request(s) {reqs}: {e}") from e
@@ -216,7 +221,7 @@ class LLM:
         tokens, logprobs = self.sampler(logits, [s.params for s in samplers],
                                         [s.generator for s in samplers])
         tops = top_logprobs(logprobs, tokens, [s.params.logprobs for s in samplers])
-        chosen = logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+        chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
         done = 0
         for j, s in enumerate(samplers):
             try:
@@ -236,8 +241,30 @@ class LLM:
                 done += 1
         return done
 
+    def _forward(self, sched: Scheduled, ids, pos, slots, ctx, tables, q_starts, q_lens, sample_rows,
+                 samplers) -> torch.Tensor | None:
+        """Logits [len(samplers), V] of the step's sampling rows (None if none samples)."""
+        if self.graphs is not None and len(samplers) == len(ids) and self.graphs.fits(len(ids)):
+            # one token per sequence and every row samples: a pure decode step
+            return self.graphs.run(ids, pos, slots, tables, ctx)
+        width = max(len(t) for t in tables)
+        dev = self.device
+        meta = StepMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
+                                      device=dev),
+            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
+            num_decode=sched.num_decode, query_starts=q_starts, query_lens=q_lens, ctx_lens=ctx)
+        attend = PagedAttention(self.backend, self.cache, meta, self.scale)
+        h = self.model.hidden_states(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev),
+                                     attend=attend)
+        if not samplers:
+            return None
+        return self.model.logits(h[torch.tensor(sample_rows, device=dev)])
+
     def _prepare(self, sched: Scheduled):
-        """Packed input ids and positions, the step's attention metadata, and who samples."""
+        """The step as lists: packed ids and positions, cache slots, context lengths, block
+        tables, the prefill sequences' rows, and which rows sample (and whose they are)."""
         bs = self.pool.block_size
         ids, pos, slots, ctx, tables = [], [], [], [], []
         q_starts, q_lens, sample_rows, samplers = [], [], [], []
@@ -256,16 +283,7 @@ class LLM:
             if end == s.num_tokens:  # the chunk reaches the last token: sample from it
                 sample_rows.append(len(ids) - 1)
                 samplers.append(s)
-        width = max(len(t) for t in tables)
-        dev = self.device
-        meta = StepMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
-                                      device=dev),
-            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
-            num_decode=sched.num_decode, query_starts=q_starts, query_lens=q_lens, ctx_lens=ctx)
-        return (torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta,
-                torch.tensor(sample_rows, device=dev), samplers)
+        return ids, pos, slots, ctx, tables, q_starts, q_lens, sample_rows, samplers
 
     def _completion(self, s: Sequence) -> CompletionOutput:
         # cut at a stop string: the incrementally decoded text; else decode the whole output once

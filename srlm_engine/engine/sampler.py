@@ -151,17 +151,19 @@ class Sampler:
         rand = [i for i, p in enumerate(params) if not p.greedy]
         if rand:
             sub = [params[i] for i in rand]
+            dev = logits.device
             x = filter_logits(
                 logits[rand],
-                torch.tensor([p.temperature for p in sub], dtype=torch.float32),
-                torch.tensor([p.top_k for p in sub], dtype=torch.int64),
-                torch.tensor([p.top_p for p in sub], dtype=torch.float32),
-                torch.tensor([p.min_p for p in sub], dtype=torch.float32))
+                torch.tensor([p.temperature for p in sub], dtype=torch.float32, device=dev),
+                torch.tensor([p.top_k for p in sub], dtype=torch.int64, device=dev),
+                torch.tensor([p.top_p for p in sub], dtype=torch.float32, device=dev),
+                torch.tensor([p.min_p for p in sub], dtype=torch.float32, device=dev))
             # Inverse CDF: one uniform per row from that row's own generator (a draw over the
             # whole vocabulary per row cost ~1 ms each). side="right" never lands on a token of
             # zero probability: it returns the first index whose cumulative mass exceeds u.
             cdf = x.softmax(dim=-1).cumsum(dim=-1)
-            u = torch.stack([torch.rand((), generator=generators[i]) for i in rand])
+            # the generators are CPU generators: the same draws on any device
+            u = torch.stack([torch.rand((), generator=generators[i]) for i in rand]).to(dev)
             pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], side="right")[:, 0]
             tokens[rand] = pick.clamp_max(cdf.shape[1] - 1)
         return tokens.tolist(), logprobs

@@ -5,10 +5,15 @@ in triton.jit's decorator), and triton's own tl.sum/tl.max are decorated when tr
 imported. So the variable must be set before anything imports triton. This file sets it; when
 another test module imported triton first (a whole-suite run), the Triton-marked tests here skip
 and test_interpreter_process.py runs them in a fresh process instead, so they are never lost.
+Where CUDA is present the kernels stay compiled for test_gpu.py (the GPU tests), and the
+Triton-marked CPU tests run in that fresh, interpreted process.
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
