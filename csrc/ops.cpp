@@ -1,4 +1,5 @@
-// The srlm_C operator library: schemas here, CPU kernels in paged_attention.cpp and cache_ops.cpp.
+// The srlm_C operator library: schemas here, CPU kernels in paged_attention.cpp,
+// cache_ops.cpp and linear.cpp.
 //
 // `import srlm_engine._C` loads this shared object, whose static initializers register the ops
 // under torch.ops.srlm_C. The module itself is empty: the ops are reached through the dispatcher
@@ -17,6 +18,9 @@ TORCH_LIBRARY(srlm_C, m) {
   // h // (nh // nkv). Returns [B, nh, hd] in q's dtype; zeros where context_lens[b] == 0.
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, float scale) -> Tensor");
+  // x [M, K] @ weight[N, K].T (+ bias [N]) for M <= 8 rows (decode at small batch): each weight row
+  // is streamed once for all M rows. float32 or bfloat16, float32 accumulation; [M, N] in x's dtype.
+  m.def("small_batch_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 // An empty Python module named _C, so that `import srlm_engine._C` loads the library above.

@@ -73,6 +73,9 @@ class LLM:
         self.cache = KVCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
                              cfg.head_dim, dtype, device)
         self.backend = select_backend(self.device, block_size, attention_backend)
+        if self.backend.name == "cpp":  # the extension is there: small-batch decode streams weights
+            from srlm_engine.engine.linear import use_small_batch_linear
+            use_small_batch_linear(self.model)
         # CUDA graphs for decode steps (vLLM's default; enforce_eager=True turns them off)
         self.graphs = None
         if self.device.type == "cuda" and not enforce_eager and self.backend.name == "triton":
