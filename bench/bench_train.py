@@ -1,20 +1,28 @@
 """One DPO training step on SmolLM2-135M: ours against a plain PyTorch DPO; tokens/s and peak memory.
 
-    python bench/bench_train.py [--pairs 4] [--prompt-len 64] [--response-len 128] [--steps 3]
+    python bench/bench_train.py [--device cpu|cuda] [--dtype fp32|bf16] [--pairs 4] [--prompt-len 64]
+                                [--response-len 128] [--steps 3] [--warmup 1]
 
-ours:  one model; hidden states -> fused log-prob kernel (no [N, V] logits; prompt rows skipped)
+ours:  one model; hidden states -> fused log-prob kernel (no [N, V] logits; prompt rows skipped on CPU)
        -> dpo_loss kernel against reference log-probs precomputed once (train/refs.py).
        "ours + ref pass" adds the cost of that one no-grad pass per pair (paid once per epoch, so
        for a single epoch this is the fair per-step figure; the headline ratio uses it).
 ours-ac: ours with activation checkpointing per block (train/parallel.py, --activation-checkpointing).
 torch: policy and a separate reference model in memory; logits [2B, T, V] materialized for both,
        log_softmax + gather, the DPO sigmoid loss written out (TRL's classic get_batch_logps path).
-Both: float32, the same token batch (B pairs = 2B rows of prompt + response, right-padded to T),
-backward, AdamW step. Peak memory: each variant in its own process (clean peak): the peak RSS of
-loading and two steps (weights, reference model if any, gradients, Adam state, activations,
-logits) above the RSS after importing torch. Time: one process holds all three, each with its own
-policy copy, and interleaves their steps, so load from other jobs on a shared machine hits all
-alike; the table shows medians (p20-p80).
+Both: float32 (or --dtype bf16: weights, Adam state and compute in bf16; the baseline's
+log_softmax in fp32 as HF and TRL upcast), the same token batch (B pairs = 2B rows of prompt +
+response, right-padded to T), backward, AdamW step.
+CPU (the default without CUDA; 4 pairs x 64+128, 3 steps): peak memory: each variant in its own
+process (clean peak): the peak RSS of loading and two steps (weights, reference model if any,
+gradients, Adam state, activations, logits) above the RSS after importing torch. Time: one process
+holds all three, each with its own policy copy, and interleaves their steps, so load from other
+jobs on a shared machine hits all alike; the table shows medians (p20-p80).
+CUDA (the default where it is available; 8 pairs x 128+384 = 8192 tokens a step, 6 steps after 1
+warm-up; well under 90 s on an H100 with model loads): one worker process; peak memory per variant
+with torch.cuda.max_memory_allocated, reset before loading it, over the same loading + two steps,
+the variant alone on the GPU (the previous one freed); then the interleaved timing as on CPU, each
+step between torch.cuda.synchronize() calls.
 """
 import argparse
 import gc
@@ -33,6 +41,9 @@ from srlm_engine.train.batches import IGNORE  # noqa: E402
 from srlm_engine.train.losses import TokenLogprobs, dpo_batch_loss  # noqa: E402
 
 BETA = 0.1
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Per device: pairs, prompt_len, response_len, steps, warmup.
+DEFAULTS = {"cpu": (4, 64, 128, 3, 1), "cuda": (8, 128, 384, 6, 1)}
 
 
 def make_batch(pairs, prompt_len, resp_len, vocab, seed=0):
@@ -47,7 +58,7 @@ def make_batch(pairs, prompt_len, resp_len, vocab, seed=0):
 
 
 def plain_logps(model, ids, tgt):
-    logits = model(ids)  # (2B, T, V) materialized
+    logits = model(ids).float()  # (2B, T, V) materialized; .float() is a no-op in fp32
     valid = tgt != IGNORE
     lp = torch.log_softmax(logits, -1).gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1)
     return (lp * valid).sum(-1)  # (2B,)
@@ -82,6 +93,11 @@ def make_step(impl, model, ids, tgt, ref_model=None, refs=None):
     return step
 
 
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 @torch.no_grad()
 def ref_pass(model, ids, tgt):
     """The one-time reference pass of ours: summed log-probs [2] x [B]."""
@@ -90,75 +106,116 @@ def ref_pass(model, ids, tgt):
     return seq[:b].clone(), seq[b:].clone()
 
 
-def _load(impl):
+def _load(impl, device="cpu", dtype="fp32"):
     from srlm_engine.model.pull import pull
     from srlm_engine.model.weights import load_model
     path = pull()
-    model = load_model(path).train()
-    return model, (load_model(path) if impl == "torch" else None)
+    dt = DTYPES[dtype]
+    model = load_model(path, dtype=dt, device=device).train()
+    return model, (load_model(path, dtype=dt, device=device) if impl == "torch" else None)
 
 
-def worker_memory(impl, pairs, prompt_len, resp_len):
-    """Peak RSS of loading + `impl`'s first two steps (Adam state exists from the first), MB
-    above the RSS after importing torch."""
-    gc.collect()
-    base = rss_mb("VmRSS")
-    if not reset_peak_rss():
-        raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
-    model, ref_model = _load(impl)
-    ids, tgt = make_batch(pairs, prompt_len, resp_len, model.config.vocab_size)
+IMPLS = ("torch", "ours", "ours-ac")
+
+
+def _load_and_two_steps(impl, pairs, prompt_len, resp_len, device, dtype):
+    """Load `impl`'s model(s), the one-time ref pass (ours), its first two steps (Adam state exists
+    from the first). -> the step closure, which holds everything."""
+    model, ref_model = _load(impl, device, dtype)
+    ids, tgt = (t.to(device) for t in make_batch(pairs, prompt_len, resp_len, model.config.vocab_size))
     refs = ref_pass(model, ids, tgt) if impl != "torch" else None
     step = make_step(impl, model, ids, tgt, ref_model=ref_model, refs=refs)
     for _ in range(2):
         step()
+    return step
+
+
+def worker_memory(impl, pairs, prompt_len, resp_len, dtype="fp32"):
+    """Peak RSS of loading + `impl`'s first two steps, MB above the RSS after importing torch."""
+    gc.collect()
+    base = rss_mb("VmRSS")
+    if not reset_peak_rss():
+        raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
+    _load_and_two_steps(impl, pairs, prompt_len, resp_len, "cpu", dtype)
     print(json.dumps({"peak_mb": rss_mb("VmHWM") - base}))
 
 
-def worker_time(pairs, prompt_len, resp_len, steps, warmup):
+def cuda_peak_mb(impl, pairs, prompt_len, resp_len, dtype):
+    """torch.cuda.max_memory_allocated over loading + `impl`'s first two steps, MB above the
+    allocation before loading; everything is freed again before returning."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step = _load_and_two_steps(impl, pairs, prompt_len, resp_len, "cuda", dtype)
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    del step
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peak
+
+
+def worker_time(pairs, prompt_len, resp_len, steps, warmup, device="cpu", dtype="fp32"):
     """All three variants in one process, their steps interleaved (torch, ours, ours-ac, torch, ...),
-    so that a machine shared with other jobs slows them alike. Each has its own policy copy."""
-    impls = ("torch", "ours", "ours-ac")
-    loaded = {i: _load(i) for i in impls}
-    ids, tgt = make_batch(pairs, prompt_len, resp_len, loaded["torch"][0].config.vocab_size)
+    so that a machine shared with other jobs slows them alike. Each has its own policy copy.
+    On CUDA the peak memory of each variant alone is measured first, in this process."""
+    peak = {i: cuda_peak_mb(i, pairs, prompt_len, resp_len, dtype) for i in IMPLS} if device == "cuda" else None
+    loaded = {i: _load(i, device, dtype) for i in IMPLS}
+    ids, tgt = (t.to(device) for t in make_batch(pairs, prompt_len, resp_len,
+                                                  loaded["torch"][0].config.vocab_size))
     ref_ms, refs = [], None
     for _ in range(warmup + steps):
+        _sync(device)
         t0 = time.perf_counter()
         refs = ref_pass(loaded["ours"][0], ids, tgt)
+        _sync(device)
         ref_ms.append((time.perf_counter() - t0) * 1e3)
     step = {i: make_step(i, m, ids, tgt, ref_model=r, refs=refs) for i, (m, r) in loaded.items()}
-    times = {i: [] for i in impls}
+    times = {i: [] for i in IMPLS}
     for k in range(warmup + steps):
-        for i in impls:
+        for i in IMPLS:
+            _sync(device)
             t0 = time.perf_counter()
             step[i]()
+            _sync(device)
             if k >= warmup:
                 times[i].append((time.perf_counter() - t0) * 1e3)
     print(json.dumps({"times_ms": times, "ref_ms": stats(ref_ms[warmup:])[0], "tokens": ids.numel(),
-                      "device": device_name("cpu")}))
+                      "device": device_name(device), "peak_mb": peak}))
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pairs", type=int, default=4)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--response-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--pairs", type=int, help="default: 4 on CPU, 8 on CUDA")
+    p.add_argument("--prompt-len", type=int, help="default: 64 on CPU, 128 on CUDA")
+    p.add_argument("--response-len", type=int, help="default: 128 on CPU, 384 on CUDA")
+    p.add_argument("--steps", type=int, help="default: 3 on CPU, 6 on CUDA")
+    p.add_argument("--warmup", type=int, help="default: 1 on CPU and on CUDA")
     a = p.parse_args()
+    for name, v in zip(("pairs", "prompt_len", "response_len", "steps", "warmup"), DEFAULTS[a.device]):
+        if getattr(a, name) is None:
+            setattr(a, name, v)
     shape = [a.pairs, a.prompt_len, a.response_len]
-    mem = {i: run_worker(__file__, ["mem", i, *shape], timeout=7200) for i in ("torch", "ours", "ours-ac")}
-    tm = run_worker(__file__, ["time", *shape, a.steps, a.warmup], timeout=7200)
+    if a.device == "cuda":
+        tm = run_worker(__file__, ["time", *shape, a.steps, a.warmup, "cuda", a.dtype], timeout=7200)
+        mem = {i: {"peak_mb": mb} for i, mb in tm.get("peak_mb", {}).items()}
+    else:
+        mem = {i: run_worker(__file__, ["mem", i, *shape, a.dtype], timeout=7200) for i in IMPLS}
+        tm = run_worker(__file__, ["time", *shape, a.steps, a.warmup, "cpu", a.dtype], timeout=7200)
     if "error" in tm or any("error" in r for r in mem.values()):
         raise SystemExit(f"a worker failed: {tm} {mem}")
     tok, ref_ms = tm["tokens"], tm["ref_ms"]
     t_med = stats(tm["times_ms"]["torch"])[0]
     mb_t = mem["torch"]["peak_mb"]
-    print(f"DPO step, SmolLM2-135M fp32, {a.pairs} pairs x {a.prompt_len}+{a.response_len} tokens "
+    print(f"DPO step, SmolLM2-135M {a.dtype}, {a.pairs} pairs x {a.prompt_len}+{a.response_len} tokens "
           f"({tok} tokens/step), fwd+bwd+AdamW, {a.steps} interleaved steps each, {tm['device']}")
     print(f"{'impl':>22} {'median ms':>10} {'p20':>8} {'p80':>8} {'tokens/s':>9} {'+ref pass tok/s':>15} "
           f"{'peak MB':>8} {'speed x':>8} {'mem x':>6}")
     parts, goals = [], []
-    for impl in ("torch", "ours", "ours-ac"):
+    for impl in IMPLS:
         med, p20, p80 = stats(tm["times_ms"][impl])
         fair = med + (ref_ms if impl != "torch" else 0.0)  # ours pays the one-time ref pass per epoch
         mb = mem[impl]["peak_mb"]
@@ -171,7 +228,7 @@ def main():
             goals.append(f"{impl}: {'met' if t_med / fair >= 1.3 and mb <= 0.5 * mb_t else 'NOT met'}")
     print("goal (>= 1.3x tokens/s incl. ref pass, <= 0.5x peak memory): " + "; ".join(goals))
     append_rows("train (DPO step)", tm["device"], [(
-        f"SmolLM2-135M fp32, {a.pairs} pairs x {a.prompt_len}+{a.response_len}, fwd+bwd+AdamW, "
+        f"SmolLM2-135M {a.dtype}, {a.pairs} pairs x {a.prompt_len}+{a.response_len}, fwd+bwd+AdamW, "
         f"{a.steps} interleaved steps", "; ".join(parts))])
 
 
@@ -206,8 +263,8 @@ def test_train_dpo_step_torch(benchmark):
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--worker" and sys.argv[2] == "mem":
-        worker_memory(sys.argv[3], *map(int, sys.argv[4:7]))
+        worker_memory(sys.argv[3], *map(int, sys.argv[4:7]), *sys.argv[7:8])
     elif len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        worker_time(*map(int, sys.argv[3:8]))
+        worker_time(*map(int, sys.argv[3:8]), *sys.argv[8:10])
     else:
         main()
