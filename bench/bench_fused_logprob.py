@@ -1,11 +1,18 @@
 """Fused linear log-prob vs log_softmax(h @ W.T).gather: forward + backward, time and peak memory.
 
     python bench/bench_fused_logprob.py [--shapes 4096x576x49152,...] [--dtype fp32] [--reps 3]
+                                        [--impls naive,ours,liger,liger-mean]
 
 Each (implementation, shape) runs in its own process so its peak memory is clean: peak RSS above
 the inputs on CPU (Linux /proc high-water mark, reset after setup), torch.cuda.max_memory_allocated
-above the inputs on CUDA. Baselines: the naive PyTorch expression, and on CUDA Liger-Kernel's
-LigerFusedLinearCrossEntropyLoss when `liger_kernel` is importable (same matmuls, mean-CE loss).
+above the inputs on CUDA. Every implementation does the same work: per-token log-probs of the
+same hidden, weight and targets, summed, so backward gets an upstream gradient of 1 per token, as
+DPO's is per token. Baselines: the naive PyTorch expression, and on CUDA, when `liger_kernel` is
+importable, Liger-Kernel's LigerFusedLinearCrossEntropyLoss(reduction="none") (0.8.5: per-token
+CE = -log-prob; its backward folds the per-token gradient in and recomputes the logits chunks, as
+ours does). `liger-mean` (not run by default) is its mean-CE path, which computes the gradients
+inside forward since a mean's upstream gradient is known there: less work, but a path a per-token
+loss such as DPO's cannot take.
 Default shapes: SmolLM2-135M (N=4096, H=576, V=49152) and Llama-3 8B's head (H=2048 for 1B/3B,
 V=128256) at N=8192 on CUDA; on CPU N=512 for the second, since one naive step at N=8192 costs
 ~2 minutes of 2 cores and ~19 GB. `pytest bench --benchmark-only` runs the small pytest-benchmark
@@ -43,12 +50,13 @@ def make_step(impl, hidden, weight, targets):
         def loss():
             logits = (hidden @ weight.T).float()  # (N, V); fp32 softmax for bf16 too, as HF does
             return torch.log_softmax(logits, -1).gather(1, targets[:, None]).sum()
-    elif impl == "liger":
+    elif impl in ("liger", "liger-mean"):
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        ce = LigerFusedLinearCrossEntropyLoss()
+        ce = LigerFusedLinearCrossEntropyLoss(reduction="none" if impl == "liger" else "mean")
 
-        def loss():
-            return ce(weight, hidden, targets)
+        def loss():  # forward(lin_weight, _input, target) -> per-token CE [N] fp32, or its mean
+            out = ce(weight, hidden, targets)
+            return -out.sum() if impl == "liger" else out
     else:
         raise ValueError(impl)
 
@@ -72,16 +80,23 @@ def main():
     p.add_argument("--shapes", default="4096x576x49152,8192x2048x128256" if cuda else "4096x576x49152,512x2048x128256")
     p.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=DTYPES)
     p.add_argument("--reps", type=int, default=20 if cuda else 3)
+    p.add_argument("--impls", default="naive,ours,liger", help="naive (the baseline, always run), ours, "
+                   "liger, liger-mean (the Liger ones on CUDA, when liger_kernel is importable)")
     args = p.parse_args()
-    impls = ["naive", "ours"]
-    if cuda:
+    unknown = set(args.impls.split(",")) - {"naive", "ours", "liger", "liger-mean"}
+    if unknown:
+        p.error(f"unknown --impls {sorted(unknown)}")
+    impls = ["naive"] + [i for i in ("ours", "liger", "liger-mean") if i in args.impls.split(",")]
+    if any(i.startswith("liger") for i in impls):
         try:
+            if not cuda:
+                raise ImportError("Liger's kernels need CUDA")
             import liger_kernel  # noqa: F401
-            impls.append("liger")
-        except ImportError:
-            print("liger_kernel not importable: Liger baseline skipped")
+        except ImportError as e:
+            print(f"Liger baselines skipped: {e}")
+            impls = [i for i in impls if not i.startswith("liger")]
     rows, device = [], None
-    print(f"{'shape N x H x V':>22} {'impl':>6} {'median ms':>10} {'p20':>9} {'p80':>9} {'peak MB':>9} "
+    print(f"{'shape N x H x V':>22} {'impl':>10} {'median ms':>10} {'p20':>9} {'p80':>9} {'peak MB':>9} "
           f"{'time/naive':>10} {'mem/naive':>9}")
     for shape in args.shapes.split(","):
         n, h, v = map(int, shape.split("x"))
@@ -92,7 +107,7 @@ def main():
         parts = []
         for impl, r in res.items():
             if "error" in r:
-                print(f"{shape:>22} {impl:>6} failed: {r['error']}")
+                print(f"{shape:>22} {impl:>10} failed: {r['error']}")
                 parts.append(f"{impl}: failed ({r['error'][0][:80]})")
                 continue
             device = r["device"]
@@ -101,7 +116,7 @@ def main():
             if "error" not in base:
                 tr = med / stats(base["times_ms"])[0]
                 mr = r["peak_mb"] / base["peak_mb"]
-            print(f"{shape:>22} {impl:>6} {med:>10.1f} {p20:>9.1f} {p80:>9.1f} {r['peak_mb']:>9.0f} {tr:>10.2f} {mr:>9.1%}", flush=True)
+            print(f"{shape:>22} {impl:>10} {med:>10.1f} {p20:>9.1f} {p80:>9.1f} {r['peak_mb']:>9.0f} {tr:>10.2f} {mr:>9.1%}", flush=True)
             parts.append(f"{impl} {med:.0f} ms ({p20:.0f}-{p80:.0f}), {r['peak_mb']:.0f} MB"
                          + ("" if impl == "naive" else f", time x{tr:.2f}, memory {mr:.1%} of naive"))
         print(f"{'':>22} gradient floor (dh + dW) {floor:.0f} MB")
