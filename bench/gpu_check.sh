@@ -56,13 +56,13 @@ part() {  # part SECONDS NAME COMMAND...: run one part under a time limit, note 
     timeout --kill-after=10 "$limit" "$@"; local rc=$?
     echo "=== $name: exit $rc after $((SECONDS - t0))s ==="
     [ $rc -eq 0 ] || status=1
+    if [ -n "${OUT:-}" ]; then cp bench/RESULTS.md "$OUT/RESULTS.md"; fi  # kept even if a later part hangs
 }
-part 240 "gpu tests" $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/engine/test_gpu.py tests/train/test_gpu.py
-part 150 "bench_generate (cuda)" $py bench/bench_generate.py --device cuda --hf-batch 128 --max-num-seqs 128 \
+part 200 "gpu tests" $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/engine/test_engine_gpu.py tests/train/test_train_gpu.py
+part 130 "bench_generate (cuda)" $py bench/bench_generate.py --device cuda --hf-batch 128 --max-num-seqs 128 \
     --weights-note "$weights_note"
-part 120 "bench_fused_logprob (cuda)" $py bench/bench_fused_logprob.py --reps 10
-part 60 "bench_paged_attention (cuda)" $py bench/bench_paged_attention.py --device cuda --dtype bfloat16
-part 90 "bench_train (cuda)" $py bench/bench_train.py
-part 40 "bench_dpo_loss (cuda)" $py bench/bench_dpo_loss.py
-if [ -n "${OUT:-}" ]; then cp bench/RESULTS.md "$OUT/RESULTS.md"; fi
+part 100 "bench_fused_logprob (cuda)" $py bench/bench_fused_logprob.py --reps 10
+part 40 "bench_paged_attention (cuda)" $py bench/bench_paged_attention.py --device cuda --dtype bfloat16
+part 60 "bench_train (cuda)" $py bench/bench_train.py
+part 20 "bench_dpo_loss (cuda)" $py bench/bench_dpo_loss.py
 exit $status

@@ -8,7 +8,7 @@ import torch
 from srlm_engine.engine import LLM, SamplingParams
 from srlm_engine.model.greedy import greedy_generate
 
-from conftest import EOS, random_prompts
+from enginekit import EOS, random_prompts
 
 
 def reference(model, prompts, max_tokens):

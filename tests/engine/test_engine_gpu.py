@@ -8,7 +8,7 @@ import torch
 from srlm_engine.engine import LLM, SamplingParams
 from srlm_engine.model.greedy import greedy_generate
 
-from conftest import EOS, random_prompts
+from enginekit import EOS, random_prompts
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 MODES = [pytest.param(False, id="cuda_graphs"), pytest.param(True, id="eager")]
