@@ -14,6 +14,16 @@ forward time, which holds for a mean cross-entropy but not here, where g is per 
 gradient is known only after every token of the sequence is summed). The price is one extra
 matmul over the vocabulary (4 instead of 3).
 
+Triton backward, in chunks of C rows: one kernel recomputes the logits of the chunk (fp32
+accumulation, as forward) and writes dz [C, V] in the inputs' dtype; then two cuBLAS GEMMs give
+d hidden = dz @ weight for those rows and d weight += dz.T @ hidden. d hidden and d weight are
+reductions over V and N of size H each: kept in registers they would need the logits recomputed
+per H-tile, written back per tile they cost far more memory traffic than the GEMMs (the first
+version did that: 5x slower than Liger on an H100). C follows Liger's rule, so dz holds about as
+many values as a chunk of Liger's logits: with bf16 inputs d weight accumulates in bf16 over the
+N / C chunks, as Liger's does; fp32 inputs accumulate in fp32.
+Ignored rows (prompt tokens) are dropped before any kernel on both paths.
+
 Dtypes: bfloat16/float16/float32 inputs are multiplied with float32 accumulation (the CPU path
 upcasts each chunk); logprobs and lse are float32 (float64 for float64 inputs, CPU path only),
 because they are summed over sequences next. Gradients come back in the inputs' dtype.
@@ -27,10 +37,13 @@ from .fused_logprob_torch import torch_fused_linear_logprob, torch_fused_linear_
 
 # ------------------------------------------------------------------------------------ Triton
 
-# (BLOCK_N, BLOCK_V, BLOCK_H), read at launch. The interpreter pays per operation, not per
-# element, so big tiles make it fast; tl.dot needs every block >= 16.
-GPU_BLOCKS = (64, 128, 64)
+# (BLOCK_N, BLOCK_V, BLOCK_H[, num_warps, num_stages]), read at launch. The interpreter pays
+# per operation, not per element, so big tiles make it fast; tl.dot needs every block >= 16.
+# GPU: 128 x 128 fp32 accumulator tiles over 8 warps, 3-stage pipelined loads (Hopper matmul
+# defaults; bench/tune_fused_logprob.py times the alternatives on the card at hand).
+GPU_BLOCKS = (128, 128, 64, 8, 3)
 INTERPRETER_BLOCKS = (16, 512, 64)
+MIN_CHUNK_ROWS = 256  # backward chunks: fewer rows make the GEMMs inefficient
 
 
 @triton.jit
@@ -96,62 +109,28 @@ def _dz_tile(h_ptr, w_ptr, t_ptr, g_ptr, lse_ptr, rows, cols, rmask, cmask, N, H
 
 
 @triton.jit
-def _bwd_dh_kernel(h_ptr, w_ptr, t_ptr, g_ptr, lse_ptr, dh_ptr, N, V, H, inv_temp, ignore_index,
+def _bwd_dz_kernel(h_ptr, w_ptr, t_ptr, g_ptr, lse_ptr, dz_ptr, n0, N, V, H, inv_temp, ignore_index,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                    UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    # One program owns a block of rows of dh (fp32), so its read-add-write needs no atomics.
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    """dz [rows n0.., all V] of one chunk, in dz's dtype. Program ids run along rows first, so
+    the programs in flight share a weight tile (read once from memory, then from L2)."""
+    local = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (n0 + local).to(tl.int64)
     rmask = rows < N
-    for v0 in range(0, V, BLOCK_V):
-        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-        cmask = cols < V
-        dz = _dz_tile(h_ptr, w_ptr, t_ptr, g_ptr, lse_ptr, rows, cols, rmask, cmask, N, H, inv_temp,
-                      ignore_index, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, IEEE)
-        if not UPCAST:
-            dz = dz.to(w_ptr.dtype.element_ty)  # tensor-core dot in the weights' dtype, fp32 accumulation
-        for k0 in range(0, H, BLOCK_H):
-            ks = k0 + tl.arange(0, BLOCK_H)
-            kmask = ks < H
-            w = tl.load(w_ptr + cols[:, None] * H + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-            if UPCAST:
-                w = w.to(tl.float32)
-            if IEEE:
-                part = tl.dot(dz, w, input_precision="ieee")
-            else:
-                part = tl.dot(dz, w)
-            ptrs = dh_ptr + rows[:, None] * H + ks[None, :]
-            omask = rmask[:, None] & kmask[None, :]
-            tl.store(ptrs, tl.load(ptrs, mask=omask, other=0.0) + part, mask=omask)
-
-
-@triton.jit
-def _bwd_dw_kernel(h_ptr, w_ptr, t_ptr, g_ptr, lse_ptr, dw_ptr, N, V, H, inv_temp, ignore_index,
-                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                   UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    # One program owns a chunk of vocabulary rows of dw: deterministic, no atomics.
-    cols = (tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     cmask = cols < V
-    for n0 in range(0, N, BLOCK_N):
-        rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        rmask = rows < N
-        dz = _dz_tile(h_ptr, w_ptr, t_ptr, g_ptr, lse_ptr, rows, cols, rmask, cmask, N, H, inv_temp,
-                      ignore_index, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, IEEE)
-        if not UPCAST:
-            dz = dz.to(h_ptr.dtype.element_ty)
-        dzt = tl.trans(dz)
-        for k0 in range(0, H, BLOCK_H):
-            ks = k0 + tl.arange(0, BLOCK_H)
-            kmask = ks < H
-            h = tl.load(h_ptr + rows[:, None] * H + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            if UPCAST:
-                h = h.to(tl.float32)
-            if IEEE:
-                part = tl.dot(dzt, h, input_precision="ieee")
-            else:
-                part = tl.dot(dzt, h)
-            ptrs = dw_ptr + cols[:, None] * H + ks[None, :]
-            omask = cmask[:, None] & kmask[None, :]
-            tl.store(ptrs, tl.load(ptrs, mask=omask, other=0.0) + part, mask=omask)
+    dz = _dz_tile(h_ptr, w_ptr, t_ptr, g_ptr, lse_ptr, rows, cols, rmask, cmask, N, H, inv_temp,
+                  ignore_index, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, IEEE)
+    tl.store(dz_ptr + local.to(tl.int64)[:, None] * V + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+def chunk_rows(n, v, h, block_n):
+    """Rows per backward chunk: Liger's rule (about V / H chunks' worth of logits per N rows,
+    so dz holds ~N * H values), at least MIN_CHUNK_ROWS for GEMM efficiency, a multiple of block_n."""
+    c = triton.next_power_of_2(triton.cdiv(n, triton.cdiv(v, h)))
+    c = max(c, MIN_CHUNK_ROWS)
+    return min(triton.cdiv(n, block_n) * block_n, triton.cdiv(c, block_n) * block_n)
 
 
 def _triton_config(hidden, blocks):
@@ -164,14 +143,32 @@ def _triton_config(hidden, blocks):
                                "TRITON_INTERPRET=1 before triton is first imported (use backend='torch' on CPU)")
     if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"the Triton path takes float32, bfloat16 or float16, got {hidden.dtype}")
-    bn, bv, bh = blocks or (INTERPRETER_BLOCKS if interp else GPU_BLOCKS)
-    return dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, UPCAST=interp,
-                IEEE=hidden.dtype == torch.float32)
+    bn, bv, bh, *launch = blocks or (INTERPRETER_BLOCKS if interp else GPU_BLOCKS)
+    cfg = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, UPCAST=interp, IEEE=hidden.dtype == torch.float32)
+    if launch and not interp:
+        cfg.update(num_warps=launch[0], num_stages=launch[1])
+    return cfg
+
+
+def _kept_rows(targets, ignore_index):
+    """Indices of the rows that count, or None when all do (no copy needed)."""
+    keep = targets != ignore_index
+    return None if bool(keep.all()) else keep.nonzero().squeeze(1)
 
 
 def _triton_fused_linear_logprob(hidden, weight, targets, ignore_index, temperature, blocks=None):
-    """Triton forward -> (logprobs [N] fp32, lse [N] fp32). Inputs already checked and contiguous."""
+    """Triton forward -> (logprobs [N] fp32, lse [N] fp32; both 0 at ignored rows). Inputs
+    already checked and contiguous."""
     cfg = _triton_config(hidden, blocks)
+    rows = _kept_rows(targets, ignore_index)
+    if rows is not None:  # compute the kept rows only, then scatter
+        logp = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.zeros_like(logp)
+        if rows.numel():
+            lp, ls = _triton_fused_linear_logprob(hidden.index_select(0, rows), weight, targets.index_select(0, rows),
+                                                  ignore_index, temperature, blocks)
+            logp[rows], lse[rows] = lp, ls
+        return logp, lse
     n, h = hidden.shape
     v = weight.shape[0]
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -184,24 +181,37 @@ def _triton_fused_linear_logprob(hidden, weight, targets, ignore_index, temperat
 
 def _triton_fused_linear_logprob_backward(grad, hidden, weight, targets, lse, ignore_index, temperature,
                                           need_dh=True, need_dw=True, blocks=None):
-    """Triton backward -> (d hidden or None, d weight or None), in the inputs' dtype."""
+    """Triton dz chunks + cuBLAS GEMMs -> (d hidden or None, d weight or None), inputs' dtype."""
     cfg = _triton_config(hidden, blocks)
+    dh = torch.zeros_like(hidden) if need_dh else None
+    dw = torch.zeros_like(weight) if need_dw else None
+    rows = _kept_rows(targets, ignore_index)
+    if rows is not None:
+        if rows.numel() == 0:
+            return dh, dw
+        sub = _triton_fused_linear_logprob_backward(
+            grad.index_select(0, rows), hidden.index_select(0, rows), weight, targets.index_select(0, rows),
+            lse.index_select(0, rows), ignore_index, temperature, need_dh, need_dw, blocks)
+        if need_dh:
+            dh.index_copy_(0, rows, sub[0])
+        return dh, sub[1]
     n, h = hidden.shape
     v = weight.shape[0]
+    if n == 0:
+        return dh, dw
     grad = grad.contiguous()
-    args = (hidden, weight, targets, grad, lse)
-    scalars = (n, v, h, 1.0 / temperature, ignore_index)
-    dh = dw = None
-    if need_dh:
-        dh = torch.zeros(n, h, dtype=torch.float32, device=hidden.device)
-        if n:
-            _bwd_dh_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](*args, dh, *scalars, **cfg)
-        dh = dh.to(hidden.dtype)
-    if need_dw:
-        dw = torch.zeros(v, h, dtype=torch.float32, device=hidden.device)
-        if n:
-            _bwd_dw_kernel[(triton.cdiv(v, cfg["BLOCK_V"]),)](*args, dw, *scalars, **cfg)
-        dw = dw.to(weight.dtype)
+    c = chunk_rows(n, v, h, cfg["BLOCK_N"])
+    dz = torch.empty(c, v, dtype=hidden.dtype, device=hidden.device)
+    for n0 in range(0, n, c):
+        m = min(c, n - n0)
+        grid = (triton.cdiv(m, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
+        _bwd_dz_kernel[grid](hidden, weight, targets, grad, lse, dz, n0, n0 + m, v, h, 1.0 / temperature,
+                             ignore_index, **cfg)
+        d = dz[:m]
+        if need_dh:
+            torch.mm(d, weight, out=dh[n0:n0 + m])
+        if need_dw:
+            dw.addmm_(d.T, hidden[n0:n0 + m])
     return dh, dw
 
 

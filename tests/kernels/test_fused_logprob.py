@@ -18,6 +18,7 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(fused_logprob_torch, "CHUNK_N", 7)
     monkeypatch.setattr(fused_logprob_torch, "CHUNK_V", 50)
     monkeypatch.setattr(fused_logprob, "INTERPRETER_BLOCKS", (16, 64, 32))
+    monkeypatch.setattr(fused_logprob, "MIN_CHUNK_ROWS", 16)  # several backward chunks
 
 
 def make_inputs(n, h, v, dtype, seed=0, logit_scale=1.0, ignore_every=4):

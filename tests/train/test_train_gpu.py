@@ -40,7 +40,7 @@ RUNS = {  # name: (command, extra flags, device)
     "dpo-cuda": ("dpo", [], "cuda"),
     "sft-cuda-bf16": ("sft", ["--dtype", "bfloat16"], "cuda"),
 }
-FUSED_KERNELS = ("_fwd_kernel", "_bwd_dh_kernel", "_bwd_dw_kernel")  # kernels/fused_logprob.py
+FUSED_KERNELS = ("_fwd_kernel", "_bwd_dz_kernel")  # kernels/fused_logprob.py
 DPO_KERNELS = ("_dpo_fwd_kernel", "_dpo_bwd_kernel")  # kernels/dpo_loss.py
 
 # fp32 on both devices, yet not bit-equal: cuBLAS, SDPA and the Triton kernel sum in other orders
