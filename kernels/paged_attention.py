@@ -15,7 +15,11 @@ Cache layout (flash-attn's paged layout), per layer:
 The decode grid is (sequence, kv head): one program holds the G query heads of its kv head, so
 each key/value row is loaded once for all of them. It walks the sequence BLOCK_T tokens at a
 time (a tile may span several cache blocks: the block id is looked up per token), with an
-online softmax in float32; the output is rounded to q's dtype once at the end.
+online softmax in float32; the output is rounded to q's dtype once at the end. Both products
+are tl.dot on tensor cores: the G heads are padded to 16 rows (the smallest dot; the padding
+costs nothing next to the memory reads). bf16/fp16 caches multiply in their dtype with fp32
+accumulation (the probabilities are rounded to it for P @ V, as FlashAttention does); fp32
+caches multiply in full fp32 ("ieee"); the interpreter upcasts everything to fp32.
 Same semantics as srlm_kernels.reference.paged_attention and torch.ops.srlm_C (the CPU op).
 """
 import torch
@@ -40,7 +44,8 @@ def _reshape_and_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, k_s0, v_s0
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, q_s0, q_s1, bt_s0, scale,
                    NKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                   BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+                   BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                   UPCAST: tl.constexpr, IEEE: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     L = tl.load(lens_ptr + b)
@@ -50,8 +55,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, q_s0, q_s1, b
     dmask = ds < HEAD_DIM
     heads = j * GROUP + gs
     qmask = gmask[:, None] & dmask[None, :]
-    q = tl.load(q_ptr + b * q_s0 + heads[:, None] * q_s1 + ds[None, :], mask=qmask, other=0.0)
-    q = q.to(tl.float32) * scale  # (G, D)
+    q = tl.load(q_ptr + b * q_s0 + heads[:, None] * q_s1 + ds[None, :], mask=qmask, other=0.0)  # (G, D)
+    if UPCAST:
+        q = q.to(tl.float32)
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -63,15 +69,26 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, q_s0, q_s1, b
         rows = (blk * BLOCK_SIZE + ts % BLOCK_SIZE) * NKV + j  # (T,) row of [slots * nkv, hd]
         kvmask = tmask[:, None] & dmask[None, :]
         offs = rows[:, None] * HEAD_DIM + ds[None, :]
-        k = tl.load(k_ptr + offs, mask=kvmask, other=0.0).to(tl.float32)  # (T, D)
-        z = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (G, T)
-        z = tl.where(tmask[None, :], z, float("-inf"))
+        k = tl.load(k_ptr + offs, mask=kvmask, other=0.0)  # (T, D)
+        if UPCAST:
+            k = k.to(tl.float32)
+        if IEEE:
+            z = tl.dot(q, tl.trans(k), input_precision="ieee")  # (G, T)
+        else:
+            z = tl.dot(q, tl.trans(k))
+        z = tl.where(tmask[None, :], z * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))  # finite: every tile holds a real token
         p = tl.exp(z - m_new[:, None])
         alpha = tl.exp(m - m_new)
         s = s * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + offs, mask=kvmask, other=0.0).to(tl.float32)  # (T, D)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        v = tl.load(v_ptr + offs, mask=kvmask, other=0.0)  # (T, D)
+        if UPCAST:
+            v = v.to(tl.float32)
+        if IEEE:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
         m = m_new
     out = acc / tl.where(s > 0, s, 1.0)[:, None]  # s == 0 (and acc == 0) only for an empty context
     tl.store(out_ptr + (b * (NKV * GROUP) + heads[:, None]) * HEAD_DIM + ds[None, :],
@@ -140,7 +157,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     validate=True checks context lengths and the block-table entries they use (a device sync);
     the engine may pass False once it has checked a step's tables (they are shared by all layers).
     Table entries past a sequence's last used block are never read and may hold anything.
-    block_t: tokens per tile (a power of two); by default the (G, T, D) product tile holds ~4k values.
+    block_t: tokens per tile (a power of two >= 16); default 64 (16 in the interpreter, so tests
+    cross tile edges).
     """
     _check_cache(k_cache, v_cache)
     num_blocks, block_size, nkv, hd = k_cache.shape
@@ -174,11 +192,13 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     if out.numel() == 0:
         return out
     group = nh // nkv
-    block_g, block_d = triton.next_power_of_2(group), triton.next_power_of_2(hd)
+    interp = q.device.type == "cpu"
+    block_g, block_d = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(hd))
     if block_t is None:
-        block_t = max(16, min(64, 4096 // (block_g * block_d)))
+        block_t = 16 if interp else 64
     _decode_kernel[(B, nkv)](q, k_cache, v_cache, block_tables, context_lens.contiguous(), out,
                              q.stride(0), q.stride(1), block_tables.stride(0), float(scale),
                              NKV=nkv, GROUP=group, HEAD_DIM=hd, BLOCK_SIZE=block_size,
-                             BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_T=block_t)
+                             BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_T=block_t,
+                             UPCAST=interp, IEEE=interp or q.dtype == torch.float32)
     return out

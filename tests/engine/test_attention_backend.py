@@ -48,3 +48,27 @@ def test_mixed_step_matches_dense(backend):
     out = attend(0, *(torch.cat([t[s][cached[s]:] for s in range(3)]) for t in (q, k, v)))
     want = torch.cat([dense(q[s], k[s], v[s])[cached[s]:] for s in range(3)])
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_prefill_matches_per_sequence(tiny_dir, tiny_model):
+    """The GPU backend's one-call prefill (forced on here, on CPU) gives the plain loop's tokens,
+    with chunked prefill and prefix-cache hits in the same steps (sequences of ragged contexts)."""
+    from srlm_engine.engine import LLM, SamplingParams
+    from srlm_engine.model.greedy import greedy_generate
+
+    from enginekit import EOS, random_prompts
+
+    shared = list(range(2, 50))
+    prompts = random_prompts(9, 2, 40, seed=5) + [shared + [60, 61], shared + [70], shared]
+    llm = LLM(tiny_dir, kv_cache_tokens=4096, max_num_batched_tokens=64, attention_backend="torch")
+    llm.backend.batched_prefill = True
+    calls = []
+    orig = PagedAttention._prefill_batched
+    PagedAttention._prefill_batched = lambda self, *a: calls.append(1) or orig(self, *a)
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+    finally:
+        PagedAttention._prefill_batched = orig
+    want = [greedy_generate(tiny_model, p, 12, eos_token_ids=[EOS]) for p in prompts]
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert calls and llm.pool.hit_tokens > 0
