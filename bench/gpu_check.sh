@@ -58,11 +58,13 @@ part() {  # part SECONDS NAME COMMAND...: run one part under a time limit, note 
     [ $rc -eq 0 ] || status=1
     if [ -n "${OUT:-}" ]; then cp bench/RESULTS.md "$OUT/RESULTS.md"; fi  # kept even if a later part hangs
 }
-part 200 "gpu tests" $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/engine/test_engine_gpu.py tests/train/test_train_gpu.py
-part 130 "bench_generate (cuda)" $py bench/bench_generate.py --device cuda --hf-batch 128 --max-num-seqs 128 \
+part 150 "gpu tests" $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/engine/test_engine_gpu.py tests/train/test_train_gpu.py
+part 80 "bench_generate (cuda)" $py bench/bench_generate.py --device cuda --hf-batch 128 --max-num-seqs 128 \
     --weights-note "$weights_note"
-part 100 "bench_fused_logprob (cuda)" $py bench/bench_fused_logprob.py --reps 10
-part 40 "bench_paged_attention (cuda)" $py bench/bench_paged_attention.py --device cuda --dtype bfloat16
+part 70 "bench_fused_logprob (cuda)" $py bench/bench_fused_logprob.py --reps 10
+part 60 "tune_fused_logprob (cuda)" $py bench/tune_fused_logprob.py
 part 60 "bench_train (cuda)" $py bench/bench_train.py
-part 20 "bench_dpo_loss (cuda)" $py bench/bench_dpo_loss.py
+part 25 "bench_paged_attention (cuda)" $py bench/bench_paged_attention.py --device cuda --dtype bfloat16
+part 45 "bench_train (cuda, bf16)" $py bench/bench_train.py --dtype bf16
+part 40 "bench_dpo_loss (cuda)" $py bench/bench_dpo_loss.py
 exit $status
