@@ -14,7 +14,7 @@ from triton.testing import do_bench
 
 from srlm_kernels import fused_logprob as fl
 
-CONFIGS = [fl.GPU_BLOCKS, (64, 128, 64, 4, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
+CONFIGS = [fl.GPU_BLOCKS, (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4),
            (64, 256, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 32, 8, 4)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -39,9 +39,11 @@ from .fused_logprob_torch import torch_fused_linear_logprob, torch_fused_linear_
 
 # (BLOCK_N, BLOCK_V, BLOCK_H[, num_warps, num_stages]), read at launch. The interpreter pays
 # per operation, not per element, so big tiles make it fast; tl.dot needs every block >= 16.
-# GPU: 128 x 128 fp32 accumulator tiles over 8 warps, 3-stage pipelined loads (Hopper matmul
-# defaults; bench/tune_fused_logprob.py times the alternatives on the card at hand).
-GPU_BLOCKS = (128, 128, 64, 8, 3)
+# GPU: 128 x 256 fp32 accumulator tiles over 8 warps, 3-stage pipelined loads: the fastest of
+# bench/tune_fused_logprob.py's configs on an H100 at both bench shapes (fwd+bwd 4.50 ms at
+# N=4096 H=576 V=49152 and 39.6 ms at N=8192 H=2048 V=128256, against 5.11 and 43.2 ms for
+# 128 x 128; see bench/RESULTS.md). Rerun it on another card.
+GPU_BLOCKS = (128, 256, 64, 8, 3)
 INTERPRETER_BLOCKS = (16, 512, 64)
 MIN_CHUNK_ROWS = 256  # backward chunks: fewer rows make the GEMMs inefficient
 
