@@ -14,6 +14,9 @@ Contracts:
   (all blocks released) and stays usable.
 - The n samples of a request are n sequences; the prefix cache makes them share the prompt's full
   blocks (allocated once). Each sample has its own generator: from (seed, index) when seeded.
+- Devices: on CPU with srlm_engine._C built, the C++ paged attention and small-batch linear
+  (engine/linear.py); on CUDA, the Triton paged attention, one SDPA call for a step's prefills,
+  and CUDA graphs for decode steps (engine/cuda_graph.py; enforce_eager=True turns them off).
 """
 from __future__ import annotations
 
@@ -72,6 +75,7 @@ class LLM:
         self.pool = BlockPool(num_blocks, block_size)
         self.cache = KVCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
                              cfg.head_dim, dtype, device)
+        self.scale = cfg.head_dim ** -0.5
         self.backend = select_backend(self.device, block_size, attention_backend)
         if self.backend.name == "cpp":  # the extension is there: small-batch decode streams weights
             from srlm_engine.engine.linear import use_small_batch_linear
@@ -80,11 +84,10 @@ class LLM:
         self.graphs = None
         if self.device.type == "cuda" and not enforce_eager and self.backend.name == "triton":
             from srlm_engine.engine.cuda_graph import DecodeGraphs
-            self.graphs = DecodeGraphs(self.model, self.backend, self.cache, cfg.head_dim ** -0.5,
-                                       max_num_seqs, -(-self.max_model_len // block_size))
+            self.graphs = DecodeGraphs(self.model, self.backend, self.cache, self.scale, max_num_seqs,
+                                       -(-self.max_model_len // block_size))
         self.scheduler = Scheduler(self.pool, max_num_seqs, max_num_batched_tokens)
         self.sampler = Sampler()
-        self.scale = cfg.head_dim ** -0.5
         self.eos_ids = set(self.tokenizer.eos_token_ids)
         self._rng = torch.Generator().manual_seed(seed)  # seeds the unseeded requests' generators
         self.num_steps = 0
