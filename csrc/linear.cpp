@@ -17,20 +17,12 @@
 #include <optional>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SRLM_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SRLM_MULTIVERSION
-#endif
-#define SRLM_INLINE inline __attribute__((always_inline))
+#include "simd.h"
 
 namespace {
 
 constexpr int64_t kMaxRows = 8;  // the largest M this op takes
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
@@ -47,13 +39,6 @@ SRLM_INLINE f32x16 load16(const c10::BFloat16* p) {  // bf16 -> f32: the 16 bits
   f32x16 v;
   std::memcpy(&v, &u, sizeof v);
   return v;
-}
-
-SRLM_INLINE float hsum(f32x16 a) {
-  const f32x8 h8 = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
-                   __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
-  const f32x4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
-  return (h4[0] + h4[2]) + (h4[1] + h4[3]);
 }
 
 struct Args {

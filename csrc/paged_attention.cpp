@@ -23,14 +23,7 @@
 #include <type_traits>
 #include <vector>
 
-// Builds the hot function for AVX-512, AVX2+FMA and baseline x86-64 and picks one at load time
-// (setup.py compiles for baseline x86-64 only, which would leave the inner loops at SSE2).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SRLM_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SRLM_MULTIVERSION
-#endif
-#define SRLM_INLINE inline __attribute__((always_inline))
+#include "simd.h"
 
 namespace {
 
@@ -61,13 +54,8 @@ SRLM_INLINE const A* widen(const T* __restrict src, A* __restrict buf, int64_t n
   }
 }
 
-// a . b: float32 in 16-lane vectors (GCC vector extensions; lowered to whatever the target
-// clone has), then a tree over the lanes. (`omp simd reduction` vectorizes the products too, but
-// gcc 12 then adds the 16 lanes one by one: a chain of 16 dependent adds per dot.)
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-
+// a . b: float32 in 16-lane vectors, then a tree over the lanes. (`omp simd reduction` vectorizes
+// the products too, but gcc 12 then adds the 16 lanes one by one: a chain of 16 dependent adds.)
 SRLM_INLINE float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   f32x16 acc = {};
   int64_t i = 0;
@@ -77,10 +65,7 @@ SRLM_INLINE float dot(const float* __restrict a, const float* __restrict b, int6
     __builtin_memcpy(&y, b + i, sizeof y);
     acc += x * y;
   }
-  const f32x8 h8 = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7) +
-                   __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
-  const f32x4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
-  float s = (h4[0] + h4[2]) + (h4[1] + h4[3]);
+  float s = hsum(acc);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }

@@ -23,8 +23,8 @@ blocks that another sequence of the same step writes (prefix-cache hits within a
 from __future__ import annotations
 
 import warnings
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
