@@ -12,8 +12,11 @@
 #                   travel (no hub there), so a checkpoint of that exact shape with random weights
 #                   is written where `pull()` looks (SRLM_CACHE): throughput figures hold for the
 #                   shape; greedy-vs-transformers token equality is tested on tiny models instead.
+# Prepare them here: `mkdir -p .gpu/smollm2 && cp ~/.cache/srlm/models/smollm2-135m-instruct/*.json
+# .gpu/smollm2/` and `pip download --no-deps liger-kernel -d .whl` (both folders git-ignored).
 # Each part has its own time limit and the script goes on after a failure; it exits non-zero if
 # any part failed. Not covered: flash-attn (no wheel for this torch/CUDA), multi-GPU FSDP.
+# Last run: 2026-11-26 on an H100 80GB HBM3 (torch 2.11, triton 3.6), ~5 min, every part passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
