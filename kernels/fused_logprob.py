@@ -185,20 +185,19 @@ def _triton_fused_linear_logprob_backward(grad, hidden, weight, targets, lse, ig
                                           need_dh=True, need_dw=True, blocks=None):
     """Triton dz chunks + cuBLAS GEMMs -> (d hidden or None, d weight or None), inputs' dtype."""
     cfg = _triton_config(hidden, blocks)
-    dh = torch.zeros_like(hidden) if need_dh else None
-    dw = torch.zeros_like(weight) if need_dw else None
     rows = _kept_rows(targets, ignore_index)
-    if rows is not None:
+    if rows is not None:  # the kept rows only; their d hidden scattered into zeros
         if rows.numel() == 0:
-            return dh, dw
-        sub = _triton_fused_linear_logprob_backward(
+            return (torch.zeros_like(hidden) if need_dh else None), (torch.zeros_like(weight) if need_dw else None)
+        sub_dh, dw = _triton_fused_linear_logprob_backward(
             grad.index_select(0, rows), hidden.index_select(0, rows), weight, targets.index_select(0, rows),
             lse.index_select(0, rows), ignore_index, temperature, need_dh, need_dw, blocks)
-        if need_dh:
-            dh.index_copy_(0, rows, sub[0])
-        return dh, sub[1]
+        dh = torch.zeros_like(hidden).index_copy_(0, rows, sub_dh) if need_dh else None
+        return dh, dw
     n, h = hidden.shape
     v = weight.shape[0]
+    dh = torch.empty_like(hidden) if need_dh else None  # every row is written by one chunk's GEMM
+    dw = torch.zeros_like(weight) if need_dw else None
     if n == 0:
         return dh, dw
     grad = grad.contiguous()
