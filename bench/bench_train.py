@@ -7,16 +7,20 @@ ours:  one model; hidden states -> fused log-prob kernel (no [N, V] logits; prom
        -> dpo_loss kernel against reference log-probs precomputed once (train/refs.py).
        "ours + ref pass" adds the cost of that one no-grad pass per pair (paid once per epoch, so
        for a single epoch this is the fair per-step figure; the headline ratio uses it).
-ours-ac: ours with activation checkpointing per block (train/parallel.py, --activation-checkpointing).
+ours-sac: ours with selective activation checkpointing (--activation-checkpointing selective:
+       matmul and attention outputs kept, norms / rotary / SiLU / products recomputed).
+ours-ac: ours with whole blocks checkpointed (--activation-checkpointing full).
 torch: policy and a separate reference model in memory; logits [2B, T, V] materialized for both,
-       log_softmax + gather, the DPO sigmoid loss written out (TRL's classic get_batch_logps path).
+       log_softmax + gather, the DPO sigmoid loss written out (TRL's classic get_batch_logps path);
+       the model's RMSNorm / SwiGLU / rotary run as torch's composite ops (model/fused.py's
+       references), not our CPU kernels, so it is plain PyTorch throughout.
 Both: float32 (or --dtype bf16: weights, Adam state and compute in bf16; the baseline's
 log_softmax in fp32 as HF and TRL upcast), the same token batch (B pairs = 2B rows of prompt +
 response, right-padded to T), backward, AdamW step.
 CPU (the default without CUDA; 4 pairs x 64+128, 3 steps): peak memory: each variant in its own
 process (clean peak): the peak RSS of loading and two steps (weights, reference model if any,
 gradients, Adam state, activations, logits) above the RSS after importing torch. Time: one process
-holds all three, each with its own policy copy, and interleaves their steps, so load from other
+holds all four, each with its own policy copy, and interleaves their steps, so load from other
 jobs on a shared machine hits all alike; the table shows medians (p20-p80).
 CUDA (the default where it is available; 8 pairs x 128+384 = 8192 tokens a step, 6 steps after 1
 warm-up; well under 90 s on an H100 with model loads): one worker process; peak memory per variant
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import append_rows, device_name, reset_peak_rss, rss_mb, run_worker, stats  # noqa: E402
 
+from srlm_engine.model.fused import reference_ops  # noqa: E402
 from srlm_engine.train.batches import IGNORE  # noqa: E402
 from srlm_engine.train.losses import TokenLogprobs, dpo_batch_loss  # noqa: E402
 
@@ -67,11 +72,11 @@ def plain_logps(model, ids, tgt):
 def make_step(impl, model, ids, tgt, ref_model=None, refs=None):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-7, foreach=True)
     b = ids.shape[0] // 2
-    if impl in ("ours", "ours-ac"):
+    if impl.startswith("ours"):
         root = TokenLogprobs(model)
-        if impl == "ours-ac":
+        if impl != "ours":
             from srlm_engine.train.parallel import Dist, parallelize
-            parallelize(root, model.layers, Dist(), activation_checkpointing=True)
+            parallelize(root, model.layers, Dist(), activation_checkpointing=CHECKPOINTING[impl])
 
         def step():
             loss, _, _ = dpo_batch_loss(root(ids, tgt), refs[0], refs[1], BETA)
@@ -81,12 +86,13 @@ def make_step(impl, model, ids, tgt, ref_model=None, refs=None):
             return loss
     else:
         def step():
-            seq = plain_logps(model, ids, tgt)
-            with torch.no_grad():
-                ref = plain_logps(ref_model, ids, tgt)
-            logits = (seq[:b] - ref[:b]) - (seq[b:] - ref[b:])
-            loss = -F.logsigmoid(BETA * logits).mean()
-            loss.backward()
+            with reference_ops():
+                seq = plain_logps(model, ids, tgt)
+                with torch.no_grad():
+                    ref = plain_logps(ref_model, ids, tgt)
+                logits = (seq[:b] - ref[:b]) - (seq[b:] - ref[b:])
+                loss = -F.logsigmoid(BETA * logits).mean()
+                loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss
@@ -115,7 +121,8 @@ def _load(impl, device="cpu", dtype="fp32"):
     return model, (load_model(path, dtype=dt, device=device) if impl == "torch" else None)
 
 
-IMPLS = ("torch", "ours", "ours-ac")
+IMPLS = ("torch", "ours", "ours-sac", "ours-ac")
+CHECKPOINTING = {"ours-sac": "selective", "ours-ac": "full"}
 
 
 def _load_and_two_steps(impl, pairs, prompt_len, resp_len, device, dtype):
@@ -157,7 +164,7 @@ def cuda_peak_mb(impl, pairs, prompt_len, resp_len, dtype):
 
 
 def worker_time(pairs, prompt_len, resp_len, steps, warmup, device="cpu", dtype="fp32"):
-    """All three variants in one process, their steps interleaved (torch, ours, ours-ac, torch, ...),
+    """All four variants in one process, their steps interleaved (torch, ours, ours-sac, ours-ac, torch, ...),
     so that a machine shared with other jobs slows them alike. Each has its own policy copy.
     On CUDA the peak memory of each variant alone is measured first, in this process."""
     peak = {i: cuda_peak_mb(i, pairs, prompt_len, resp_len, dtype) for i in IMPLS} if device == "cuda" else None

@@ -1,5 +1,5 @@
 // The srlm_C operator library: schemas here, CPU kernels in paged_attention.cpp,
-// cache_ops.cpp and linear.cpp.
+// cache_ops.cpp, linear.cpp and fused_elementwise.cpp.
 //
 // `import srlm_engine._C` loads this shared object, whose static initializers register the ops
 // under torch.ops.srlm_C. The module itself is empty: the ops are reached through the dispatcher
@@ -21,6 +21,15 @@ TORCH_LIBRARY(srlm_C, m) {
   // x [M, K] @ weight[N, K].T (+ bias [N]) for M <= 8 rows (decode at small batch): each weight row
   // is streamed once for all M rows. float32 or bfloat16, float32 accumulation; [M, N] in x's dtype.
   m.def("small_batch_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // Training's element-wise ops, float32, forward and backward (srlm_engine/model/fused.py wraps
+  // them in autograd): RMSNorm over the last dim (-> y, rstd per row), silu(g) * u, and rotary
+  // embedding of x [..., nh, hd] with cos / sin holding one [hd] row per row of x.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
+  m.def("swiglu(Tensor g, Tensor u) -> Tensor");
+  m.def("swiglu_backward(Tensor dy, Tensor g, Tensor u) -> (Tensor, Tensor)");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("rope_backward(Tensor dy, Tensor cos, Tensor sin) -> Tensor");
 }
 
 // An empty Python module named _C, so that `import srlm_engine._C` loads the library above.

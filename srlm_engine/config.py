@@ -155,7 +155,7 @@ class TrainConfig:
     keep_last: int = 2
     dtype: str = "float32"  # dtype the weights are held (and saved) in
     mixed_precision: bool = False  # FSDP2: bf16 compute, fp32 gradient reduction
-    activation_checkpointing: bool = False
+    activation_checkpointing: str = "none"  # 'none', 'selective' or 'full' (train/parallel.py)
     ref_batch_size: int = 8
     progress: bool = True
 
@@ -191,6 +191,11 @@ class TrainConfig:
             raise ConfigError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if isinstance(self.activation_checkpointing, bool):  # a TOML `true` / `false`: whole blocks or none
+            self.activation_checkpointing = "full" if self.activation_checkpointing else "none"
+        if self.activation_checkpointing not in ("none", "selective", "full"):
+            raise ConfigError("activation_checkpointing must be 'none', 'selective' or 'full', "
+                              f"got {self.activation_checkpointing!r}")
         self.adam_betas = tuple(self.adam_betas)
 
     @classmethod

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from srlm_engine.config import ModelConfig
+from srlm_engine.model.fused import rms_norm, rope, swiglu
 
 # attend(layer_index, q [..., nh, hd], k [..., nkv, hd], v [..., nkv, hd]) -> [..., nh, hd]
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -42,11 +43,6 @@ def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -54,9 +50,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -74,8 +68,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(*lead, self.nh, self.hd)
         k = self.k_proj(x).view(*lead, self.nkv, self.hd)
         v = self.v_proj(x).view(*lead, self.nkv, self.hd)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         o = attend(layer, q, k, v)  # [..., nh, hd]
         return self.o_proj(o.reshape(*lead, self.nh * self.hd))
 
@@ -89,7 +82,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -108,10 +101,7 @@ class Block(nn.Module):
 def causal_attend(layer: int, q, k, v) -> torch.Tensor:
     """Dense causal attention over rows: q [B, T, nh, hd], k/v [B, T, nkv, hd] -> [B, T, nh, hd]."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
 
 
 class Llama(nn.Module):

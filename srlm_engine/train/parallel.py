@@ -5,8 +5,15 @@ starts the default process group: NCCL when CUDA is present, gloo otherwise. Wit
 variables (or with WORLD_SIZE=1) it starts nothing and training runs in one process, unsharded.
 
 `parallelize()` applies, in this order (torchtitan's):
-  1. activation checkpointing: each transformer block wrapped with checkpoint_wrapper
-     (non-reentrant), so its activations are recomputed in backward;
+  1. activation checkpointing, each transformer block wrapped with checkpoint_wrapper
+     (non-reentrant), in one of two modes:
+     - "full": backward recomputes the block's whole forward; it keeps only the block's input.
+     - "selective": it keeps what costs a matmul or attention to make (the q/k/v/o, gate and up
+       projections' outputs, attention's output and log-sum-exp) and recomputes the cheap rest
+       (norms, rotary, SiLU, products, adds), with no matmul run twice. down_proj's output is not
+       kept: only the residual add reads it, so backward never needs it (recomputation stops
+       early, before down_proj). About half the activation memory of none, for a few percent of
+       time; see bench/RESULTS.md (train rows).
   2. fully_shard (FSDP2) on each block: one all-gather / reduce-scatter group per block;
   3. fully_shard on the root (TokenLogprobs), which takes what is left: embed_tokens, the final
      norm and lm_head. A tied lm_head.weight is the same Parameter as embed_tokens.weight, so it
@@ -60,13 +67,67 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+CHECKPOINTING = ("none", "selective", "full")
+
+
+# The "selective" mode recomputes the matmuls of these submodules of a block (their outputs are
+# not kept); all other matmul outputs are kept. down_proj's output is read only by the residual
+# add, so backward never needs it and recomputation stops before it: it costs nothing.
+RECOMPUTED_MATMULS = ("mlp.down_proj",)
+_in_recomputed = [0]  # > 0 while one of those submodules runs (forward or recomputation)
+
+
+def _enter(module, args):
+    _in_recomputed[0] += 1
+
+
+def _leave(module, args, output):
+    _in_recomputed[0] -= 1
+
+
+def _selective_policy():
+    """Keep the outputs of attention and of matmuls outside RECOMPUTED_MATMULS; recompute the rest
+    (norms, rotary, SiLU, products, adds). Any choice is correct: a dropped output is recomputed."""
+    from torch.utils.checkpoint import CheckpointPolicy
+    aten = torch.ops.aten
+    keep = {getattr(aten, name).default for name in (
+        "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+        if hasattr(aten, name)}
+    matmuls = {aten.mm.default, aten.addmm.default}
+
+    def policy(ctx, op, *args, **kwargs):
+        if op in keep or (op in matmuls and not _in_recomputed[0]):
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    return policy
+
+
+def checkpoint_blocks(blocks: nn.ModuleList, mode: str) -> None:
+    """Wrap each block in place for activation checkpointing `mode` (see the module docstring)."""
+    if mode not in CHECKPOINTING:
+        raise ValueError(f"activation_checkpointing must be one of {', '.join(CHECKPOINTING)}, got {mode!r}")
+    if mode == "none":
+        return
+    from functools import partial
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    for i in range(len(blocks)):
+        kw = {}
+        if mode == "selective":
+            for name in RECOMPUTED_MATMULS:
+                sub = blocks[i].get_submodule(name)
+                sub.register_forward_pre_hook(_enter)
+                sub.register_forward_hook(_leave, always_call=True)
+            kw["context_fn"] = partial(create_selective_checkpoint_contexts, _selective_policy())
+        blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=False, **kw)
+
+
 def parallelize(root: nn.Module, blocks: nn.ModuleList, d: Dist, mixed_precision: bool = False,
-                activation_checkpointing: bool = False) -> nn.Module:
+                activation_checkpointing: str = "none") -> nn.Module:
     """Shard `root` (whose submodules include `blocks`) in place as the module docstring says."""
-    if activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-        for i in range(len(blocks)):
-            blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=False)
+    checkpoint_blocks(blocks, activation_checkpointing)
     if not d.distributed:
         return root
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from srlm_engine.cli import _train_config, build
-from srlm_engine.config import TrainConfig
+from srlm_engine.config import ConfigError, TrainConfig
 from srlm_engine.io import DataError
 from srlm_engine.model.weights import load_model
 from srlm_engine.train.optim import lr_factor, resolve_lr
@@ -35,9 +35,15 @@ def test_flags_override_toml(tmp_path):
     toml = tmp_path / "t.toml"
     toml.write_text('max_seq_len = 128\nlr = 2e-5\nadam_betas = [0.9, 0.95]\nactivation_checkpointing = true\n')
     args = build().parse_args(["sft", "--model", "m", "--data", "d", "--out", "o", "--config", str(toml),
-                               "--lr", "3e-5", "--no-activation-checkpointing"])
+                               "--lr", "3e-5", "--activation-checkpointing", "selective"])
     cfg = _train_config(args)
-    assert (cfg.max_seq_len, cfg.lr, cfg.adam_betas, cfg.activation_checkpointing) == (128, 3e-5, (0.9, 0.95), False)
+    assert (cfg.max_seq_len, cfg.lr, cfg.adam_betas, cfg.activation_checkpointing) == (128, 3e-5, (0.9, 0.95), "selective")
+    # A TOML boolean still reads: true is whole blocks.
+    assert _train_config(build().parse_args(["sft", "--model", "m", "--data", "d", "--out", "o", "--config",
+                                             str(toml)])).activation_checkpointing == "full"
+    with pytest.raises(ConfigError, match="activation_checkpointing must be 'none', 'selective' or 'full'"):
+        _train_config(build().parse_args(["sft", "--model", "m", "--data", "d", "--out", "o",
+                                          "--activation-checkpointing", "some"]))
 
 
 def test_non_finite_step_is_skipped_and_logged(tmp_path, sft_records):
