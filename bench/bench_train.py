@@ -19,9 +19,12 @@ log_softmax in fp32 as HF and TRL upcast), the same token batch (B pairs = 2B ro
 response, right-padded to T), backward, AdamW step.
 CPU (the default without CUDA; 4 pairs x 64+128, 3 steps): peak memory: each variant in its own
 process (clean peak): the peak RSS of loading and two steps (weights, reference model if any,
-gradients, Adam state, activations, logits) above the RSS after importing torch. Time: one process
-holds all four, each with its own policy copy, and interleaves their steps, so load from other
-jobs on a shared machine hits all alike; the table shows medians (p20-p80).
+gradients, Adam state, activations, logits) above the RSS after importing torch. The ours variants
+install srlm's caching CPU allocator after the reference pass, where `srlm dpo` does
+(train/cpu_allocator.py); torch runs on glibc's malloc. Time: one process holds all four, each
+with its own policy copy, and interleaves their steps, so load from other jobs on a shared machine
+hits all alike; the table shows medians (p20-p80). The allocator is process-wide, so there every
+variant runs on it (torch's steps took the same time on glibc, within the noise, when tried).
 CUDA (the default where it is available; 8 pairs x 128+384 = 8192 tokens a step, 6 steps after 1
 warm-up; well under 90 s on an H100 with model loads): one worker process; peak memory per variant
 with torch.cuda.max_memory_allocated, reset before loading it, over the same loading + two steps,
@@ -43,6 +46,7 @@ from _common import append_rows, device_name, reset_peak_rss, rss_mb, run_worker
 
 from srlm_engine.model.fused import reference_ops  # noqa: E402
 from srlm_engine.train.batches import IGNORE  # noqa: E402
+from srlm_engine.train.cpu_allocator import use_caching_cpu_allocator  # noqa: E402
 from srlm_engine.train.losses import TokenLogprobs, dpo_batch_loss  # noqa: E402
 
 BETA = 0.1
@@ -131,6 +135,8 @@ def _load_and_two_steps(impl, pairs, prompt_len, resp_len, device, dtype):
     model, ref_model = _load(impl, device, dtype)
     ids, tgt = (t.to(device) for t in make_batch(pairs, prompt_len, resp_len, model.config.vocab_size))
     refs = ref_pass(model, ids, tgt) if impl != "torch" else None
+    if impl != "torch" and device == "cpu":
+        use_caching_cpu_allocator()
     step = make_step(impl, model, ids, tgt, ref_model=ref_model, refs=refs)
     for _ in range(2):
         step()
@@ -168,6 +174,8 @@ def worker_time(pairs, prompt_len, resp_len, steps, warmup, device="cpu", dtype=
     so that a machine shared with other jobs slows them alike. Each has its own policy copy.
     On CUDA the peak memory of each variant alone is measured first, in this process."""
     peak = {i: cuda_peak_mb(i, pairs, prompt_len, resp_len, dtype) for i in IMPLS} if device == "cuda" else None
+    if device == "cpu":
+        use_caching_cpu_allocator()
     loaded = {i: _load(i, device, dtype) for i in IMPLS}
     ids, tgt = (t.to(device) for t in make_batch(pairs, prompt_len, resp_len,
                                                   loaded["torch"][0].config.vocab_size))

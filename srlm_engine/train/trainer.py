@@ -31,6 +31,7 @@ from srlm_engine.io import DataError, atomic_dir, write_text
 from srlm_engine.model.weights import load_config, load_model
 from srlm_engine.tokenizer import Tokenizer
 from srlm_engine.train import batches, checkpoint as ckpt
+from srlm_engine.train.cpu_allocator import use_caching_cpu_allocator
 from srlm_engine.train.losses import TokenLogprobs, dpo_batch_loss, sft_loss
 from srlm_engine.train.optim import build_optimizer, resolve_lr
 from srlm_engine.train.parallel import Dist, all_reduce_sum, barrier, parallelize, setup
@@ -115,6 +116,8 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
             print(f"srlm {kind}: mixed_precision applies under FSDP2 (2+ processes); one process computes "
                   f"in {cfg.dtype} (use --dtype bfloat16 for bf16 weights)", flush=True)
 
+    if d.device.type == "cpu":
+        use_caching_cpu_allocator()  # train/cpu_allocator.py: resident memory near the live tensors
     params = [p for p in root.parameters() if p.requires_grad]
     bar = tqdm(total=total, initial=start, disable=not (d.main and cfg.progress), desc=kind, dynamic_ncols=True)
     for step in range(start, total):
