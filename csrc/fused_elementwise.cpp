@@ -38,21 +38,14 @@ SRLM_INLINE void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
 
 SRLM_INLINE f32x16 splat(float v) { return f32x16{} + v; }
 
-// exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2; exp(r) by Cephes' expf polynomial.
+// exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2 (simd.h's exp_reduced).
 SRLM_INLINE f32x16 exp16(f32x16 x) {
   x = x < splat(88.3762626647949f) ? x : splat(88.3762626647949f);
   x = x > splat(-87.3365447504f) ? x : splat(-87.3365447504f);  // 2^n stays a normal float
   const f32x16 fx = x * 1.44269504088896341f;
   const i32x16 n = __builtin_convertvector(fx + (fx >= splat(0.f) ? splat(0.5f) : splat(-0.5f)), i32x16);
   const f32x16 nf = __builtin_convertvector(n, f32x16);
-  const f32x16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-  f32x16 p = splat(1.9875691500E-4f);
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  p = p * r * r + r + 1.f;
+  const f32x16 p = exp_reduced(x - nf * kLn2Hi - nf * kLn2Lo);
   const i32x16 bits = (n + 127) << 23;
   f32x16 scale;
   std::memcpy(&scale, &bits, sizeof scale);

@@ -22,3 +22,17 @@ SRLM_INLINE float hsum(f32x16 a) {
   const f32x4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
   return (h4[0] + h4[2]) + (h4[1] + h4[3]);
 }
+
+// e^r for |r| <= ln(2) / 2 after a Cody-Waite reduction x = n ln2 + r (r = x - n * kLn2Hi - n * kLn2Lo):
+// Cephes' expf polynomial, ~1-2 ulp. V is float or a float vector (a scalar broadcasts).
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+template <typename V>
+SRLM_INLINE V exp_reduced(V r) {
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * r * r + r + 1.0f;
+}
