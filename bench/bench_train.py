@@ -17,7 +17,8 @@ torch: policy and a separate reference model in memory; logits [2B, T, V] materi
 Both: float32 (or --dtype bf16: weights, Adam state and compute in bf16; the baseline's
 log_softmax in fp32 as HF and TRL upcast), the same token batch (B pairs = 2B rows of prompt +
 response, right-padded to T), backward, AdamW step.
-CPU (the default without CUDA; 4 pairs x 64+128, 3 steps): peak memory: each variant in its own
+CPU (the default without CUDA; 4 pairs x 128+384, the DPO preset's micro-batch of 512-token rows,
+2 steps after 1 warm-up, ~25 min): peak memory: each variant in its own
 process (clean peak): the peak RSS of loading and two steps (weights, reference model if any,
 gradients, Adam state, activations, logits) above the RSS after importing torch. The ours variants
 install srlm's caching CPU allocator after the reference pass, where `srlm dpo` does
@@ -52,7 +53,7 @@ from srlm_engine.train.losses import TokenLogprobs, dpo_batch_loss  # noqa: E402
 BETA = 0.1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Per device: pairs, prompt_len, response_len, steps, warmup.
-DEFAULTS = {"cpu": (4, 64, 128, 3, 1), "cuda": (8, 128, 384, 6, 1)}
+DEFAULTS = {"cpu": (4, 128, 384, 2, 1), "cuda": (8, 128, 384, 6, 1)}
 
 
 def make_batch(pairs, prompt_len, resp_len, vocab, seed=0):
@@ -205,9 +206,9 @@ def main():
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--pairs", type=int, help="default: 4 on CPU, 8 on CUDA")
-    p.add_argument("--prompt-len", type=int, help="default: 64 on CPU, 128 on CUDA")
-    p.add_argument("--response-len", type=int, help="default: 128 on CPU, 384 on CUDA")
-    p.add_argument("--steps", type=int, help="default: 3 on CPU, 6 on CUDA")
+    p.add_argument("--prompt-len", type=int, help="default: 128")
+    p.add_argument("--response-len", type=int, help="default: 384")
+    p.add_argument("--steps", type=int, help="default: 2 on CPU, 6 on CUDA")
     p.add_argument("--warmup", type=int, help="default: 1 on CPU and on CUDA")
     a = p.parse_args()
     for name, v in zip(("pairs", "prompt_len", "response_len", "steps", "warmup"), DEFAULTS[a.device]):
