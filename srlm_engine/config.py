@@ -123,6 +123,9 @@ class ModelConfig:
         return d
 
 
+CHECKPOINTING = ("none", "selective", "full")  # activation checkpointing modes (train/parallel.py)
+
+
 @dataclass
 class TrainConfig:
     """Settings of one SFT or DPO run (train/trainer.py). The global batch is
@@ -193,7 +196,7 @@ class TrainConfig:
             raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if isinstance(self.activation_checkpointing, bool):  # a TOML `true` / `false`: whole blocks or none
             self.activation_checkpointing = "full" if self.activation_checkpointing else "none"
-        if self.activation_checkpointing not in ("none", "selective", "full"):
+        if self.activation_checkpointing not in CHECKPOINTING:
             raise ConfigError("activation_checkpointing must be 'none', 'selective' or 'full', "
                               f"got {self.activation_checkpointing!r}")
         self.adam_betas = tuple(self.adam_betas)

@@ -75,27 +75,29 @@ def use_kernels(*ts: torch.Tensor) -> bool:
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        y, rstd = torch.ops.srlm_C.rms_norm(x.contiguous(), weight.contiguous(), eps)
+        x, weight = x.contiguous(), weight.contiguous()  # saved as the kernel reads them
+        y, rstd = torch.ops.srlm_C.rms_norm(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = torch.ops.srlm_C.rms_norm_backward(dy.contiguous(), x.contiguous(), weight.contiguous(), rstd)
+        dx, dw = torch.ops.srlm_C.rms_norm_backward(dy.contiguous(), x, weight, rstd)
         return dx, dw, None
 
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, u):
+        g, u = g.contiguous(), u.contiguous()  # saved as the kernel reads them
         ctx.save_for_backward(g, u)
-        return torch.ops.srlm_C.swiglu(g.contiguous(), u.contiguous())
+        return torch.ops.srlm_C.swiglu(g, u)
 
     @staticmethod
     def backward(ctx, dy):
         g, u = ctx.saved_tensors
-        return torch.ops.srlm_C.swiglu_backward(dy.contiguous(), g.contiguous(), u.contiguous())
+        return torch.ops.srlm_C.swiglu_backward(dy.contiguous(), g, u)
 
 
 class _Rope(torch.autograd.Function):

@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from srlm_engine.config import CHECKPOINTING
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -65,9 +67,6 @@ def setup() -> Dist:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-CHECKPOINTING = ("none", "selective", "full")
 
 
 # The "selective" mode recomputes the matmuls of these submodules of a block (their outputs are
