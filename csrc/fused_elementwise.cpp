@@ -26,32 +26,6 @@
 
 namespace {
 
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-
-SRLM_INLINE f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-SRLM_INLINE void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
-
-SRLM_INLINE f32x16 splat(float v) { return f32x16{} + v; }
-
-// exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2 (simd.h's exp_reduced).
-SRLM_INLINE f32x16 exp16(f32x16 x) {
-  x = x < splat(88.3762626647949f) ? x : splat(88.3762626647949f);
-  x = x > splat(-87.3365447504f) ? x : splat(-87.3365447504f);  // 2^n stays a normal float
-  const f32x16 fx = x * 1.44269504088896341f;
-  const i32x16 n = __builtin_convertvector(fx + (fx >= splat(0.f) ? splat(0.5f) : splat(-0.5f)), i32x16);
-  const f32x16 nf = __builtin_convertvector(n, f32x16);
-  const f32x16 p = exp_reduced(x - nf * kLn2Hi - nf * kLn2Lo);
-  const i32x16 bits = (n + 127) << 23;
-  f32x16 scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
 SRLM_INLINE f32x16 sigmoid16(f32x16 g) { return 1.f / (1.f + exp16(-g)); }
 
 // sum(a[i] * b[i] * c[i]) (c == nullptr: sum(a[i] * b[i])) in 16 lanes, then a tree: a plain loop

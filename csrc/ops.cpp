@@ -1,5 +1,5 @@
 // The srlm_C operator library: schemas here, CPU kernels in paged_attention.cpp,
-// cache_ops.cpp, linear.cpp and fused_elementwise.cpp.
+// cache_ops.cpp, linear.cpp, fused_elementwise.cpp and sampling.cpp.
 //
 // `import srlm_engine._C` loads this shared object, whose static initializers register the ops
 // under torch.ops.srlm_C. The module itself is empty: the ops are reached through the dispatcher
@@ -30,6 +30,11 @@ TORCH_LIBRARY(srlm_C, m) {
   m.def("swiglu_backward(Tensor dy, Tensor g, Tensor u) -> (Tensor, Tensor)");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("rope_backward(Tensor dy, Tensor cos, Tensor sin) -> Tensor");
+  // The sampler's statistics of logits [R, V] (float32) in one call: argmax, log-sum-exp, log-sum-exp
+  // at temperature [R], and the candidates whose probability at temperature is >= min_prob [R],
+  // sorted, at most capacity per row (count -1 past it). Semantics in sampling.cpp.
+  m.def("sampling_stats(Tensor logits, Tensor temperature, Tensor min_prob, int capacity) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // An empty Python module named _C, so that `import srlm_engine._C` loads the library above.

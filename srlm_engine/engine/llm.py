@@ -224,15 +224,15 @@ class LLM:
             raise RuntimeError(f"model step failed for request(s) {reqs}: {e}") from e
         if not samplers:
             return 0
-        tokens, logprobs = self.sampler(logits, [s.params for s in samplers],
-                                        [s.generator for s in samplers])
-        tops = top_logprobs(logprobs, tokens, [s.params.logprobs for s in samplers])
-        chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+        logits = logits.float()
+        tokens, lse = self.sampler(logits, [s.params for s in samplers], [s.generator for s in samplers])
+        tops = top_logprobs(logits, lse, tokens, [s.params.logprobs for s in samplers])
+        chosen = (logits.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0] - lse).tolist()
         done = 0
         for j, s in enumerate(samplers):
             try:
                 if s.keep_logprobs:
-                    s.full_logprobs = logprobs[j].clone()
+                    s.full_logprobs = logits[j] - lse[j]
                     s.finish_reason = "length"
                 else:
                     s.token_ids.append(tokens[j])

@@ -4,11 +4,15 @@ Order of the logits processors, as vLLM's V0 sampler: temperature, then top-k, t
 then min-p; all batched over rows with per-row parameters as tensors. A row with temperature 0
 is greedy (argmax of the raw logits, first index on ties, as torch and transformers do).
 
-Randomness: every sequence owns a torch.Generator. A random row samples by the exponential race
-argmax(p_i / E_i), E_i ~ Exp(1) drawn from the row's own generator, which is a draw from p and
-depends on nothing else in the batch; so a request with a seed gives the same tokens whatever it
-is batched with. Reported log-probs are those of the raw model distribution (before temperature
-and filtering), as vLLM reports them by default.
+Randomness: every sequence owns a torch.Generator. A random row samples by inverse CDF over its
+filtered distribution in vocabulary order, with one uniform drawn from the row's own generator;
+every step is per row, so a request with a seed gives the same tokens whatever it is batched
+with. Reported log-probs are those of the raw model distribution (before temperature and
+filtering), as vLLM reports them by default.
+
+Speed: one C++ pass per row (csrc/sampling.cpp, PyTorch reference sampling_stats_reference) gives
+the argmax, both log-sum-exps and, for top-p rows, the few tokens that can survive the filters;
+those rows filter and draw among them. Other rows take the whole-vocabulary path.
 """
 from __future__ import annotations
 
@@ -117,11 +121,7 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
             kept, _ = _sorted_filter(vals, k[slow], p[slow], lse[slow])
             out[slow] = torch.full_like(vals, float("-inf")).scatter(1, order, kept)
         x = x.index_copy(0, rows, out)
-    if bool((min_p > 0).any()):
-        probs = x.softmax(dim=-1)
-        keep = probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values
-        x = x.masked_fill(~keep, float("-inf"))
-    return x
+    return _min_p(x, min_p)
 
 
 def _sorted_filter(vals, k, p, lse):
@@ -139,51 +139,162 @@ def _sorted_filter(vals, k, p, lse):
     return vals.masked_fill(before >= p[:, None], float("-inf")), csum[:, -1]
 
 
+# Most candidates a row may have for the candidate path (sampling_stats): SmolLM2's answers and
+# judgments at temperature 0.7, top_p 0.9 have a median of ~160, and 6% of rows pass 1024 (they
+# take the whole-row path). Every row is padded to this width, not to the batch's longest, so a
+# row's sums run over the same elements in the same order whatever it is batched with.
+CAPACITY = 1024
+
+
+def sampling_stats_reference(logits: torch.Tensor, temperature: torch.Tensor, min_prob: torch.Tensor,
+                             capacity: int):
+    """PyTorch reference of torch.ops.srlm_C.sampling_stats (csrc/sampling.cpp), used where the
+    op is not built or the logits are not on the CPU. logits [R, V] fp32, temperature [R] > 0,
+    min_prob [R] in [0, 1] -> (argmax [R], lse [R], lse_t [R], vals [R, capacity], ids [R, capacity],
+    count [R]): first argmax, log-sum-exp of the logits and of logits / temperature, and the tokens
+    whose probability at temperature is >= min_prob as (value / temperature, id) sorted by value
+    descending (ties by id), padded with (-inf, -1); count -1 when more than capacity."""
+    R, V = logits.shape
+    x = logits / temperature[:, None]
+    lse_t = x.logsumexp(-1)
+    vals = torch.full((R, capacity), float("-inf"), device=logits.device)
+    ids = torch.full((R, capacity), -1, dtype=torch.int64, device=logits.device)
+    count = torch.zeros(R, dtype=torch.int64, device=logits.device)
+    want = (min_prob > 0).nonzero()[:, 0]
+    if len(want):
+        k = min(V, capacity + 1)
+        idx = torch.arange(V, device=logits.device).expand(len(want), V)
+        # descending by value, ties by id: a stable sort of the ids by value
+        top_v, order = x[want].sort(dim=-1, descending=True, stable=True)
+        top_v, top_i = top_v[:, :k], idx.gather(1, order)[:, :k]
+        keep = top_v >= (lse_t[want] + min_prob[want].log())[:, None]
+        n = keep.sum(-1)
+        fits = n <= capacity
+        c = min(capacity, k)
+        vals[want, :c] = torch.where(keep & fits[:, None], top_v, float("-inf"))[:, :c]
+        ids[want, :c] = torch.where(keep & fits[:, None], top_i, -1)[:, :c]
+        count[want] = torch.where(fits, n, -1)
+    return logits.argmax(-1), logits.logsumexp(-1), lse_t, vals, ids, count
+
+
+def sampling_stats(logits, temperature, min_prob, capacity):
+    """torch.ops.srlm_C.sampling_stats on CPU when srlm_engine._C is built, else the reference."""
+    if logits.device.type == "cpu" and _have_op():
+        return torch.ops.srlm_C.sampling_stats(logits, temperature, min_prob, capacity)
+    return sampling_stats_reference(logits, temperature, min_prob, capacity)
+
+
+def _have_op() -> bool:
+    try:
+        import srlm_engine._C  # noqa: F401  registers torch.ops.srlm_C
+    except ImportError:
+        return False
+    return True
+
+
+def candidate_floor(p: SamplingParams, vocab: int) -> float:
+    """A probability below which the row's filters keep no token (0: no such bound is known).
+
+    With top_p < 1, the tokens of probability under (1 - p) / V together hold less than 1 - p, so
+    the prefix that top-p keeps ends above them; top-k first only shrinks what top-p sees (the
+    sampler checks that the candidates include the k best). Half of it, for rounding."""
+    if p.greedy or p.top_p >= 1:
+        return 0.0
+    return 0.5 * (1.0 - p.top_p) / vocab
+
+
 class Sampler:
-    """Samples one token per row. Rows carry their SamplingParams and generator."""
+    """Samples one token per row. Rows carry their SamplingParams and generator.
+
+    A random row draws by inverse CDF in vocabulary order with one uniform from its own
+    generator, over either its candidates (sampling_stats; exact for top-p rows, see
+    candidate_floor) or, for the rest, the whole filtered row (filter_logits)."""
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator]) -> tuple[list[int], torch.Tensor]:
-        """logits [R, V] -> (token ids [R] as a list, raw log-probs [R, V] fp32)."""
-        logits = logits.float()
-        logprobs = logits.log_softmax(dim=-1)
-        tokens = logits.argmax(dim=-1)
+        """logits [R, V] -> (token ids [R] as a list, log-sum-exp [R] fp32 of each raw row:
+        the raw log-probs, before temperature and filtering, are logits - lse)."""
+        logits = logits.float().contiguous()
+        R, V = logits.shape
+        dev = logits.device
+        temp = torch.tensor([1.0 if p.greedy else p.temperature for p in params], dtype=torch.float32)
+        floor = torch.tensor([candidate_floor(p, V) for p in params], dtype=torch.float32)
+        argmax, lse, lse_t, vals, ids, count = sampling_stats(logits, temp.to(dev), floor.to(dev), CAPACITY)
+        tokens = argmax.tolist()
         rand = [i for i, p in enumerate(params) if not p.greedy]
-        if rand:
-            sub = [params[i] for i in rand]
-            dev = logits.device
-            x = filter_logits(
-                logits[rand],
-                torch.tensor([p.temperature for p in sub], dtype=torch.float32, device=dev),
-                torch.tensor([p.top_k for p in sub], dtype=torch.int64, device=dev),
-                torch.tensor([p.top_p for p in sub], dtype=torch.float32, device=dev),
-                torch.tensor([p.min_p for p in sub], dtype=torch.float32, device=dev))
-            # Inverse CDF: one uniform per row from that row's own generator (a draw over the
-            # whole vocabulary per row cost ~1 ms each). side="right" never lands on a token of
-            # zero probability: it returns the first index whose cumulative mass exceeds u.
-            cdf = x.softmax(dim=-1).cumsum(dim=-1)
-            # the generators are CPU generators: the same draws on any device
-            u = torch.stack([torch.rand((), generator=generators[i]) for i in rand]).to(dev)
-            pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], side="right")[:, 0]
-            tokens[rand] = pick.clamp_max(cdf.shape[1] - 1)
-        return tokens.tolist(), logprobs
+        if not rand:
+            return tokens, lse
+        # the generators are CPU generators: the same draws on any device
+        u = {i: torch.rand((), generator=generators[i]) for i in rand}
+        count = count.tolist()
+        fast = [i for i in rand if count[i] > 0 and params[i].top_k <= count[i]]
+        slow = [i for i in rand if i not in set(fast)]
+        for rows, pick in ((fast, self._from_candidates), (slow, self._from_row)):
+            if rows:
+                sub = [params[i] for i in rows]
+                k = torch.tensor([p.top_k for p in sub], dtype=torch.int64, device=dev)
+                top_p = torch.tensor([p.top_p for p in sub], dtype=torch.float32, device=dev)
+                min_p = torch.tensor([p.min_p for p in sub], dtype=torch.float32, device=dev)
+                r = torch.tensor(rows, device=dev)
+                uu = torch.stack([u[i] for i in rows]).to(dev)
+                got = pick(logits, r, vals, ids, lse_t, temp.to(dev), k, top_p, min_p, uu)
+                for i, t in zip(rows, got.tolist()):
+                    tokens[i] = t
+        return tokens, lse
+
+    @staticmethod
+    def _from_candidates(logits, r, vals, ids, lse_t, temp, k, top_p, min_p, u):
+        kept, _ = _sorted_filter(vals[r], k, top_p, lse_t[r])
+        return _draw(_min_p(kept, min_p), ids[r], u)
+
+    @staticmethod
+    def _from_row(logits, r, vals, ids, lse_t, temp, k, top_p, min_p, u):
+        x = filter_logits(logits[r], temp[r], k, top_p, min_p)
+        return _draw(x, None, u)
 
 
-def top_logprobs(logprobs: torch.Tensor, tokens: list[int], ks: list[int | None]) -> list[dict | None]:
-    """Per row, {token_id: logprob} for the top-k plus the sampled token (None where k is None)."""
+def _min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Min-p on filtered values [R, C] (-inf = removed): keeps p >= min_p * max p."""
+    if not bool((min_p > 0).any()):
+        return x
+    probs = x.softmax(dim=-1)
+    keep = probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return x.masked_fill(~keep, float("-inf"))
+
+
+def _draw(x: torch.Tensor, ids: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of filtered values x [R, C] (-inf = removed) over token ids [R, C]
+    (None: x is the whole vocabulary): the first token, in vocabulary order, whose cumulative
+    probability exceeds u [R] * total (inverse CDF)."""
+    if ids is not None:  # kept candidates first, in vocabulary order
+        order = torch.where(torch.isinf(x), torch.iinfo(torch.int64).max, ids).argsort(dim=-1)
+        x, ids = x.gather(1, order), ids.gather(1, order)
+    cdf = x.softmax(dim=-1).cumsum(dim=-1)
+    # side="right" skips tokens of zero probability; u * total rounding up to the total would
+    # land past the last kept token, which the clamp prevents
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], side="right")[:, 0]
+    last = cdf.shape[1] - 1 - (~torch.isinf(x)).flip(-1).int().argmax(-1)  # last kept position
+    pick = torch.minimum(pick, last)
+    return pick if ids is None else ids.gather(1, pick[:, None])[:, 0]
+
+
+def top_logprobs(logits: torch.Tensor, lse: torch.Tensor, tokens: list[int],
+                 ks: list[int | None]) -> list[dict | None]:
+    """Per row, {token_id: logprob} for the top-k plus the sampled token (None where k is None);
+    raw log-probs, logits [R, V] - lse [R]."""
     out: list[dict | None] = [None] * len(tokens)
     want = [i for i, k in enumerate(ks) if k is not None]
     if not want:
         return out
     kmax = max(ks[i] for i in want)
     if kmax > 0:
-        vals, idx = logprobs[want].topk(kmax, dim=-1)
-        vals, idx = vals.tolist(), idx.tolist()
+        vals, idx = logits[want].topk(kmax, dim=-1)
+        vals, idx = (vals - lse[want][:, None]).tolist(), idx.tolist()
     for j, i in enumerate(want):
         d = {}
         if ks[i] > 0:
             d = dict(zip(idx[j][:ks[i]], vals[j][:ks[i]]))
-        d[tokens[i]] = float(logprobs[i, tokens[i]])
+        d[tokens[i]] = float(logits[i, tokens[i]] - lse[i])
         out[i] = d
     return out
 

@@ -1,5 +1,6 @@
-"""Sampler: the filters against a per-row reference written from their definitions, greedy rows,
-per-row generators, and the distribution of the exponential race."""
+"""Sampler: the filters against a per-row reference written from their definitions, the C++
+sampling_stats op against its PyTorch reference, the candidate path against the whole-row path,
+greedy rows, per-row generators, and the distribution of the draws."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,14 @@ import math
 import pytest
 import torch
 
-from srlm_engine.engine.sampler import Sampler, SamplingParams, filter_logits, make_generator
+from srlm_engine.engine.sampler import (CAPACITY, Sampler, SamplingParams, candidate_floor, filter_logits,
+                                        make_generator, sampling_stats, sampling_stats_reference)
+
+try:
+    import srlm_engine._C  # noqa: F401
+    HAVE_OP = True
+except ImportError:
+    HAVE_OP = False
 
 
 def reference_filter(row: list[float], t: float, k: int, p: float, mp: float) -> list[float]:
@@ -65,15 +73,15 @@ def test_greedy_rows_and_seeded_rows():
     ps = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=5),
           SamplingParams(temperature=0.8, seed=5)]
     gens = [None, make_generator(5, 0), make_generator(5, 1)]
-    toks, lp = Sampler()(logits, ps, gens)
+    toks, lse = Sampler()(logits, ps, gens)
     assert toks[0] == int(logits[0].argmax())
-    torch.testing.assert_close(lp, logits.log_softmax(-1))
+    torch.testing.assert_close(logits - lse[:, None], logits.log_softmax(-1))
     # same seed and sample index -> same draw, whatever the other rows are
     again, _ = Sampler()(logits[1:2], ps[1:2], [make_generator(5, 0)])
     assert again[0] == toks[1]
 
 
-def test_exponential_race_samples_the_filtered_distribution():
+def test_draws_follow_the_filtered_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
     p = SamplingParams(temperature=0.7, top_k=3)
     g = make_generator(11, 0)
@@ -86,3 +94,90 @@ def test_exponential_race_samples_the_filtered_distribution():
     assert counts[3:].sum() == 0  # filtered out by top-k
     # binomial standard error at n=4000 is under 0.008; 0.03 is about four of them
     torch.testing.assert_close(counts / n, want, atol=0.03, rtol=0)
+
+
+def _llm_like_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """Peaked rows as a language model's: a few strong tokens over a long flat tail."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, vocab, generator=g) * 2
+    strong = torch.randint(0, vocab, (rows, 8), generator=g)
+    return x.scatter_add(1, strong, 12 + 6 * torch.rand(rows, 8, generator=g))
+
+
+@pytest.mark.skipif(not HAVE_OP, reason="srlm_engine._C is not built")
+@pytest.mark.parametrize("vocab", [1, 15, 17, 1000, 49152])
+def test_sampling_stats_op_matches_reference(vocab):
+    rows = 9
+    x = _llm_like_logits(rows, vocab, vocab)
+    x[0, : vocab // 2] = float("-inf")  # a row partly masked
+    x[1] = x[1] * 0.01  # a flat row: past the capacity for the big vocabularies
+    if vocab > 1:
+        x[2, 1] = x[2].max()  # a tie at the maximum: the first index wins
+    temp = torch.tensor([0.7, 1.0, 1.3, 0.5, 2.0, 1.0, 0.9, 0.3, 1.0])
+    min_prob = torch.tensor([1e-5, 1e-6, 0.0, 1e-3, 1e-4, 0.5, 1.0, 1e-7, 0.2])
+    capacity = 64
+    got = torch.ops.srlm_C.sampling_stats(x, temp, min_prob, capacity)
+    want = sampling_stats_reference(x, temp, min_prob, capacity)
+    assert torch.equal(got[0], want[0])  # argmax, first index on ties
+    torch.testing.assert_close(got[1], want[1])  # lse
+    torch.testing.assert_close(got[2], want[2])  # lse at temperature
+    count, want_count = got[5].tolist(), want[5].tolist()
+    for r in range(rows):
+        thr = float(want[2][r] + math.log(min_prob[r])) if min_prob[r] > 0 else math.inf
+        near = ((x[r] / temp[r]) - thr).abs() < 1e-4 * max(1.0, abs(thr))  # may round either way
+        if near.any():  # only the count may differ, by the tokens at the boundary
+            assert abs(count[r] - want_count[r]) <= int(near.sum()) or -1 in (count[r], want_count[r])
+            continue
+        assert count[r] == want_count[r], r
+        n = max(count[r], 0)
+        assert torch.equal(got[3][r, :n], want[3][r, :n])  # the division is torch's: same bits
+        assert torch.equal(got[4][r], want[4][r])
+        assert torch.isinf(got[3][r, n:]).all()
+    if vocab == 49152:
+        assert count[1] == -1 and count[2] == 0 and count[6] == 0  # over capacity; off; none reaches 1
+
+
+@pytest.mark.skipif(not HAVE_OP, reason="srlm_engine._C is not built")
+def test_sampling_stats_rejects_bad_input():
+    x = torch.zeros(2, 5)
+    op = torch.ops.srlm_C.sampling_stats
+    with pytest.raises(RuntimeError, match="temperature\\[1\\] must be positive"):
+        op(x, torch.tensor([1.0, 0.0]), torch.zeros(2), 4)
+    with pytest.raises(RuntimeError, match="logits must be float32"):
+        op(x.double(), torch.ones(2), torch.zeros(2), 4)
+    with pytest.raises(RuntimeError, match="min_prob must be \\[rows=2\\]"):
+        op(x, torch.ones(2), torch.zeros(3), 4)
+    with pytest.raises(RuntimeError, match="min_prob\\[0\\] must be in"):
+        op(x, torch.ones(2), torch.tensor([2.0, 0.0]), 4)
+
+
+@pytest.mark.parametrize("vocab", [1000, 49152])
+def test_candidate_path_equals_whole_row_path(vocab):
+    """Top-p rows (with and without top-k and min-p) filter to the same tokens among their
+    candidates as over the whole row, and the same uniform draws pick the same tokens."""
+    cases = [(0.7, -1, 0.9, 0.0), (1.0, -1, 0.95, 0.0), (1.3, 5, 0.8, 0.0), (0.9, 4, 0.9, 0.05),
+             (0.5, -1, 0.5, 0.0), (1.0, 1, 0.9, 0.0), (2.0, -1, 0.99, 0.1)]
+    x = _llm_like_logits(len(cases), vocab, 7)
+    ps = [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=mp) for t, k, p, mp in cases]
+    temp = torch.tensor([p.temperature for p in ps])
+    floor = torch.tensor([candidate_floor(p, vocab) for p in ps])
+    _, _, lse_t, vals, ids, count = sampling_stats(x, temp, floor, CAPACITY)
+    # the rows the Sampler sends to the candidate path (the others overflow CAPACITY at high temperature)
+    fast = [i for i, (c, p) in enumerate(zip(count.tolist(), ps)) if c > 0 and p.top_k <= c]
+    assert len(fast) >= (len(ps) if vocab == 1000 else 5)
+    r = torch.tensor(fast)
+    k, top_p, min_p = (torch.tensor([getattr(p, f) for p in ps]) for f in ("top_k", "top_p", "min_p"))
+    full = filter_logits(x, temp, k, top_p.float(), min_p.float())
+    for i, (t, kk, pp, mp) in enumerate(cases):  # the whole-row filter is the definition
+        want = torch.tensor(reference_filter(x[i].tolist(), t, kk, pp, mp))
+        assert torch.equal(torch.isinf(full[i]), torch.isinf(want)), cases[i]
+    k, top_p, min_p = k[r], top_p[r].float(), min_p[r].float()
+    for u in torch.linspace(0.001, 0.999, 37):
+        uu = torch.full((len(fast),), float(u))
+        got = Sampler._from_candidates(x, r, vals, ids, lse_t, temp, k, top_p, min_p, uu)
+        want = Sampler._from_row(x, r, vals, ids, lse_t, temp, k, top_p, min_p, uu)
+        for j, i in enumerate(fast):
+            if got[j] != want[j]:  # allowed only where u falls on a boundary of the CDF (rounding)
+                cdf = full[i].double().softmax(-1).cumsum(0)
+                assert (cdf - float(u)).abs().min() < 1e-5, (cases[i], float(u))
+            assert not torch.isinf(full[i, got[j]])  # a kept token
