@@ -8,7 +8,7 @@ from torch import nn
 
 import srlm_engine._C  # noqa: F401  a missing extension fails here, on purpose
 from srlm_engine.engine import LLM
-from srlm_engine.engine.linear import MAX_ROWS, SmallBatchLinear, use_small_batch_linear
+from srlm_engine.engine.linear import MAX_ROWS, WIDE, SmallBatchLinear, chunked_linear, use_small_batch_linear
 
 op = torch.ops.srlm_C.small_batch_linear
 # |err| <= tol * (sum_k |x_k w_k| + |b|): fp32 accumulation over K terms in another order (~1e-6
@@ -61,6 +61,32 @@ def test_module_routes_by_rows_and_shares_parameters():
         for rows in (1, MAX_ROWS[torch.float32], 9, 100):  # the op up to MAX_ROWS, F.linear past it
             x = torch.randn(rows, 16)
             torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_linear_equals_linear(bias):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2500, 48, generator=g)  # 2500 columns: the last chunk is partial
+    b = torch.randn(2500, generator=g) if bias else None
+    for rows in (1, 9, 33):
+        x = torch.randn(rows, 48, generator=g)
+        want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+        got = chunked_linear(x, w, b, 512)
+        assert got.shape == (rows, 2500) and got.is_contiguous()
+        torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-5)
+
+
+def test_wide_layer_takes_the_chunked_path(monkeypatch):
+    import srlm_engine.engine.linear as linear
+
+    calls = []
+    monkeypatch.setattr(linear, "chunked_linear", lambda *a: calls.append(a[-1]) or torch.nn.functional.linear(*a[:3]))
+    layer = SmallBatchLinear.wrap(nn.Linear(8, WIDE, bias=False))
+    with torch.no_grad():
+        layer(torch.randn(MAX_ROWS[torch.float32] + 1, 8))  # past the small-batch op
+        layer(torch.randn(2, 8))  # the small-batch op
+        layer.double()(torch.randn(12, 8, dtype=torch.float64))  # float64: F.linear
+    assert calls == [linear.WIDE_CHUNK]
 
 
 @pytest.mark.parametrize("backend, kind", [("cpp", SmallBatchLinear), ("torch", nn.Linear)])
