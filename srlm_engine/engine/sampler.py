@@ -162,11 +162,12 @@ def sampling_stats_reference(logits: torch.Tensor, temperature: torch.Tensor, mi
     count = torch.zeros(R, dtype=torch.int64, device=logits.device)
     want = (min_prob > 0).nonzero()[:, 0]
     if len(want):
-        k = min(V, capacity + 1)
-        idx = torch.arange(V, device=logits.device).expand(len(want), V)
-        # descending by value, ties by id: a stable sort of the ids by value
-        top_v, order = x[want].sort(dim=-1, descending=True, stable=True)
-        top_v, top_i = top_v[:, :k], idx.gather(1, order)[:, :k]
+        k = min(V, capacity + 1)  # one more than fits, to tell an overflow
+        top_v, top_i = x[want].topk(k, dim=-1)
+        # descending by value, ties by id: ids ascending, then a stable sort by value
+        top_i, order = top_i.sort(dim=-1)
+        top_v, order = top_v.gather(1, order).sort(dim=-1, descending=True, stable=True)
+        top_i = top_i.gather(1, order)
         keep = top_v >= (lse_t[want] + min_prob[want].log())[:, None]
         n = keep.sum(-1)
         fits = n <= capacity

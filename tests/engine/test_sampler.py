@@ -151,17 +151,22 @@ def test_sampling_stats_rejects_bad_input():
         op(x, torch.ones(2), torch.tensor([2.0, 0.0]), 4)
 
 
+@pytest.mark.parametrize("stats", ["op", "reference"])
 @pytest.mark.parametrize("vocab", [1000, 49152])
-def test_candidate_path_equals_whole_row_path(vocab):
+def test_candidate_path_equals_whole_row_path(vocab, stats):
     """Top-p rows (with and without top-k and min-p) filter to the same tokens among their
-    candidates as over the whole row, and the same uniform draws pick the same tokens."""
+    candidates as over the whole row, and the same uniform draws pick the same tokens; with the
+    C++ op (CPU) and with the reference (the path of other devices)."""
+    if stats == "op" and not HAVE_OP:
+        pytest.skip("srlm_engine._C is not built")
+    stats_fn = sampling_stats if stats == "op" else sampling_stats_reference
     cases = [(0.7, -1, 0.9, 0.0), (1.0, -1, 0.95, 0.0), (1.3, 5, 0.8, 0.0), (0.9, 4, 0.9, 0.05),
              (0.5, -1, 0.5, 0.0), (1.0, 1, 0.9, 0.0), (2.0, -1, 0.99, 0.1)]
     x = _llm_like_logits(len(cases), vocab, 7)
     ps = [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=mp) for t, k, p, mp in cases]
     temp = torch.tensor([p.temperature for p in ps])
     floor = torch.tensor([candidate_floor(p, vocab) for p in ps])
-    _, _, lse_t, vals, ids, count = sampling_stats(x, temp, floor, CAPACITY)
+    _, _, lse_t, vals, ids, count = stats_fn(x, temp, floor, CAPACITY)
     # the rows the Sampler sends to the candidate path (the others overflow CAPACITY at high temperature)
     fast = [i for i, (c, p) in enumerate(zip(count.tolist(), ps)) if c > 0 and p.top_k <= c]
     assert len(fast) >= (len(ps) if vocab == 1000 else 5)
