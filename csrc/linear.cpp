@@ -26,11 +26,7 @@ constexpr int64_t kMaxRows = 8;  // the largest M this op takes
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
-SRLM_INLINE f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
+using ::load16;  // the float one, from simd.h
 
 SRLM_INLINE f32x16 load16(const c10::BFloat16* p) {  // bf16 -> f32: the 16 bits are the high half
   u16x16 h;
