@@ -16,6 +16,7 @@ those rows filter and draw among them. Other rows take the whole-vocabulary path
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -185,6 +186,7 @@ def sampling_stats(logits, temperature, min_prob, capacity):
     return sampling_stats_reference(logits, temperature, min_prob, capacity)
 
 
+@functools.cache
 def _have_op() -> bool:
     try:
         import srlm_engine._C  # noqa: F401  registers torch.ops.srlm_C
@@ -229,7 +231,7 @@ class Sampler:
         u = {i: torch.rand((), generator=generators[i]) for i in rand}
         count = count.tolist()
         fast = [i for i in rand if count[i] > 0 and params[i].top_k <= count[i]]
-        slow = [i for i in rand if i not in set(fast)]
+        slow = sorted(set(rand) - set(fast))
         for rows, pick in ((fast, self._from_candidates), (slow, self._from_row)):
             if rows:
                 sub = [params[i] for i in rows]
