@@ -65,7 +65,7 @@ part 150 "gpu tests" $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels t
 part 80 "bench_generate (cuda)" $py bench/bench_generate.py --device cuda --hf-batch 128 --max-num-seqs 128 \
     --weights-note "$weights_note"
 part 70 "bench_fused_logprob (cuda)" $py bench/bench_fused_logprob.py --reps 10
-part 60 "tune_fused_logprob (cuda)" $py bench/tune_fused_logprob.py
+part 120 "tune_fused_logprob (cuda)" $py bench/tune_fused_logprob.py
 part 60 "bench_train (cuda)" $py bench/bench_train.py
 part 25 "bench_paged_attention (cuda)" $py bench/bench_paged_attention.py --device cuda --dtype bfloat16
 part 45 "bench_train (cuda, bf16)" $py bench/bench_train.py --dtype bf16

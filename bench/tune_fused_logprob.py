@@ -1,11 +1,14 @@
-"""Launch configs of the Triton fused log-prob on this GPU: forward and backward time per config.
+"""Launch configs of the Triton fused log-prob on this GPU: forward and backward swept apart.
 
     python bench/tune_fused_logprob.py [--shapes 4096x576x49152,8192x2048x128256] [--dtype bf16]
 
-Each config is (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages); the first is the current
-default (srlm_kernels.fused_logprob.GPU_BLOCKS). Every config's log-probs and gradients are
-checked against the default's before it is timed (triton.testing.do_bench medians, ms). Prints
-a table; records nothing (the chosen default is what bench_fused_logprob.py records).
+Forward: each tile config (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) with the vocabulary
+split across programs as FWD_SPLITS=None picks (auto) and unsplit (1). Backward: each tile config
+at the default chunk size, then the default tiles with dz holding 1, 2 or 4 x N*H values
+(CHUNK_VALUES; 1 is Liger's rule), with the peak memory above the inputs. The first config of each
+list is the current default (GPU_FWD_BLOCKS, GPU_BWD_BLOCKS). Every variant's log-probs and
+gradients are checked against the defaults' before it is timed (triton.testing.do_bench medians,
+ms). Prints tables; records nothing (the defaults' end-to-end figures are bench_fused_logprob.py's).
 """
 import argparse
 
@@ -14,9 +17,30 @@ from triton.testing import do_bench
 
 from srlm_kernels import fused_logprob as fl
 
-CONFIGS = [fl.GPU_BLOCKS, (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4),
-           (64, 256, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 32, 8, 4)]
+TILES = [(64, 256, 64, 4, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3),
+         (128, 128, 64, 4, 4), (128, 64, 64, 4, 3), (128, 128, 32, 8, 4)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def ordered(default):
+    return [default] + [t for t in TILES if t != default]
+
+
+def run(label, fn, check, flops, mem=False):
+    """Times fn after check(fn()) passes; one printed line, or why it could not run."""
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        check(out)
+        ms = do_bench(fn)
+        extra = f"  peak {peak:7.0f} MB" if mem else ""
+        print(f"  {label:<44} {ms:8.2f} ms  {flops / (ms * 1e-3) / 1e12:5.0f} TFLOP/s{extra}", flush=True)
+    except Exception as e:  # a config the card cannot run (shared memory): say so, go on
+        print(f"  {label:<44} failed: {str(e).splitlines()[0][:120]}", flush=True)
 
 
 def main():
@@ -24,7 +48,7 @@ def main():
     ap.add_argument("--shapes", default="4096x576x49152,8192x2048x128256")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     a = ap.parse_args()
-    print(f"{torch.cuda.get_device_name()}, {a.dtype}; times in ms (median of do_bench)")
+    print(f"{torch.cuda.get_device_name()}, {a.dtype}; do_bench medians")
     for shape in a.shapes.split(","):
         n, h, v = map(int, shape.split("x"))
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -33,27 +57,39 @@ def main():
         targets = torch.randint(0, v, (n,), device="cuda", generator=g)
         targets[: n // 4] = -100  # a quarter prompt tokens, as in DPO batches
         grad = torch.randn(n, device="cuda", generator=g)
-        base = None
-        for cfg in CONFIGS:
-            try:
-                fwd = lambda: fl._triton_fused_linear_logprob(hidden, weight, targets, -100, 1.0, blocks=cfg)  # noqa: E731
-                logp, lse = fwd()
-                bwd = lambda: fl._triton_fused_linear_logprob_backward(grad, hidden, weight, targets, lse, -100, 1.0,  # noqa: E731
-                                                                       blocks=cfg)
-                dh, dw = bwd()
-                if base is None:
-                    base = (logp, dh, dw)
-                else:
-                    torch.testing.assert_close(logp, base[0], atol=1e-3, rtol=1e-3)
-                    torch.testing.assert_close(dh.float(), base[1].float(), atol=2e-2, rtol=2e-2)
-                    torch.testing.assert_close(dw.float(), base[2].float(), atol=2e-2, rtol=2e-2)
-                tf, tb = do_bench(fwd), do_bench(bwd)
-                flops = 2 * (n - n // 4) * h * v  # the kept rows
-                print(f"{shape:>18} {str(cfg):>24}: fwd {tf:8.2f}  bwd {tb:8.2f}  total {tf + tb:8.2f}  "
-                      f"({4 * flops / ((tf + tb) * 1e-3) / 1e12:.0f} TFLOP/s over 4 matmuls){'  <- default' if cfg == fl.GPU_BLOCKS else ''}",
-                      flush=True)
-            except Exception as e:  # a config the card cannot run (shared memory): say so, go on
-                print(f"{shape:>18} {str(cfg):>24}: failed: {str(e).splitlines()[0][:120]}", flush=True)
+        flops = 2 * (n - n // 4) * h * v  # one matmul over the kept rows
+        logp, lse = fl._triton_fused_linear_logprob(hidden, weight, targets, -100, 1.0)
+        dh, dw = fl._triton_fused_linear_logprob_backward(grad, hidden, weight, targets, lse, -100, 1.0)
+
+        def check_fwd(out):
+            torch.testing.assert_close(out[0], logp, atol=1e-3, rtol=1e-3)
+
+        def check_bwd(out):
+            torch.testing.assert_close(out[0].float(), dh.float(), atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(out[1].float(), dw.float(), atol=2e-2, rtol=2e-2)
+
+        print(f"{shape} forward (1 matmul):")
+        default_splits = fl.FWD_SPLITS
+        for tiles in ordered(fl.GPU_FWD_BLOCKS):
+            for splits in (default_splits, 1):
+                fl.FWD_SPLITS = splits
+                rb = -(-(n - n // 4) // tiles[0])
+                got = fl.fwd_splits(rb, v, tiles[1], hidden.device)[0]
+                run(f"{tiles} splits {got}{' (auto)' if splits is None else ''}",
+                    lambda: fl._triton_fused_linear_logprob(hidden, weight, targets, -100, 1.0, blocks=tiles),
+                    check_fwd, flops)
+            fl.FWD_SPLITS = default_splits
+        print(f"{shape} backward (3 matmuls):")
+        bwd = lambda tiles=None: fl._triton_fused_linear_logprob_backward(  # noqa: E731
+            grad, hidden, weight, targets, lse, -100, 1.0, blocks=tiles)
+        for tiles in ordered(fl.GPU_BWD_BLOCKS):
+            run(f"{tiles} dz {fl.CHUNK_VALUES} x N*H", lambda: bwd(tiles), check_bwd, 3 * flops, mem=True)
+        default_values = fl.CHUNK_VALUES
+        for values in (1, 2, 4):
+            fl.CHUNK_VALUES = values
+            c = fl.chunk_rows(n - n // 4, v, h, fl.GPU_BWD_BLOCKS[0])
+            run(f"{fl.GPU_BWD_BLOCKS} dz {values} x N*H ({c} rows)", bwd, check_bwd, 3 * flops, mem=True)
+        fl.CHUNK_VALUES = default_values
 
 
 if __name__ == "__main__":

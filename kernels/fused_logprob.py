@@ -8,7 +8,8 @@ Backward, for an upstream gradient g [N] per token:
     d hidden = dz @ weight,   d weight = dz.T @ hidden
 
 Both paths walk z in tiles: a tile of rows times a chunk of the vocabulary, with an online
-log-sum-exp in forward. Backward RECOMPUTES each tile from the saved lse [N] rather than
+log-sum-exp in forward (the Triton forward also splits the vocabulary across programs, so a
+small N still fills the GPU, and merges the splits' partial log-sum-exps after). Backward RECOMPUTES each tile from the saved lse [N] rather than
 computing gradients in forward (Liger's trick): that trick needs the upstream gradient at
 forward time, which holds for a mean cross-entropy but not here, where g is per token (a DPO
 gradient is known only after every token of the sequence is summed). The price is one extra
@@ -19,9 +20,9 @@ accumulation, as forward) and writes dz [C, V] in the inputs' dtype; then two cu
 d hidden = dz @ weight for those rows and d weight += dz.T @ hidden. d hidden and d weight are
 reductions over V and N of size H each: kept in registers they would need the logits recomputed
 per H-tile, written back per tile they cost far more memory traffic than the GEMMs (the first
-version did that: 5x slower than Liger on an H100). C follows Liger's rule, so dz holds about as
-many values as a chunk of Liger's logits: with bf16 inputs d weight accumulates in bf16 over the
-N / C chunks, as Liger's does; fp32 inputs accumulate in fp32.
+version did that: 5x slower than Liger on an H100). C makes dz hold about 2 N H values, twice
+Liger's chunk of logits (CHUNK_VALUES): with bf16 inputs d weight accumulates in bf16 over the
+N / C chunks, as Liger's does over twice as many; fp32 inputs accumulate in fp32.
 Ignored rows (prompt tokens) are dropped before any kernel on both paths.
 
 Dtypes: bfloat16/float16/float32 inputs are multiplied with float32 accumulation (the CPU path
@@ -37,15 +38,27 @@ from .fused_logprob_torch import torch_fused_linear_logprob, torch_fused_linear_
 
 # ------------------------------------------------------------------------------------ Triton
 
-# (BLOCK_N, BLOCK_V, BLOCK_H[, num_warps, num_stages]), read at launch. The interpreter pays
-# per operation, not per element, so big tiles make it fast; tl.dot needs every block >= 16.
-# GPU: 128 x 256 fp32 accumulator tiles over 8 warps, 3-stage pipelined loads: the fastest of
-# bench/tune_fused_logprob.py's configs on an H100 at both bench shapes (fwd+bwd 4.50 ms at
-# N=4096 H=576 V=49152 and 39.6 ms at N=8192 H=2048 V=128256, against 5.11 and 43.2 ms for
-# 128 x 128; see bench/RESULTS.md). Rerun it on another card.
-GPU_BLOCKS = (128, 256, 64, 8, 3)
+# (BLOCK_N, BLOCK_V, BLOCK_H[, num_warps, num_stages]) per pass, read at launch. The interpreter
+# pays per operation, not per element, so big tiles make it fast; tl.dot needs every block >= 16.
+# GPU, from bench/tune_fused_logprob.py's sweep on an H100 (bench/RESULTS.md, 88a56fb): backward
+# 128 x 256 fp32 accumulator tiles over 8 warps, 3-stage pipelined loads (2.08 / 25.6 ms at the
+# two bench shapes, within 1% of the fastest); forward 64 x 256 over 4 warps, the fastest forward
+# at both shapes (2.19 / 11.7 ms against 2.43 / 14.1 for 128 x 256), measured before the forward
+# split the vocabulary across programs (FWD_SPLITS). Rerun the sweep on another card.
+GPU_FWD_BLOCKS = (64, 256, 64, 4, 3)
+GPU_BWD_BLOCKS = (128, 256, 64, 8, 3)
 INTERPRETER_BLOCKS = (16, 512, 64)
+# Forward programs per row block, each over a slice of the vocabulary, their partial log-sum-exps
+# merged after (as flash-decoding splits keys). None: enough to fill the GPU twice over (a row
+# block alone gives N / 64 programs: 96 for 6144 rows, under one per SM of an H100); 1 in the
+# interpreter. Set an int to force it (tests do, so the merge runs on CPU too).
+FWD_SPLITS = None
 MIN_CHUNK_ROWS = 256  # backward chunks: fewer rows make the GEMMs inefficient
+# Backward chunk rows: dz [C, V] holds about CHUNK_VALUES * N * H values (Liger's rule is 1 x).
+# Each chunk's d weight += dz.T @ hidden reads and writes all of d weight ([V, H], 525 MB in bf16
+# at V=128256, H=2048) for only C multiply-adds per element, so it runs at memory speed: halving
+# the chunk count halves that traffic, for one more N * H values of memory.
+CHUNK_VALUES = 2
 
 
 @triton.jit
@@ -70,29 +83,36 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, rmask, cmask, H, inv_temp,
 
 
 @triton.jit
-def _fwd_kernel(h_ptr, w_ptr, t_ptr, logp_ptr, lse_ptr, N, V, H, inv_temp, ignore_index,
+def _fwd_kernel(h_ptr, w_ptr, t_ptr, m_ptr, s_ptr, zt_ptr, N, V, H, inv_temp, ignore_index, V_PER_SPLIT,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                 UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """One row block over one split of the vocabulary, columns [split * V_PER_SPLIT, +V_PER_SPLIT):
+    the split's running max m, sum of exp(z - m) and target logit (0 where the target lies
+    elsewhere), stored at [split, rows] for _combine_splits. Program ids run along rows first, so
+    the programs in flight share weight tiles."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     tgt = tl.load(t_ptr + rows, mask=rmask, other=ignore_index)
+    out = tl.program_id(1).to(tl.int64) * N + rows
     rows = rows.to(tl.int64)  # rows * H overflows int32 for large N * H
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
     zt = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    v_start = tl.program_id(1) * V_PER_SPLIT
+    v_end = tl.minimum(v_start + V_PER_SPLIT, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        cmask = cols < V
+        cmask = cols < v_end
         z = _logits_tile(h_ptr, w_ptr, rows, cols.to(tl.int64), rmask, cmask, H, inv_temp,
                          BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, IEEE)
         z = tl.where(cmask[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, 1))  # finite: every chunk has a real column
+        m_new = tl.maximum(m, tl.max(z, 1))  # finite: every block has a real column
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
         m = m_new
         zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
-    lse = m + tl.log(s)
-    tl.store(lse_ptr + rows, lse, mask=rmask)
-    tl.store(logp_ptr + rows, tl.where(tgt != ignore_index, zt - lse, 0.0), mask=rmask)
+    tl.store(m_ptr + out, m, mask=rmask)
+    tl.store(s_ptr + out, s, mask=rmask)
+    tl.store(zt_ptr + out, zt, mask=rmask)
 
 
 @triton.jit
@@ -128,15 +148,34 @@ def _bwd_dz_kernel(h_ptr, w_ptr, t_ptr, g_ptr, lse_ptr, dz_ptr, n0, N, V, H, inv
 
 
 def chunk_rows(n, v, h, block_n):
-    """Rows per backward chunk: Liger's rule (about V / H chunks' worth of logits per N rows,
-    so dz holds ~N * H values), at least MIN_CHUNK_ROWS for GEMM efficiency, a multiple of block_n."""
-    c = triton.next_power_of_2(triton.cdiv(n, triton.cdiv(v, h)))
+    """Rows per backward chunk: dz holds about CHUNK_VALUES * N * H values, at least
+    MIN_CHUNK_ROWS rows for GEMM efficiency, a multiple of block_n."""
+    c = triton.next_power_of_2(triton.cdiv(CHUNK_VALUES * n, triton.cdiv(v, h)))
     c = max(c, MIN_CHUNK_ROWS)
     return min(triton.cdiv(n, block_n) * block_n, triton.cdiv(c, block_n) * block_n)
 
 
-def _triton_config(hidden, blocks):
-    """(BLOCK_N, BLOCK_V, BLOCK_H) and the dtype flags for one launch."""
+def fwd_splits(row_blocks, v, block_v, device):
+    """-> (splits, vocabulary columns per split, a multiple of block_v)."""
+    v_blocks = triton.cdiv(v, block_v)
+    want = FWD_SPLITS
+    if want is None:
+        want = 1 if device.type != "cuda" else triton.cdiv(
+            2 * torch.cuda.get_device_properties(device).multi_processor_count, row_blocks)
+    per_split = triton.cdiv(v_blocks, max(1, min(want, v_blocks))) * block_v
+    return triton.cdiv(v, per_split), per_split
+
+
+def _combine_splits(m, s, zt, targets, ignore_index):
+    """Partial (max, sum of exp, target logit) per split [S, N] -> (logprobs [N], lse [N])."""
+    m_all = m.amax(0)
+    lse = m_all + (s * torch.exp(m - m_all)).sum(0).log()
+    return torch.where(targets != ignore_index, zt.sum(0) - lse, 0.0), lse
+
+
+def _triton_config(hidden, blocks, gpu_blocks):
+    """(BLOCK_N, BLOCK_V, BLOCK_H) and the dtype flags for one launch: `blocks`, else the
+    interpreter's or `gpu_blocks`."""
     interp = hidden.device.type == "cpu"
     if interp:
         from triton.runtime.interpreter import InterpretedFunction
@@ -145,7 +184,7 @@ def _triton_config(hidden, blocks):
                                "TRITON_INTERPRET=1 before triton is first imported (use backend='torch' on CPU)")
     if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"the Triton path takes float32, bfloat16 or float16, got {hidden.dtype}")
-    bn, bv, bh, *launch = blocks or (INTERPRETER_BLOCKS if interp else GPU_BLOCKS)
+    bn, bv, bh, *launch = blocks or (INTERPRETER_BLOCKS if interp else gpu_blocks)
     cfg = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, UPCAST=interp, IEEE=hidden.dtype == torch.float32)
     if launch and not interp:
         cfg.update(num_warps=launch[0], num_stages=launch[1])
@@ -161,7 +200,7 @@ def _kept_rows(targets, ignore_index):
 def _triton_fused_linear_logprob(hidden, weight, targets, ignore_index, temperature, blocks=None):
     """Triton forward -> (logprobs [N] fp32, lse [N] fp32; both 0 at ignored rows). Inputs
     already checked and contiguous."""
-    cfg = _triton_config(hidden, blocks)
+    cfg = _triton_config(hidden, blocks, GPU_FWD_BLOCKS)
     rows = _kept_rows(targets, ignore_index)
     if rows is not None:  # compute the kept rows only, then scatter
         logp = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
@@ -173,18 +212,20 @@ def _triton_fused_linear_logprob(hidden, weight, targets, ignore_index, temperat
         return logp, lse
     n, h = hidden.shape
     v = weight.shape[0]
-    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    if n:
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-        _fwd_kernel[grid](hidden, weight, targets, logp, lse, n, v, h, 1.0 / temperature, ignore_index, **cfg)
-    return logp, lse
+    if n == 0:
+        return hidden.new_zeros(0, dtype=torch.float32), hidden.new_zeros(0, dtype=torch.float32)
+    row_blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    splits, per_split = fwd_splits(row_blocks, v, cfg["BLOCK_V"], hidden.device)
+    m, s, zt = torch.empty(3, splits, n, dtype=torch.float32, device=hidden.device)
+    _fwd_kernel[(row_blocks, splits)](hidden, weight, targets, m, s, zt, n, v, h, 1.0 / temperature,
+                                     ignore_index, per_split, **cfg)
+    return _combine_splits(m, s, zt, targets, ignore_index)
 
 
 def _triton_fused_linear_logprob_backward(grad, hidden, weight, targets, lse, ignore_index, temperature,
                                           need_dh=True, need_dw=True, blocks=None):
     """Triton dz chunks + cuBLAS GEMMs -> (d hidden or None, d weight or None), inputs' dtype."""
-    cfg = _triton_config(hidden, blocks)
+    cfg = _triton_config(hidden, blocks, GPU_BWD_BLOCKS)
     rows = _kept_rows(targets, ignore_index)
     if rows is not None:  # the kept rows only; their d hidden scattered into zeros
         if rows.numel() == 0:

@@ -19,6 +19,7 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(fused_logprob_torch, "CHUNK_V", 50)
     monkeypatch.setattr(fused_logprob, "INTERPRETER_BLOCKS", (16, 64, 32))
     monkeypatch.setattr(fused_logprob, "MIN_CHUNK_ROWS", 16)  # several backward chunks
+    monkeypatch.setattr(fused_logprob, "FWD_SPLITS", 3)  # the forward's vocabulary splits merged
 
 
 def make_inputs(n, h, v, dtype, seed=0, logit_scale=1.0, ignore_every=4):
@@ -82,6 +83,19 @@ def test_extreme_logits(backend):
     check_against_reference(backend, hidden, weight, targets, upstream)
     z = hidden @ weight.T
     assert z.abs().max() > 5e3
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("splits", [1, 2, 5, 100])
+def test_forward_vocabulary_splits(splits, monkeypatch):
+    """Any split count gives the same forward. V=1000 is 16 blocks of 64: 5 asked gives 4 splits of
+    4 blocks, the last one short (232 columns); 100 is clamped to one block per split."""
+    monkeypatch.setattr(fused_logprob, "FWD_SPLITS", splits)
+    assert fused_logprob.fwd_splits(3, 1000, 64, torch.device("cpu")) == \
+        {1: (1, 1024), 2: (2, 512), 5: (4, 256), 100: (16, 64)}[splits]
+    hidden, weight, targets, upstream = make_inputs(37, 64, 1000, torch.float32)
+    hidden[5] *= 40.0  # rows whose max lies in different splits, far apart in scale
+    check_against_reference("triton", hidden, weight, targets, upstream)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

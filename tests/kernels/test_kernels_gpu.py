@@ -31,7 +31,8 @@ pytestmark = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("n", [1, 1000])  # 1000: 750 kept rows, several backward chunks
 def test_fused_logprob_compiled(dtype, n):
-    """The compiled kernels (GPU_BLOCKS, tensor-core dots in bf16) on the SmolLM2 vocabulary
+    """The compiled kernels (GPU_FWD_BLOCKS with the vocabulary split across programs, GPU_BWD_BLOCKS;
+    tensor-core dots in bf16) on the SmolLM2 vocabulary
     (49152 = 384 tiles of 128) and on a vocabulary no tile divides."""
     for v in (49152, 1000):
         hidden, weight, targets, upstream = make_inputs(n, 576, v, dtype, ignore_every=4 if n > 1 else 0)
