@@ -3,7 +3,8 @@
     python bench/tune_fused_logprob.py [--shapes 4096x576x49152,8192x2048x128256] [--dtype bf16]
 
 Forward: each tile config (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) with the vocabulary
-split across programs as FWD_SPLITS=None picks (auto) and unsplit (1). Backward: each tile config
+split across programs as FWD_SPLITS=None picks (auto) and unsplit (1), the default tiles also at
+2 to 32 splits. Backward: each tile config
 at the default chunk size, then the default tiles with dz holding 1, 2 or 4 x N*H values
 (CHUNK_VALUES; 1 is Liger's rule), with the peak memory above the inputs. The first config of each
 list is the current default (GPU_FWD_BLOCKS, GPU_BWD_BLOCKS). Every variant's log-probs and
@@ -70,8 +71,9 @@ def main():
 
         print(f"{shape} forward (1 matmul):")
         default_splits = fl.FWD_SPLITS
-        for tiles in ordered(fl.GPU_FWD_BLOCKS):
-            for splits in (default_splits, 1):
+        for i, tiles in enumerate(ordered(fl.GPU_FWD_BLOCKS)):
+            # every tile config auto-split and unsplit; the default's also at fixed split counts
+            for splits in (default_splits, 1) + ((2, 4, 8, 16, 32) if i == 0 else ()):
                 fl.FWD_SPLITS = splits
                 rb = -(-(n - n // 4) // tiles[0])
                 got = fl.fwd_splits(rb, v, tiles[1], hidden.device)[0]

@@ -40,19 +40,22 @@ from .fused_logprob_torch import torch_fused_linear_logprob, torch_fused_linear_
 
 # (BLOCK_N, BLOCK_V, BLOCK_H[, num_warps, num_stages]) per pass, read at launch. The interpreter
 # pays per operation, not per element, so big tiles make it fast; tl.dot needs every block >= 16.
-# GPU, from bench/tune_fused_logprob.py's sweep on an H100 (bench/RESULTS.md, 88a56fb): backward
-# 128 x 256 fp32 accumulator tiles over 8 warps, 3-stage pipelined loads (2.08 / 25.6 ms at the
-# two bench shapes, within 1% of the fastest); forward 64 x 256 over 4 warps, the fastest forward
-# at both shapes (2.19 / 11.7 ms against 2.43 / 14.1 for 128 x 256), measured before the forward
-# split the vocabulary across programs (FWD_SPLITS). Rerun the sweep on another card.
-GPU_FWD_BLOCKS = (64, 256, 64, 4, 3)
+# GPU: 128 x 256 fp32 accumulator tiles over 8 warps, 3-stage pipelined loads, the fastest
+# backward of bench/tune_fused_logprob.py's sweep on an H100 (bench/RESULTS.md, 88a56fb: 2.08 /
+# 25.6 ms at the two bench shapes, within 1% of the best). Forward uses the same tiles: in that
+# sweep, before the forward split the vocabulary, a row block was one program (48 of them at the
+# big shape's 6144 kept rows, on 132 SMs), and 128 x 256 did the most work per busy SM (4.8
+# TFLOP/s against 2.9 for 64 x 256, which won on time only by filling twice as many SMs). The two
+# passes are swept apart, so a card may set them apart. Rerun the sweep on another card.
+GPU_FWD_BLOCKS = (128, 256, 64, 8, 3)
 GPU_BWD_BLOCKS = (128, 256, 64, 8, 3)
 INTERPRETER_BLOCKS = (16, 512, 64)
 # Forward programs per row block, each over a slice of the vocabulary, their partial log-sum-exps
-# merged after (as flash-decoding splits keys). None: enough to fill the GPU twice over (a row
-# block alone gives N / 64 programs: 96 for 6144 rows, under one per SM of an H100); 1 in the
-# interpreter. Set an int to force it (tests do, so the merge runs on CPU too).
+# merged after (as flash-decoding splits keys). None: about FWD_WAVES programs per SM, so the
+# last, partial wave idles a small share of the GPU; 1 in the interpreter. An int forces it (the
+# tests force 3, so the merge runs on CPU too).
 FWD_SPLITS = None
+FWD_WAVES = 4
 MIN_CHUNK_ROWS = 256  # backward chunks: fewer rows make the GEMMs inefficient
 # Backward chunk rows: dz [C, V] holds about CHUNK_VALUES * N * H values (Liger's rule is 1 x).
 # Each chunk's d weight += dz.T @ hidden reads and writes all of d weight ([V, H], 525 MB in bf16
@@ -161,7 +164,7 @@ def fwd_splits(row_blocks, v, block_v, device):
     want = FWD_SPLITS
     if want is None:
         want = 1 if device.type != "cuda" else triton.cdiv(
-            2 * torch.cuda.get_device_properties(device).multi_processor_count, row_blocks)
+            FWD_WAVES * torch.cuda.get_device_properties(device).multi_processor_count, row_blocks)
     per_split = triton.cdiv(v_blocks, max(1, min(want, v_blocks))) * block_v
     return triton.cdiv(v, per_split), per_split
 
