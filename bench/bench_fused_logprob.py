@@ -1,11 +1,13 @@
 """Fused linear log-prob vs log_softmax(h @ W.T).gather: forward + backward, time and peak memory.
 
     python bench/bench_fused_logprob.py [--shapes 4096x576x49152,...] [--dtype fp32] [--reps 3]
-                                        [--impls naive,ours,liger,liger-mean]
+                                        [--rounds 1] [--impls naive,ours,liger,liger-mean]
 
 Each (implementation, shape) runs in its own process so its peak memory is clean: peak RSS above
 the inputs on CPU (Linux /proc high-water mark, reset after setup), torch.cuda.max_memory_allocated
-above the inputs on CUDA. Every implementation does the same work: per-token log-probs of the
+above the inputs on CUDA. With --rounds R each implementation runs R such processes, in turn with
+the others, so a burst of load on a shared machine slows every implementation alike; their times
+are pooled. Every implementation does the same work: per-token log-probs of the
 same hidden, weight and targets, summed, so backward gets an upstream gradient of 1 per token, as
 DPO's is per token. Baselines: the naive PyTorch expression, and on CUDA, when `liger_kernel` is
 importable, Liger-Kernel's LigerFusedLinearCrossEntropyLoss(reduction="none") (0.8.5: per-token
@@ -80,6 +82,8 @@ def main():
     p.add_argument("--shapes", default="4096x576x49152,8192x2048x128256")
     p.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=DTYPES)
     p.add_argument("--reps", type=int, default=20 if cuda else 3)
+    p.add_argument("--rounds", type=int, default=1, help="worker processes per impl, run in turn "
+                   "(naive, ours, naive, ours, ...); their times pooled, the peak the largest")
     p.add_argument("--impls", default="naive,ours,liger", help="naive (the baseline, always run), ours, "
                    "liger, liger-mean (the Liger ones on CUDA, when liger_kernel is importable)")
     args = p.parse_args()
@@ -100,7 +104,16 @@ def main():
           f"{'time/naive':>10} {'mem/naive':>9}")
     for shape in args.shapes.split(","):
         n, h, v = map(int, shape.split("x"))
-        res = {i: run_worker(__file__, [i, n, h, v, args.dtype, args.reps]) for i in impls}
+        res = {}
+        for _ in range(args.rounds):  # naive, ours, ..., naive, ours: drift hits every impl alike
+            for i in impls:
+                r = run_worker(__file__, [i, n, h, v, args.dtype, args.reps])
+                if "error" in r or "error" in res.get(i, {}):
+                    res.setdefault(i, r)
+                    continue
+                prev = res.setdefault(i, dict(r, times_ms=[]))
+                prev["times_ms"] += r["times_ms"]
+                prev["peak_mb"] = max(prev["peak_mb"], r["peak_mb"])
         base = res["naive"]
         elt = torch.finfo(DTYPES[args.dtype]).bits // 8
         floor = (n * h + v * h) * elt / 2 ** 20  # the gradients every implementation must hold
@@ -120,7 +133,8 @@ def main():
             parts.append(f"{impl} {med:.0f} ms ({p20:.0f}-{p80:.0f}), {r['peak_mb']:.0f} MB"
                          + ("" if impl == "naive" else f", time x{tr:.2f}, memory {mr:.1%} of naive"))
         print(f"{'':>22} gradient floor (dh + dW) {floor:.0f} MB")
-        rows.append((f"fwd+bwd N={n} H={h} V={v} {args.dtype}, {args.reps} reps",
+        reps = f"{args.reps} reps" + (f" x {args.rounds} interleaved rounds" if args.rounds > 1 else "")
+        rows.append((f"fwd+bwd N={n} H={h} V={v} {args.dtype}, {reps}",
                      "; ".join(parts) + f"; grad floor {floor:.0f} MB"))
     append_rows("fused_logprob", device or ("cuda" if cuda else "cpu"), rows)
 
