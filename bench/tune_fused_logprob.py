@@ -7,7 +7,7 @@ split across programs as FWD_SPLITS=None picks (auto) and unsplit (1), the defau
 2 to 32 splits. Backward: each tile config
 at the default chunk size, then the default tiles with dz holding 1, 2 or 4 x N*H values
 (CHUNK_VALUES; 1 is Liger's rule), with the peak memory above the inputs. The first config of each
-list is the current default (GPU_FWD_BLOCKS, GPU_BWD_BLOCKS). Every variant's log-probs and
+list is the current default (fused_logprob.gpu_blocks). Every variant's log-probs and
 gradients are checked against the defaults' before it is timed (triton.testing.do_bench medians,
 ms). Prints tables; records nothing (the defaults' end-to-end figures are bench_fused_logprob.py's).
 """
@@ -18,7 +18,7 @@ from triton.testing import do_bench
 
 from srlm_kernels import fused_logprob as fl
 
-TILES = [(64, 256, 64, 4, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3),
+TILES = [(64, 256, 64, 4, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 128, 64, 8, 3),
          (128, 128, 64, 4, 4), (128, 64, 64, 4, 3), (128, 128, 32, 8, 4)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -71,7 +71,7 @@ def main():
 
         print(f"{shape} forward (1 matmul):")
         default_splits = fl.FWD_SPLITS
-        for i, tiles in enumerate(ordered(fl.GPU_FWD_BLOCKS)):
+        for i, tiles in enumerate(ordered(fl.gpu_blocks("fwd", hidden.dtype))):
             # every tile config auto-split and unsplit; the default's also at fixed split counts
             for splits in (default_splits, 1) + ((2, 4, 8, 16, 32) if i == 0 else ()):
                 fl.FWD_SPLITS = splits
@@ -84,13 +84,14 @@ def main():
         print(f"{shape} backward (3 matmuls):")
         bwd = lambda tiles=None: fl._triton_fused_linear_logprob_backward(  # noqa: E731
             grad, hidden, weight, targets, lse, -100, 1.0, blocks=tiles)
-        for tiles in ordered(fl.GPU_BWD_BLOCKS):
+        for tiles in ordered(fl.gpu_blocks("bwd", hidden.dtype)):
             run(f"{tiles} dz {fl.CHUNK_VALUES} x N*H", lambda: bwd(tiles), check_bwd, 3 * flops, mem=True)
         default_values = fl.CHUNK_VALUES
         for values in (1, 2, 4):
             fl.CHUNK_VALUES = values
-            c = fl.chunk_rows(n - n // 4, v, h, fl.GPU_BWD_BLOCKS[0])
-            run(f"{fl.GPU_BWD_BLOCKS} dz {values} x N*H ({c} rows)", bwd, check_bwd, 3 * flops, mem=True)
+            tiles = fl.gpu_blocks("bwd", hidden.dtype)
+            c = fl.chunk_rows(n - n // 4, v, h, tiles[0])
+            run(f"{tiles} dz {values} x N*H ({c} rows)", bwd, check_bwd, 3 * flops, mem=True)
         fl.CHUNK_VALUES = default_values
 
 

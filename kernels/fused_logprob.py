@@ -40,15 +40,21 @@ from .fused_logprob_torch import torch_fused_linear_logprob, torch_fused_linear_
 
 # (BLOCK_N, BLOCK_V, BLOCK_H[, num_warps, num_stages]) per pass, read at launch. The interpreter
 # pays per operation, not per element, so big tiles make it fast; tl.dot needs every block >= 16.
-# GPU: 128 x 256 fp32 accumulator tiles over 8 warps, 3-stage pipelined loads, the fastest
-# backward of bench/tune_fused_logprob.py's sweep on an H100 (bench/RESULTS.md, 88a56fb: 2.08 /
-# 25.6 ms at the two bench shapes, within 1% of the best). Forward uses the same tiles: in that
-# sweep, before the forward split the vocabulary, a row block was one program (48 of them at the
-# big shape's 6144 kept rows, on 132 SMs), and 128 x 256 did the most work per busy SM (4.8
-# TFLOP/s against 2.9 for 64 x 256, which won on time only by filling twice as many SMs). The two
-# passes are swept apart, so a card may set them apart. Rerun the sweep on another card.
+# GPU, 16-bit inputs, from bench/tune_fused_logprob.py's sweep on an H100 (bench/RESULTS.md,
+# 88a56fb) and the register use of the compiled kernels (tests/kernels/aot_compile.py, sm_90):
+# backward 128 x 128 fp32 accumulator tiles over 8 warps, 3-stage pipelined loads: the sweep's
+# fastest backward at the big shape (25.2 ms against 25.6 for 128 x 256, equal at the small one),
+# and it keeps dz in registers (128 per thread) where 128 x 256 spills 2.3 KB per thread.
+# Forward 128 x 256 over 8 warps: in that sweep, before the forward split the vocabulary, a row
+# block was one program (48 of them at the big shape's 6144 kept rows, on 132 SMs), and 128 x 256
+# did the most work per busy SM (4.8 TFLOP/s against 2.9 for 64 x 256, which won on time only by
+# filling twice as many SMs, and 14.1 ms against 17.9 for 128 x 128 on as many). fp32 inputs
+# multiply on CUDA cores (IEEE, no TF32), where those tiles would spill 13-14 KB per thread:
+# 64 x 128 over 8 warps is the largest swept tile that compiles without spilling in either pass
+# (not yet timed). Rerun the sweep on another card.
 GPU_FWD_BLOCKS = (128, 256, 64, 8, 3)
-GPU_BWD_BLOCKS = (128, 256, 64, 8, 3)
+GPU_BWD_BLOCKS = (128, 128, 64, 8, 3)
+GPU_FP32_BLOCKS = (64, 128, 64, 8, 3)
 INTERPRETER_BLOCKS = (16, 512, 64)
 # Forward programs per row block, each over a slice of the vocabulary, their partial log-sum-exps
 # merged after (as flash-decoding splits keys). None: about FWD_WAVES programs per SM, so the
@@ -176,9 +182,16 @@ def _combine_splits(m, s, zt, targets, ignore_index):
     return torch.where(targets != ignore_index, zt.sum(0) - lse, 0.0), lse
 
 
-def _triton_config(hidden, blocks, gpu_blocks):
-    """(BLOCK_N, BLOCK_V, BLOCK_H) and the dtype flags for one launch: `blocks`, else the
-    interpreter's or `gpu_blocks`."""
+def gpu_blocks(pass_, dtype):
+    """The default launch config of pass_ ('fwd' or 'bwd') for inputs of dtype on a GPU."""
+    if dtype == torch.float32:
+        return GPU_FP32_BLOCKS
+    return GPU_FWD_BLOCKS if pass_ == "fwd" else GPU_BWD_BLOCKS
+
+
+def _triton_config(hidden, blocks, pass_):
+    """(BLOCK_N, BLOCK_V, BLOCK_H) and the dtype flags for one launch of pass_ ('fwd' or 'bwd'):
+    `blocks`, else the interpreter's or gpu_blocks'."""
     interp = hidden.device.type == "cpu"
     if interp:
         from triton.runtime.interpreter import InterpretedFunction
@@ -187,7 +200,7 @@ def _triton_config(hidden, blocks, gpu_blocks):
                                "TRITON_INTERPRET=1 before triton is first imported (use backend='torch' on CPU)")
     if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"the Triton path takes float32, bfloat16 or float16, got {hidden.dtype}")
-    bn, bv, bh, *launch = blocks or (INTERPRETER_BLOCKS if interp else gpu_blocks)
+    bn, bv, bh, *launch = blocks or (INTERPRETER_BLOCKS if interp else gpu_blocks(pass_, hidden.dtype))
     cfg = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, UPCAST=interp, IEEE=hidden.dtype == torch.float32)
     if launch and not interp:
         cfg.update(num_warps=launch[0], num_stages=launch[1])
@@ -203,7 +216,7 @@ def _kept_rows(targets, ignore_index):
 def _triton_fused_linear_logprob(hidden, weight, targets, ignore_index, temperature, blocks=None):
     """Triton forward -> (logprobs [N] fp32, lse [N] fp32; both 0 at ignored rows). Inputs
     already checked and contiguous."""
-    cfg = _triton_config(hidden, blocks, GPU_FWD_BLOCKS)
+    cfg = _triton_config(hidden, blocks, "fwd")
     rows = _kept_rows(targets, ignore_index)
     if rows is not None:  # compute the kept rows only, then scatter
         logp = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
@@ -228,7 +241,7 @@ def _triton_fused_linear_logprob(hidden, weight, targets, ignore_index, temperat
 def _triton_fused_linear_logprob_backward(grad, hidden, weight, targets, lse, ignore_index, temperature,
                                           need_dh=True, need_dw=True, blocks=None):
     """Triton dz chunks + cuBLAS GEMMs -> (d hidden or None, d weight or None), inputs' dtype."""
-    cfg = _triton_config(hidden, blocks, GPU_BWD_BLOCKS)
+    cfg = _triton_config(hidden, blocks, "bwd")
     rows = _kept_rows(targets, ignore_index)
     if rows is not None:  # the kept rows only; their d hidden scattered into zeros
         if rows.numel() == 0:

@@ -12,10 +12,15 @@ that are multiples of 16 in the bench shapes (H = 576 or 2048, V_PER_SPLIT) mark
 import importlib
 import json
 import os
+import re
+import subprocess
+import tempfile
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is its default
 
+import torch  # noqa: E402
 import triton  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 
@@ -43,12 +48,26 @@ def compile_kernel(kernel, types, constexprs, warps, stages):
     return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
 
 
+def resource_usage(cubin):
+    """Registers per thread and stack bytes (register spills) of the cubin's kernel, from the
+    cuobjdump that ships with Triton: {"registers": int, "stack": int}."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    if usage is None:
+        raise RuntimeError(f"no resource usage in cuobjdump's output: {out!r}")
+    return {"registers": int(usage[1]), "stack": int(usage[2])}
+
+
 def report(name, config, compiled):
     ttgir = compiled.asm["ttgir"]
     print(json.dumps({"kernel": name, "config": config, "shared": compiled.metadata.shared,
                       "async_copies": ttgir.count("async_copy_global_to_local"),
                       "wgmma": ttgir.count("warp_group_dot ") + ttgir.count("warp_group_dot{"),
-                      "cubin_bytes": len(compiled.asm["cubin"])}), flush=True)
+                      **resource_usage(compiled.asm["cubin"])}), flush=True)
 
 
 def main():
@@ -56,9 +75,10 @@ def main():
     for dt in ("bf16", "fp32"):
         common = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "t_ptr": "*i64", "N": "i32", "V": "i32", "H": "i32",
                   "inv_temp": "fp32", "ignore_index": "i32"}
-        passes = [("fused_logprob._fwd_kernel", fl._fwd_kernel, fl.GPU_FWD_BLOCKS,
+        torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dt]
+        passes = [("fused_logprob._fwd_kernel", fl._fwd_kernel, fl.gpu_blocks("fwd", torch_dtype),
                    {"m_ptr": "*fp32", "s_ptr": "*fp32", "zt_ptr": "*fp32", "V_PER_SPLIT": "i32"}),
-                  ("fused_logprob._bwd_dz_kernel", fl._bwd_dz_kernel, fl.GPU_BWD_BLOCKS,
+                  ("fused_logprob._bwd_dz_kernel", fl._bwd_dz_kernel, fl.gpu_blocks("bwd", torch_dtype),
                    {"g_ptr": "*fp32", "lse_ptr": "*fp32", "dz_ptr": f"*{dt}", "n0": "i32"})]
         for name, kernel, (bn, bv, bh, warps, stages), extra in passes:
             consts = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh, "UPCAST": False, "IEEE": dt == "fp32"}

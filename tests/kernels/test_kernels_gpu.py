@@ -31,7 +31,7 @@ pytestmark = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("n", [1, 1000])  # 1000: 750 kept rows, several backward chunks
 def test_fused_logprob_compiled(dtype, n):
-    """The compiled kernels (GPU_FWD_BLOCKS with the vocabulary split across programs, GPU_BWD_BLOCKS;
+    """The compiled kernels (the default launch configs, fused_logprob.gpu_blocks, with the forward split;
     tensor-core dots in bf16) on the SmolLM2 vocabulary
     (49152 = 384 tiles of 128) and on a vocabulary no tile divides."""
     for v in (49152, 1000):
