@@ -1,4 +1,4 @@
-"""Compiles the training kernels for an H100 (sm_90) without a GPU; prints one JSON line per kernel.
+"""Compiles the Triton kernels for an H100 (sm_90) without a GPU; prints one JSON line per kernel.
 
     python tests/kernels/aot_compile.py      (TRITON_INTERPRET unset: the kernels must be JIT ones)
 
@@ -27,11 +27,13 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 # the modules, not the functions that srlm_kernels exports under the same names
 dpo_loss = importlib.import_module("srlm_kernels.dpo_loss")
 fused_logprob = importlib.import_module("srlm_kernels.fused_logprob")
+paged_attention = importlib.import_module("srlm_kernels.paged_attention")
 
 TARGET = GPUTarget("cuda", 90, 32)
 DIVISIBLE = {"h_ptr", "w_ptr", "t_ptr", "m_ptr", "s_ptr", "zt_ptr", "g_ptr", "lse_ptr", "dz_ptr", "H",
              "V_PER_SPLIT", "pc_ptr", "pr_ptr", "rc_ptr", "rr_ptr", "loss_ptr", "crew_ptr", "rrew_ptr",
-             "dlogits_ptr"}
+             "dlogits_ptr", "q_ptr", "k_ptr", "v_ptr", "bt_ptr", "lens_ptr", "out_ptr", "kc_ptr", "vc_ptr",
+             "slot_ptr"}
 
 
 def compile_kernel(kernel, types, constexprs, warps, stages):
@@ -93,6 +95,21 @@ def main():
                 ("dpo_loss._dpo_bwd_kernel", dpo_loss._dpo_bwd_kernel, {"g_ptr": "*fp32", "dlogits_ptr": "*fp32"})):
             report(name, {"loss": loss, "block": 1024, "warps": 4, "stages": 3},  # launch defaults
                    compile_kernel(kernel, {**ptrs, **scalars, **extra}, {"LOSS": code, "BLOCK": 1024}, 4, 3))
+
+    # The engine's decode attention and cache writes at SmolLM2-135M's shape (9 heads over 3 KV
+    # heads of 64, 16-token blocks), launched as paged_attention.py launches them on a GPU.
+    pa = paged_attention
+    for dt in ("bf16", "fp32"):
+        report("paged_attention._decode_kernel", {"dtype": dt, "block_t": 64, "warps": 4, "stages": 3},
+               compile_kernel(pa._decode_kernel,
+                              {**{n: f"*{dt}" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}, "bt_ptr": "*i32",
+                               "lens_ptr": "*i32", "q_s0": "i32", "q_s1": "i32", "bt_s0": "i32", "scale": "fp32"},
+                              {"NKV": 3, "GROUP": 3, "HEAD_DIM": 64, "BLOCK_SIZE": 16, "BLOCK_G": 16, "BLOCK_D": 64,
+                               "BLOCK_T": 64, "UPCAST": False, "IEEE": dt == "fp32"}, 4, 3))
+        report("paged_attention._reshape_and_cache_kernel", {"dtype": dt, "warps": 4, "stages": 3},
+               compile_kernel(pa._reshape_and_cache_kernel,
+                              {**{n: f"*{dt}" for n in ("k_ptr", "v_ptr", "kc_ptr", "vc_ptr")}, "slot_ptr": "*i64",
+                               "k_s0": "i32", "v_s0": "i32"}, {"ROW": 192, "BLOCK": 256}, 4, 3))
 
 
 if __name__ == "__main__":
