@@ -9,11 +9,12 @@ Backward, for an upstream gradient g [N] per token:
 
 Both paths walk z in tiles: a tile of rows times a chunk of the vocabulary, with an online
 log-sum-exp in forward (the Triton forward also splits the vocabulary across programs, so a
-small N still fills the GPU, and merges the splits' partial log-sum-exps after). Backward RECOMPUTES each tile from the saved lse [N] rather than
-computing gradients in forward (Liger's trick): that trick needs the upstream gradient at
-forward time, which holds for a mean cross-entropy but not here, where g is per token (a DPO
-gradient is known only after every token of the sequence is summed). The price is one extra
-matmul over the vocabulary (4 instead of 3).
+small N still fills the GPU, and merges the splits' partial log-sum-exps after). Backward
+RECOMPUTES each tile from the saved lse [N] rather than computing gradients in forward (Liger's
+trick): that trick needs the upstream gradient at forward time, which holds for a mean
+cross-entropy but not here, where g is per token (a DPO gradient is known only after every
+token of the sequence is summed). The price is one extra matmul over the vocabulary (4 instead
+of 3).
 
 Triton backward, in chunks of C rows: one kernel recomputes the logits of the chunk (fp32
 accumulation, as forward) and writes dz [C, V] in the inputs' dtype; then two cuBLAS GEMMs give
@@ -165,7 +166,8 @@ def chunk_rows(n, v, h, block_n):
 
 
 def fwd_splits(row_blocks, v, block_v, device):
-    """-> (splits, vocabulary columns per split, a multiple of block_v)."""
+    """Forward launch over row_blocks row blocks -> (number of vocabulary splits, columns per
+    split: a multiple of block_v, so only the last split may be short)."""
     v_blocks = triton.cdiv(v, block_v)
     want = FWD_SPLITS
     if want is None:
