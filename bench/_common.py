@@ -98,14 +98,19 @@ def run_worker(script, args, timeout=1800):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(step, device, reps, inner=1, warmup=0):
+def measure(step, device, reps, inner=1, warmup=0, prime=None):
     """Run `step` once for its peak memory above the state before it (MB; CUDA allocator or the
     process's RSS high-water mark), `warmup` more times, then `reps` timed rounds of `inner`
-    calls. Returns (ms per call for each round, peak MB)."""
+    calls. Returns (ms per call for each round, peak MB). `prime`, called first and not measured,
+    should run the same code on tiny inputs: a first call's one-time work (lazy imports and
+    registrations: ~80 MB of RSS for a first custom-op call on CPU) is then not counted as the
+    step's memory."""
     import gc
     import time
 
     import torch
+    if prime is not None:
+        prime()
     gc.collect()
     cuda = device == "cuda"
     if cuda:
