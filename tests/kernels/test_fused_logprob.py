@@ -98,6 +98,20 @@ def test_forward_vocabulary_splits(splits, monkeypatch):
     check_against_reference("triton", hidden, weight, targets, upstream)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("config, dtype", [("GPU_FWD_BLOCKS", torch.bfloat16), ("GPU_BWD_BLOCKS", torch.bfloat16),
+                                           ("GPU_FP32_BLOCKS", torch.float32)])
+def test_production_gpu_tiles(config, dtype, monkeypatch):
+    """The tile shapes the GPU launches, run in the interpreter: 300 rows (two backward chunks of 256
+    and 44, row blocks cut short), H=96 (the second 64-wide step half masked), V=1000 (no tile
+    width divides it). test_compile_hopper.py compiles the same shapes."""
+    blocks = getattr(fused_logprob, config)
+    monkeypatch.setattr(fused_logprob, "INTERPRETER_BLOCKS", blocks[:3])
+    monkeypatch.setattr(fused_logprob, "MIN_CHUNK_ROWS", 256)
+    assert fused_logprob.chunk_rows(300, 1000, 96, blocks[0]) == 256
+    check_against_reference("triton", *make_inputs(300, 96, 1000, dtype, ignore_every=0))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_targets_ignored(backend):
     hidden, weight, _, upstream = make_inputs(6, 32, 100, torch.float32)
