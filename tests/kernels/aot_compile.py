@@ -3,9 +3,10 @@
     python tests/kernels/aot_compile.py      (TRITON_INTERPRET unset: the kernels must be JIT ones)
 
 Triton's compiler and its bundled ptxas need no device, so a CPU machine can lower the kernels
-all the way to a cubin with the production launch configs: what the interpreter cannot check (tl.dot
-shapes and layouts on tensor cores, loops with run-time bounds, shared memory for the pipeline
-stages, registers and spills, read from the cubin by the cuobjdump that ships with Triton). Arguments get the specialization the JIT gives them at launch: pointers and the sizes
+all the way to a cubin with the production launch configs and check what the interpreter cannot:
+tl.dot shapes and layouts on tensor cores, loops with run-time bounds, shared memory for the
+pipeline stages, registers and spills (read from the cubin by the cuobjdump that ships with
+Triton). Arguments get the specialization the JIT gives them at launch: pointers and the sizes
 that are multiples of 16 in the bench shapes (H = 576 or 2048, V_PER_SPLIT) marked divisible by
 16. Run by test_compile_hopper.py. Uses Triton's compiler API as of 3.4 (ASTSource with a named
 signature, triton.knobs); a fresh `make test` installs 3.9, the lent GPU image has 3.6.
