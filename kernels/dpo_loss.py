@@ -18,6 +18,8 @@ import triton.language as tl
 from ._checks import check_backend, check_float
 
 LOSS_TYPES = {"sigmoid": 0, "robust": 1, "hinge": 2, "ipo": 3}
+# One program per BLOCK pairs, element-wise; read at launch and by tests/kernels/aot_compile.py.
+LAUNCH = dict(BLOCK=1024, num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -90,25 +92,25 @@ def _check_interpreter(x):
                                "TRITON_INTERPRET=1 before triton is first imported (use backend='torch' on CPU)")
 
 
-def _triton_dpo_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing, block=1024):
+def _triton_dpo_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing):
     """-> (losses, chosen_rewards, rejected_rewards), all [B]; inputs checked, same compute dtype."""
     _check_interpreter(pc)
     b = pc.shape[0]
     out = [torch.empty_like(pc) for _ in range(3)]
     if b:
-        _dpo_fwd_kernel[(triton.cdiv(b, block),)](pc, pr, rc, rr, *out, b, beta, label_smoothing,
-                                                  LOSS=LOSS_TYPES[loss_type], BLOCK=block)
+        _dpo_fwd_kernel[(triton.cdiv(b, LAUNCH["BLOCK"]),)](pc, pr, rc, rr, *out, b, beta, label_smoothing,
+                                                            LOSS=LOSS_TYPES[loss_type], **LAUNCH)
     return tuple(out)
 
 
-def _triton_dpo_loss_backward(grad, pc, pr, rc, rr, beta, loss_type, label_smoothing, block=1024):
+def _triton_dpo_loss_backward(grad, pc, pr, rc, rr, beta, loss_type, label_smoothing):
     """-> dL/dlogits [B] times the upstream gradient of the losses."""
     _check_interpreter(pc)
     b = pc.shape[0]
     dlogits = torch.empty_like(pc)
     if b:
-        _dpo_bwd_kernel[(triton.cdiv(b, block),)](pc, pr, rc, rr, grad.contiguous(), dlogits, b, beta,
-                                                  label_smoothing, LOSS=LOSS_TYPES[loss_type], BLOCK=block)
+        _dpo_bwd_kernel[(triton.cdiv(b, LAUNCH["BLOCK"]),)](pc, pr, rc, rr, grad.contiguous(), dlogits, b, beta,
+                                                            label_smoothing, LOSS=LOSS_TYPES[loss_type], **LAUNCH)
     return dlogits
 
 

@@ -146,9 +146,8 @@ def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping, validate=True):
     # Each token is one row of nkv * hd values: dense heads needed, any row stride allowed.
     k = k if k.stride(2) == 1 and k.stride(1) == hd else k.contiguous()
     v = v if v.stride(2) == 1 and v.stride(1) == hd else v.contiguous()
-    row = nkv * hd
     _reshape_and_cache_kernel[(n,)](k, v, k_cache, v_cache, slot_mapping.contiguous(), k.stride(0), v.stride(0),
-                                    ROW=row, BLOCK=triton.next_power_of_2(row))
+                                    **cache_launch(nkv, hd))
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, validate=True, block_t=None):
@@ -191,14 +190,25 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
     out = torch.empty(B, nh, hd, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    group = nh // nkv
-    interp = q.device.type == "cpu"
-    block_g, block_d = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(hd))
-    if block_t is None:
-        block_t = 16 if interp else 64
     _decode_kernel[(B, nkv)](q, k_cache, v_cache, block_tables, context_lens.contiguous(), out,
                              q.stride(0), q.stride(1), block_tables.stride(0), float(scale),
-                             NKV=nkv, GROUP=group, HEAD_DIM=hd, BLOCK_SIZE=block_size,
-                             BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_T=block_t,
-                             UPCAST=interp, IEEE=interp or q.dtype == torch.float32)
+                             **decode_launch(nh, nkv, hd, block_size, q.dtype, q.device.type == "cpu", block_t))
     return out
+
+
+# Launch configs, read at every launch and by tests/kernels/aot_compile.py, which compiles the
+# kernels for an H100 with exactly these constants (so the two cannot drift apart).
+def cache_launch(nkv, hd):
+    """_reshape_and_cache_kernel's constexprs and launch options: one program per token row."""
+    row = nkv * hd
+    return dict(ROW=row, BLOCK=triton.next_power_of_2(row), num_warps=4, num_stages=3)
+
+
+def decode_launch(nh, nkv, hd, block_size, dtype, interpreter, block_t=None):
+    """_decode_kernel's constexprs and launch options; block_t=None: 64 tokens per tile on a GPU,
+    16 in the interpreter (so tests cross tile edges)."""
+    group = nh // nkv
+    return dict(NKV=nkv, GROUP=group, HEAD_DIM=hd, BLOCK_SIZE=block_size,
+                BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(hd)),
+                BLOCK_T=block_t or (16 if interpreter else 64), UPCAST=interpreter,
+                IEEE=interpreter or dtype == torch.float32, num_warps=4, num_stages=3)

@@ -90,29 +90,31 @@ def main():
                    compile_kernel(kernel, {**common, **extra}, consts, warps, stages))
     ptrs = {n: "*fp32" for n in ("pc_ptr", "pr_ptr", "rc_ptr", "rr_ptr")}
     scalars = {"B": "i32", "beta": "fp32", "ls": "fp32"}
+    launch = dict(dpo_loss.LAUNCH)
+    warps, stages = launch.pop("num_warps"), launch.pop("num_stages")
     for loss, code in dpo_loss.LOSS_TYPES.items():
         for name, kernel, extra in (
                 ("dpo_loss._dpo_fwd_kernel", dpo_loss._dpo_fwd_kernel,
                  {"loss_ptr": "*fp32", "crew_ptr": "*fp32", "rrew_ptr": "*fp32"}),
                 ("dpo_loss._dpo_bwd_kernel", dpo_loss._dpo_bwd_kernel, {"g_ptr": "*fp32", "dlogits_ptr": "*fp32"})):
-            report(name, {"loss": loss, "block": 1024, "warps": 4, "stages": 3},  # launch defaults
-                   compile_kernel(kernel, {**ptrs, **scalars, **extra}, {"LOSS": code, "BLOCK": 1024}, 4, 3))
+            report(name, {"loss": loss, "block": launch["BLOCK"], "warps": warps, "stages": stages},
+                   compile_kernel(kernel, {**ptrs, **scalars, **extra}, {"LOSS": code, **launch}, warps, stages))
 
     # The engine's decode attention and cache writes at SmolLM2-135M's shape (9 heads over 3 KV
-    # heads of 64, 16-token blocks), launched as paged_attention.py launches them on a GPU.
+    # heads of 64, 16-token blocks), with the launch configs paged_attention.py uses on a GPU.
     pa = paged_attention
-    for dt in ("bf16", "fp32"):
-        report("paged_attention._decode_kernel", {"dtype": dt, "block_t": 64, "warps": 4, "stages": 3},
-               compile_kernel(pa._decode_kernel,
-                              {**{n: f"*{dt}" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}, "bt_ptr": "*i32",
-                               "lens_ptr": "*i32", "q_s0": "i32", "q_s1": "i32", "bt_s0": "i32", "scale": "fp32"},
-                              {"NKV": 3, "GROUP": 3, "HEAD_DIM": 64, "BLOCK_SIZE": 16, "BLOCK_G": 16, "BLOCK_D": 64,
-                               "BLOCK_T": 64, "UPCAST": False, "IEEE": dt == "fp32"}, 4, 3))
-        report("paged_attention._reshape_and_cache_kernel", {"dtype": dt, "warps": 4, "stages": 3},
-               compile_kernel(pa._reshape_and_cache_kernel,
-                              {**{n: f"*{dt}" for n in ("k_ptr", "v_ptr", "kc_ptr", "vc_ptr")}, "slot_ptr": "*i64",
-                               "k_s0": "i32", "v_s0": "i32"}, {"ROW": 192, "BLOCK": 256}, 4, 3))
-
+    for dt, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        for name, kernel, types, launch in (
+                ("paged_attention._decode_kernel", pa._decode_kernel,
+                 {**{n: f"*{dt}" for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}, "bt_ptr": "*i32",
+                  "lens_ptr": "*i32", "q_s0": "i32", "q_s1": "i32", "bt_s0": "i32", "scale": "fp32"},
+                 pa.decode_launch(9, 3, 64, 16, torch_dtype, interpreter=False)),
+                ("paged_attention._reshape_and_cache_kernel", pa._reshape_and_cache_kernel,
+                 {**{n: f"*{dt}" for n in ("k_ptr", "v_ptr", "kc_ptr", "vc_ptr")}, "slot_ptr": "*i64",
+                  "k_s0": "i32", "v_s0": "i32"}, pa.cache_launch(3, 64))):
+            warps, stages = launch.pop("num_warps"), launch.pop("num_stages")
+            report(name, {"dtype": dt, "constexprs": launch, "warps": warps, "stages": stages},
+                   compile_kernel(kernel, types, launch, warps, stages))
 
 if __name__ == "__main__":
     main()
