@@ -59,12 +59,12 @@ class SamplingParams:
             bad("seed", "an integer or None")
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             bad("logprobs", "None or an integer >= 0")
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if not all(isinstance(s, str) and s for s in stop):
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
             bad("stop", "a non-empty string or a list of them")
-        self.stop_list = stop
+        self.stop_list = list(stop)
         ids = self.stop_token_ids or []
-        if not all(_is_int(i) and i >= 0 for i in ids):
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in ids):
             bad("stop_token_ids", "a list of token ids")
         self.stop_token_ids = list(ids)
 
@@ -102,8 +102,8 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     p >= min_p * max p.
 
     Speed: sorting 49k logits per row dominated a decode step, so rows are first filtered over
-    their CANDIDATES best tokens, which is exact when top-k <= CANDIDATES or those tokens hold at
-    least top_p of the mass; other rows take the full sort. The choice is per row, so a row's
+    their CANDIDATES best tokens, which is exact when top-k <= CANDIDATES, or when top-k is off
+    and those tokens hold at least top_p of the mass; other rows take the full sort. The choice is per row, so a row's
     result never depends on the rest of the batch."""
     x = logits / temperature[:, None]
     V = x.shape[1]
@@ -114,7 +114,9 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
         vals, order = xs.topk(K, dim=-1)
         lse = xs.logsumexp(-1)
         kept, mass = _sorted_filter(vals, k, p, lse)
-        exact = ((k > 0) & (k <= K)) | (mass >= p)
+        # a top-k between K and V renormalizes over tokens beyond the candidates before top-p:
+        # only the full sort knows that mass, however much the candidates hold
+        exact = ((k > 0) & (k <= K)) | (((k <= 0) | (k >= V)) & (mass >= p))
         out = torch.full_like(xs, float("-inf")).scatter(1, order, kept)
         slow = (~exact).nonzero()[:, 0]
         if len(slow):

@@ -23,7 +23,7 @@ def reference_filter(row: list[float], t: float, k: int, p: float, mp: float) ->
     high-probability prefix with mass >= p; keep tokens with prob >= min_p * max prob."""
     x = [v / t for v in row]
     ninf = float("-inf")
-    if k > 0:
+    if 0 < k < len(x):
         kth = sorted(x, reverse=True)[k - 1]
         x = [v if v >= kth else ninf for v in x]
     if p < 1:
@@ -66,6 +66,25 @@ def test_filters_match_reference(vocab):
         assert torch.equal(torch.isinf(got[i]), torch.isinf(want)), CASES[i]
         keep = ~torch.isinf(want)
         torch.testing.assert_close(got[i][keep], want[keep])
+
+
+def test_top_k_beyond_the_candidates_renormalizes_before_top_p():
+    # top_k = 300 lies between CANDIDATES (256) and V: top-p must see the distribution
+    # renormalized over the 300 best tokens. Here the 256 best hold 90% of the whole mass, but
+    # 0.8 + 0.08 = 0.88 of it is 90% of the top-300 mass, so only those two tokens are kept.
+    V = 1000
+    p = torch.empty(V)
+    p[0], p[1], p[2] = 0.80, 0.08, 0.01
+    p[250:300], p[300:] = 4.5e-5, 4e-5
+    p[3:250] = (1 - p[0:3].sum() - p[250:].sum()) / 247
+    logits = p.log()[None]
+    got = filter_logits(logits, torch.tensor([1.0]), torch.tensor([300]), torch.tensor([0.9]), torch.tensor([0.0]))
+    want = torch.tensor(reference_filter(logits[0].tolist(), 1.0, 300, 0.9, 0.0))
+    assert torch.isinf(want).sum() == V - 2
+    assert torch.equal(torch.isinf(got[0]), torch.isinf(want))
+    draws = {Sampler()(logits, [SamplingParams(top_k=300, top_p=0.9)], [make_generator(s, 0)])[0][0]
+             for s in range(200)}
+    assert draws == {0, 1}
 
 
 def test_greedy_rows_and_seeded_rows():
@@ -186,3 +205,10 @@ def test_candidate_path_equals_whole_row_path(vocab, stats):
                 cdf = full[i].double().softmax(-1).cumsum(0)
                 assert (cdf - float(u)).abs().min() < 1e-5, (cases[i], float(u))
             assert not torch.isinf(full[i, got[j]])  # a kept token
+
+
+@pytest.mark.parametrize("field,value", [("stop", 5), ("stop", {"x": 1}), ("stop_token_ids", 5),
+                                         ("stop_token_ids", "12")])
+def test_stop_fields_of_the_wrong_type_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field} must be"):
+        SamplingParams(**{field: value})
