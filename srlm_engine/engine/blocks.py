@@ -101,6 +101,13 @@ class BlockPool:
             self.key[block], self.tokens[block] = k, chunk
         return k
 
+    def forget_prefixes(self) -> None:
+        """Drop every key: no cached prefix is hit again (after a step failed between keying its
+        blocks and writing their KV). Blocks in use keep their references."""
+        self.by_key.clear()
+        self.key = [None] * self.num_blocks
+        self.tokens = [None] * self.num_blocks
+
     def release(self, blocks: list[int]) -> None:
         """Drop one reference from each block; in reverse so a prefix's tail is evicted first."""
         for b in reversed(blocks):

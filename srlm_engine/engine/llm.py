@@ -108,6 +108,9 @@ class LLM:
             if not isinstance(p, SamplingParams):
                 raise ValueError(f"request {r}: sampling_params must be SamplingParams, got {type(p).__name__}")
             max_tokens = self._check_lengths(r, toks, p.max_tokens)
+            if p.logprobs is not None and p.logprobs > self.model.config.vocab_size:
+                raise ValueError(f"request {r}: SamplingParams.logprobs = {p.logprobs} exceeds the vocabulary "
+                                 f"of {self.model.config.vocab_size} tokens")
             for i in range(p.n):
                 seed = p.seed if p.seed is not None else int(torch.randint(2**62, (1,), generator=self._rng))
                 seqs.append(Sequence(r, i, list(toks), p, max_tokens, make_generator(seed, i)))
@@ -210,6 +213,9 @@ class LLM:
         for s in list(sch.running):
             sch.finish(s)
         sch.waiting.clear()
+        # blocks are keyed when their step is scheduled, before the forward writes their KV: after
+        # a failed step some keyed blocks hold nothing, so no cached prefix is trusted any more
+        self.pool.forget_prefixes()
 
     def _step(self, sched: Scheduled) -> int:
         if not sched.seqs:
@@ -292,8 +298,12 @@ class LLM:
         return ids, pos, slots, ctx, tables, q_starts, q_lens, sample_rows, samplers
 
     def _completion(self, s: Sequence) -> CompletionOutput:
-        # cut at a stop string: the incrementally decoded text; else decode the whole output once
-        text = s.text if s.stop_text_end is not None else self.tokenizer.decode(s.output_ids)
+        # cut at a stop string: the incrementally decoded text; else decode the whole output once,
+        # without the text of a stop token (EOS or stop_token_ids) unless asked, as vLLM does
+        ids = s.output_ids
+        if s.finish_reason == "stop" and s.stop_text_end is None and not s.params.include_stop_str_in_output:
+            ids = ids[:-1]
+        text = s.text if s.stop_text_end is not None else self.tokenizer.decode(ids)
         return CompletionOutput(s.index, text, list(s.output_ids), s.finish_reason,
                                 s.cumulative_logprob, s.logprobs)
 

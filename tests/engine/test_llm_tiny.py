@@ -109,10 +109,15 @@ def test_logprobs_and_stops(tiny_dir, tiny_model):
     for tok, d in zip(o.token_ids, o.logprobs):
         assert tok in d and len(d) == 3 and max(d, key=d.get) == tok  # greedy: sampled is top-1
     assert o.cumulative_logprob == pytest.approx(sum(d[t] for t, d in zip(o.token_ids, o.logprobs)))
-    # stop token id: ends there, token kept in token_ids, finish "stop"
+    # stop token id: ends there, token kept in token_ids but not in the text (as vLLM), finish "stop"
+    cut = full.index(full[3]) + 1
     o = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[full[3]]),
                      use_tqdm=False)[0].outputs[0]
-    assert o.token_ids == full[:full.index(full[3]) + 1] and o.finish_reason == "stop"
+    assert o.token_ids == full[:cut] and o.finish_reason == "stop"
+    assert o.text == llm.tokenizer.decode(full[:cut - 1])
+    o = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[full[3]],
+                                              include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
+    assert o.text == llm.tokenizer.decode(full[:cut])
     # stop string: the text is cut before it (word tokenizer: tokens decode to "w<id>" words)
     word = llm.tokenizer.decode([full[5]])
     o = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop=[word]),
@@ -156,6 +161,8 @@ def test_bad_requests_raise_before_any_work(tiny_dir):
                       ("seed", dict(seed=1.5))]:
         with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
             SamplingParams(**kw)
+    with pytest.raises(ValueError, match="request 0: SamplingParams.logprobs = 999 exceeds the vocabulary"):
+        llm.generate([good], SamplingParams(max_tokens=2, logprobs=999), use_tqdm=False)
     assert llm.scheduler.has_work() is False and llm.pool.allocated == 0
 
 
@@ -174,3 +181,27 @@ def test_error_during_generation_names_request(tiny_dir, monkeypatch):
     monkeypatch.undo()
     assert llm.pool.num_free == llm.pool.num_blocks  # reset and usable again
     assert len(llm.generate([[2, 3]], SamplingParams(max_tokens=3), use_tqdm=False)[0].outputs) == 1
+
+
+def test_a_failed_step_leaves_no_stale_prefix(tiny_dir, monkeypatch):
+    # blocks are keyed when scheduled, before the forward writes their KV; a step that fails in
+    # between must not leave those keys for the next request with the same prefix to hit
+    from srlm_engine.engine import attention
+
+    prompt = random_prompts(1, 40, 40, seed=5)[0]  # two full 16-token blocks
+    p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want = LLM(tiny_dir, kv_cache_tokens=1024).generate([prompt], p, use_tqdm=False)[0].outputs[0].token_ids
+    llm = LLM(tiny_dir, kv_cache_tokens=1024)
+    real = attention.PagedAttention.__call__
+
+    def interrupted(self, layer, *args):
+        if layer == 1:
+            raise KeyboardInterrupt("Ctrl-C in the middle of a step")
+        return real(self, layer, *args)
+
+    monkeypatch.setattr(attention.PagedAttention, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([prompt], p, use_tqdm=False)
+    monkeypatch.undo()
+    assert llm.pool.num_free == llm.pool.num_blocks and not llm.pool.by_key
+    assert llm.generate([prompt], p, use_tqdm=False)[0].outputs[0].token_ids == want
