@@ -5,13 +5,37 @@ ModelConfig mirrors the fields of a Hugging Face Llama config.json that change t
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 
 class ConfigError(ValueError):
     """A setting is missing or invalid; the message names the source and the field."""
+
+
+_KINDS = {  # annotation -> (test, what the error says is wanted)
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "None": (lambda v: v is None, "unset"),
+    "tuple[float, float]": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+                            and all(_KINDS["float"][0](x) for x in v), "a pair of numbers"),
+    "TrainConfig": (lambda v: isinstance(v, TrainConfig), "a table of training settings"),
+}
+
+
+def _check_types(obj) -> None:
+    """Every field of a settings dataclass against its annotation (a string here, e.g.
+    "int | None"): a TOML string "false" in a bool field, 2.5 in an int one or "0.7" in a float
+    one is a ConfigError naming the field, never truthy or a TypeError later. A bool is not
+    an int here, though Python says it is; an int is a float."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        kinds = [_KINDS[k] for k in f.type.split(" | ")]
+        if not any(ok(v) for ok, _ in kinds):
+            raise ConfigError(f"{f.name} must be {' or '.join(want for _, want in kinds)}, got {v!r}")
 
 
 @dataclass
@@ -163,14 +187,17 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        if isinstance(self.activation_checkpointing, bool):  # a TOML `true` / `false`: whole blocks or none
+            self.activation_checkpointing = "full" if self.activation_checkpointing else "none"
+        _check_types(self)
         for name in ("max_seq_len", "micro_batch_size", "grad_accum", "lr_batch_size", "save_every",
                      "keep_last", "ref_batch_size"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            if v <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if self.max_seq_len < 4:
             raise ConfigError(f"max_seq_len must be at least 4, got {self.max_seq_len}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):
+        if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"max_steps must be a positive integer or None, got {self.max_steps!r}")
         if not self.epochs > 0:
             raise ConfigError(f"epochs must be > 0, got {self.epochs!r}")
@@ -192,10 +219,22 @@ class TrainConfig:
             raise ConfigError(f"beta must be > 0, got {self.beta!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"adam_betas must each be in [0, 1), got {tuple(self.adam_betas)!r}")
+        if not self.adam_eps > 0:
+            raise ConfigError(f"adam_eps must be > 0, got {self.adam_eps!r}")
+        # The DPO loss's own rule (srlm_kernels.dpo_loss), checked here so a bad value fails when
+        # the config is read, not at the first training step.
+        if self.loss_type in ("sigmoid", "robust") and not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5) for loss_type {self.loss_type!r}, "
+                              f"got {self.label_smoothing!r}")
+        if self.loss_type in ("hinge", "ipo") and self.label_smoothing != 0:
+            raise ConfigError(f"label_smoothing must be 0 for loss_type {self.loss_type!r} (it has no "
+                              f"meaning there), got {self.label_smoothing!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        if isinstance(self.activation_checkpointing, bool):  # a TOML `true` / `false`: whole blocks or none
-            self.activation_checkpointing = "full" if self.activation_checkpointing else "none"
         if self.activation_checkpointing not in CHECKPOINTING:
             raise ConfigError("activation_checkpointing must be 'none', 'selective' or 'full', "
                               f"got {self.activation_checkpointing!r}")
@@ -255,10 +294,11 @@ class LoopConfig:
             self.sft = TrainConfig.from_dict(self.sft, "sft")
         if isinstance(self.dpo, dict):
             self.dpo = TrainConfig.from_dict(self.dpo, "dpo")
+        _check_types(self)
         for name in ("iterations", "prompts", "n", "judge_samples", "max_new_tokens", "judge_max_tokens",
                      "eval_prompts", "eval_max_tokens", "kv_cache_tokens", "max_num_seqs"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            if v <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if self.n < 2:
             raise ConfigError(f"n must be at least 2 to form a pair, got {self.n}")
@@ -302,6 +342,8 @@ class LoopConfig:
             for k, v in layer.items():
                 if k not in cls.__dataclass_fields__:
                     raise ConfigError(f"unknown loop setting {k!r}")
+                if k in ("sft", "dpo") and not isinstance(v, dict):
+                    raise ConfigError(f"{k} must be a table of training settings, got {v!r}")
                 d[k] = {**d.get(k, {}), **v} if k in ("sft", "dpo") else v
         return cls(**d)
 

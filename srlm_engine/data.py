@@ -52,6 +52,16 @@ def check_sft(rec: dict) -> dict:
     return rec
 
 
+def check_ift(rec: dict) -> dict:
+    """A seed IFT record: an SFT record with a user turn too, since the loop takes each record's
+    first user turn as a seed prompt for self-instruction."""
+    check_sft(rec)
+    if not any(m["role"] == "user" for m in rec["messages"]):
+        raise ValueError("messages hold no user turn (the first user turn of a seed IFT record is "
+                         "its seed prompt)")
+    return rec
+
+
 def check_pair(rec: dict) -> dict:
     """A preference record: non-empty prompt, chosen and rejected, with chosen != rejected."""
     for k in ("prompt", "chosen", "rejected"):
@@ -93,6 +103,10 @@ def check_eft_eval(rec: dict) -> dict:
 
 def load_sft(path: str | Path) -> list[dict]:
     return read_jsonl(path, check_sft)
+
+
+def load_ift(path: str | Path) -> list[dict]:
+    return read_jsonl(path, check_ift)
 
 
 def load_pairs(path: str | Path) -> list[dict]:
@@ -180,5 +194,6 @@ def convert_oasst(path: str | Path, out_dir: str | Path, lang: str = "en") -> di
     return dict(counts)
 
 
-__all__ = ["DataError", "check_eft_eval", "check_eft_train", "check_pair", "check_sft",
-           "convert_oasst", "eft_to_sft", "load_eft_eval", "load_eft_train", "load_pairs", "load_sft"]
+__all__ = ["DataError", "check_eft_eval", "check_eft_train", "check_ift", "check_pair", "check_sft",
+           "convert_oasst", "eft_to_sft", "load_eft_eval", "load_eft_train", "load_ift", "load_pairs",
+           "load_sft"]

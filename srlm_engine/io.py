@@ -102,12 +102,27 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _utf8(raw: bytes, path: Path, lineno: int | None = None) -> str:
+    """`raw` (one line, or a whole file when `lineno` is None) decoded as UTF-8; a bad byte raises
+    DataError naming the file, the line and the byte's place in it."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if lineno is None:
+            lineno = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{lineno}: invalid UTF-8: byte 0x{raw[e.start]:02x} at byte {column} "
+                        f"of the line ({e.reason}); the file must be UTF-8 text") from None
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    try:
+        return json.loads(_utf8(raw, path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: line {e.lineno}: invalid JSON: {e.msg}") from None
 
@@ -120,8 +135,9 @@ def read_jsonl(path: str | os.PathLike, check: Callable[[dict], Any] | None = No
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so a bad byte is reported with its line
+        for lineno, raw in enumerate(f, 1):
+            line = _utf8(raw, path, lineno)
             if not line.strip():
                 continue
             try:

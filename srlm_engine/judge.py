@@ -3,14 +3,17 @@
 `judge_samples` samples K judgments per (instruction, response) and averages the parsed scores,
 as the paper does (K = 3, temperature 0.7, top_p 0.9). `judge_expected` reads the model's
 distribution over the score digits right after "Score:" and returns its expected value: one
-forward pass per item, never unparsable.
+forward pass per item, unscored (None) only where the digits carry no probability at all.
 
 The engine is duck-typed: `llm.generate(prompts, params, use_tqdm=True)` (a progress bar with tokens/s),
 `llm.next_token_logprobs(prompts) -> Tensor [B, V]` and `llm.tokenizer` (`encode`,
-`apply_chat_template`). Nothing here imports the engine at import time.
+`apply_chat_template`). Prompts go to the engine as token ids, encoded without special tokens:
+the rendered chat template already holds its BOS, as in `LLM.chat` and in training. Nothing here
+imports the engine at import time.
 """
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
@@ -85,28 +88,38 @@ def fill_template(template: str, instruction: str, response: str) -> str:
 # --------------------------------------------------------------------------- parsing
 
 # A score line starts (after markdown: **, #, >, -, `) with "Score", optionally "Final/Total",
-# then ":" or "=", then a number. Text is NFKC-normalised first (fullwidth "Ｓｃｏｒｅ：４" ->
-# "Score:4"); `\d` then matches any Unicode decimal digit (Arabic-Indic "٣" too) and int()
-# reads it, so such digits parse.
+# then ":" or "="; the rest of the line is what it states. Text is NFKC-normalised first
+# (fullwidth "Ｓｃｏｒｅ：４" -> "Score:4"); `\d` then matches any Unicode decimal digit
+# (Arabic-Indic "٣" too) and int() reads it, so such digits parse.
 _SCORE_LINE_RE = re.compile(
-    r"^[ \t>#*_`\-]*(?:final[ \t]+|total[ \t]+|overall[ \t]+)?score[ \t*_`]*[:=][ \t*_`]*"
-    r"[\[(<]?(?P<int>-?\d+)(?:\.(?P<frac>\d+))?[\])>]?"
-    r"[ \t]*(?:(?:/|out[ \t]+of)[ \t]*(?P<den>\d+(?:\.\d+)?))?(?P<tail>.*)$",
+    r"^[ \t>#*_`\-]*(?:final[ \t]+|total[ \t]+|overall[ \t]+)?score[ \t*_`]*[:=](?P<rest>.*)$",
     re.IGNORECASE | re.MULTILINE,
 )
+# The number a score line states, with its markdown, brackets and "/5" or "out of 5".
+_NUMBER_RE = re.compile(
+    r"[ \t*_`]*[\[(<]?(?P<int>-?\d+)(?:\.(?P<frac>\d+))?[\])>]?"
+    r"[ \t]*(?:(?:/|out[ \t]+of)[ \t]*(?P<den>\d+(?:\.\d+)?))?(?P<tail>.*)$",
+    re.IGNORECASE,
+)
+# A number that goes on into another one: a sum or product ("1+1+0"), a range ("3-4", "3 to 4",
+# "3 or 4") or a decimal comma ("4,5"). Without an "=" result it states no single score.
+_CONTINUED_RE = re.compile(r"[ \t]*(?:[-+*×x–—~,]|to\b|or\b)[ \t]*\d", re.IGNORECASE)
 
 
 def parse_score(text: str) -> int | None:
-    """The score of a judgment: the number on its LAST score line, or None.
+    """The score of a judgment: what its LAST score line states, or None (unscored).
 
     A score line is a line that begins with "Score:" (case-insensitive, markdown allowed, e.g.
-    "**Score:** 3", "### Final score: 3") followed by a number; "Score" mentioned in the middle of
-    a sentence ("I'd give it a score of 4") is not one. Only the last score line counts, even if
-    it is out of range and an earlier one was not. Rules for the number:
+    "**Score:** 3", "### Final score: 3"); "Score" mentioned in the middle of a sentence ("I'd
+    give it a score of 4") is not one. The judge states its score at the end, so only the last
+    score line counts: if it holds no valid score ("Score: N/A", "Score: 9"), the judgment is
+    unscored even when an earlier line held one. Rules for what the line states:
     - an integer 0..5 -> that integer; out of range ("Score: 7", "-1") -> None;
     - "4/5" or "4 out of 5" -> 4; any other denominator ("8/10") -> None (not our scale);
-    - a decimal with a non-zero fraction ("4.5") -> None, since the rubric adds whole points;
-      "4.0" -> 4;
+    - a decimal with a non-zero fraction ("4.5", "4,5") -> None, since the rubric adds whole
+      points; "4.0" -> 4;
+    - a sum with its result ("1+1+0+1+1 = 4") -> the number after the last "=", by the same rules;
+      a range or an expression with no "=" result ("3-4", "2+2") -> None: never guessed;
     - fullwidth and other Unicode decimal digits ("４", "٤") are read as their value.
     """
     text = unicodedata.normalize("NFKC", text)
@@ -115,13 +128,15 @@ def parse_score(text: str) -> int | None:
         pass
     if last is None:
         return None
-    if last["tail"][:1].isdigit():
+    stated = last["rest"].rpartition("=")[2]  # a sum's result; the whole line if there is no "="
+    m = _NUMBER_RE.match(stated)
+    if m is None or m["tail"][:1].isdigit() or _CONTINUED_RE.match(m["tail"]):
         return None
-    if last["frac"] is not None and int(last["frac"]) != 0:
+    if m["frac"] is not None and int(m["frac"]) != 0:
         return None
-    if last["den"] is not None and float(last["den"]) != MAX_SCORE:
+    if m["den"] is not None and float(m["den"]) != MAX_SCORE:
         return None
-    value = int(last["int"])
+    value = int(m["int"])
     return value if 0 <= value <= MAX_SCORE else None
 
 
@@ -164,6 +179,13 @@ def render_judge_prompts(tokenizer, instructions: Sequence[str], responses: Sequ
             for i, r in zip(instructions, responses)]
 
 
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of rendered prompts. No special tokens are added: the chat template's text
+    already starts with its BOS (where the model has one), and the tokenizer's own BOS on top
+    would make two, which the model never saw in training."""
+    return [list(tokenizer.encode(p, add_special_tokens=False)) for p in prompts]
+
+
 def judge_samples(llm, instructions: Sequence[str], responses: Sequence[str], *,
                   template: str = DEFAULT_TEMPLATE, k: int = 3, temperature: float = 0.7,
                   top_p: float = 0.9, max_tokens: int = 256, seed: int | None = None,
@@ -179,7 +201,7 @@ def judge_samples(llm, instructions: Sequence[str], responses: Sequence[str], *,
         return []
     params = (params_factory or _default_params)(n=k, temperature=temperature, top_p=top_p,
                                                  max_tokens=max_tokens, seed=seed)
-    outs = llm.generate(prompts, params, use_tqdm=True)
+    outs = llm.generate(encode_prompts(llm.tokenizer, prompts), params, use_tqdm=True)
     return [Judgment.from_texts([c.text for c in o.outputs]) for o in outs]
 
 
@@ -190,13 +212,11 @@ def expected_score(logprobs_of_digits: torch.Tensor) -> torch.Tensor:
 
     logprobs_of_digits: [B, 6], log p("0") .. log p("5") (any common offset; unnormalised is fine).
     Returns [B] float64 in [0, 5]: sum_s s * softmax(lp)_s. A row with every entry -inf carries
-    no information and gets the uniform distribution's 2.5."""
+    no information: it is NaN (unscored), never a guessed middle score; so is a row holding NaN."""
     lp = logprobs_of_digits.to(torch.float64)
     if lp.ndim != 2 or lp.shape[1] != MAX_SCORE + 1:
         raise ValueError(f"expected [B, {MAX_SCORE + 1}] log-probs, got {tuple(lp.shape)}")
-    dead = torch.isneginf(lp).all(dim=1, keepdim=True)
-    lp = torch.where(dead, torch.zeros_like(lp), lp)
-    p = torch.softmax(lp, dim=1)  # [B, 6]
+    p = torch.softmax(lp, dim=1)  # [B, 6]; an all -inf row gives NaN
     return p @ torch.arange(MAX_SCORE + 1, dtype=torch.float64)
 
 
@@ -234,8 +254,9 @@ def score_tokens(tokenizer) -> tuple[str, list[int]]:
 def judge_expected(llm, instructions: Sequence[str], responses: Sequence[str], *,
                    template: str = DEFAULT_TEMPLATE, after: str = "prefix",
                    temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 256,
-                   seed: int | None = None, params_factory: Callable | None = None) -> list[float]:
-    """Expected judge score in [0, 5] per item, from the next-token distribution over the digits.
+                   seed: int | None = None, params_factory: Callable | None = None) -> list[float | None]:
+    """Expected judge score in [0, 5] per item, from the next-token distribution over the digits;
+    None (unscored) where the digits have no probability at all.
 
     after="prefix": the assistant turn starts with the score prefix at once (no justification).
     after="judgment": the justification is generated first (greedy by default; stop at "Score:"),
@@ -254,12 +275,12 @@ def judge_expected(llm, instructions: Sequence[str], responses: Sequence[str], *
         params = (params_factory or _default_params)(n=1, temperature=temperature, top_p=top_p,
                                                      max_tokens=max_tokens, seed=seed,
                                                      stop=[SCORE_PREFIX])
-        outs = llm.generate(prompts, params, use_tqdm=True)
+        outs = llm.generate(encode_prompts(llm.tokenizer, prompts), params, use_tqdm=True)
         prompts = [p + _strip_score_prefix(o.outputs[0].text).rstrip() + "\n" + suffix
                    for p, o in zip(prompts, outs)]
-    logprobs = llm.next_token_logprobs(prompts)  # [B, V]
+    logprobs = llm.next_token_logprobs(encode_prompts(llm.tokenizer, prompts))  # [B, V]
     digit_lp = logprobs[:, ids]  # [B, 6]
-    return [float(x) for x in expected_score(digit_lp)]
+    return [None if math.isnan(x) else x for x in expected_score(digit_lp).tolist()]
 
 
 def _strip_score_prefix(text: str) -> str:
@@ -267,6 +288,6 @@ def _strip_score_prefix(text: str) -> str:
     return text[: -len(SCORE_PREFIX)] if text.endswith(SCORE_PREFIX) else text
 
 
-__all__ = ["DEFAULT_TEMPLATE", "Judgment", "check_template", "expected_score", "fill_template",
-           "judge_expected", "judge_samples", "load_template", "parse_score", "render_judge_prompts",
-           "score_tokens"]
+__all__ = ["DEFAULT_TEMPLATE", "Judgment", "check_template", "encode_prompts", "expected_score",
+           "fill_template", "judge_expected", "judge_samples", "load_template", "parse_score",
+           "render_judge_prompts", "score_tokens"]

@@ -106,9 +106,15 @@ def _llm(model_dir: Path, cfg: LoopConfig) -> LLM:
                max_num_seqs=cfg.max_num_seqs)
 
 
-def _free(*objs) -> None:
-    del objs
+def _free() -> None:
+    """Reclaim the engines callers have let go of. The caller drops its own reference first (`del
+    llm`, or `llm = None` where a closure shares the variable): an engine anyone still refers to
+    stays alive, weights and KV pool with it. Engines hold reference cycles, so only the collector
+    frees them; the CUDA cache then goes back to the device before the next engine or the trainer
+    allocates."""
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _judge(llm, cfg: LoopConfig, template: str, instructions: list[str], responses: list[str],
@@ -158,21 +164,27 @@ def _chat(llm, prompts: list[str], params) -> list:
 def head_to_head(cfg: LoopConfig, template: str, new: Path, old: Path, judge_dir: Path,
                  prompts: list[str], seed: int) -> dict:
     """Win rate of the model in `new` over the one in `old`: each answers the held-out prompts
-    greedily, the fixed judge scores both answers; a tie counts half."""
+    greedily, the fixed judge scores both answers; a tie counts half. Prompts where the judge left
+    either answer unscored are counted apart and left out of the rate (None if none is left)."""
     params = SamplingParams(temperature=0.0, max_tokens=cfg.eval_max_tokens)
     answers = {}
     for name, d in (("new", new), ("old", old)):
         llm = _llm(d, cfg)
         answers[name] = [o.outputs[0].text for o in _chat(llm, prompts, params)]
-        _free(llm)
+        del llm
+        _free()
     llm = _llm(judge_dir, cfg)
     recs = _judge(llm, cfg, template, prompts * 2, answers["new"] + answers["old"], seed, mode="expected")
-    _free(llm)
+    del llm
+    _free()
     n = len(prompts)
-    s_new, s_old = [r["score"] for r in recs[:n]], [r["score"] for r in recs[n:]]
-    wins = sum(a > b for a, b in zip(s_new, s_old))
-    ties = sum(a == b for a, b in zip(s_new, s_old))
-    return {"wins": wins, "ties": ties, "losses": n - wins - ties, "win_rate": (wins + 0.5 * ties) / n,
+    # A prompt where either answer went unscored is counted as such, not guessed into a result.
+    both = [(a["score"], b["score"]) for a, b in zip(recs[:n], recs[n:])
+            if a["score"] is not None and b["score"] is not None]
+    wins = sum(a > b for a, b in both)
+    ties = sum(a == b for a, b in both)
+    return {"wins": wins, "ties": ties, "losses": len(both) - wins - ties, "unscored": n - len(both),
+            "win_rate": (wins + 0.5 * ties) / len(both) if both else None,
             "mean_len_new": _mean_words(answers["new"]), "mean_len_old": _mean_words(answers["old"])}
 
 
@@ -229,7 +241,7 @@ def run(model_dir: str | Path, out: str | Path, cfg: LoopConfig, log: Callable[[
     run_ = Run(root, cfg, model_dir, log)
     seed_dir = Path(cfg.seed_dir)
     template = judge.load_template(cfg.judge_template) if cfg.judge_template else judge.DEFAULT_TEMPLATE
-    ift = data.load_sft(seed_dir / "ift.jsonl")
+    ift = data.load_ift(seed_dir / "ift.jsonl")  # each record holds a user turn: its seed prompt
     eft = data.load_eft_train(seed_dir / "eft_train.jsonl")
     eft_eval = data.load_eft_eval(seed_dir / "eft_eval.jsonl")
     seed_prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in ift]
@@ -246,7 +258,8 @@ def run(model_dir: str | Path, out: str | Path, cfg: LoopConfig, log: Callable[[
         def make(d=d, name=name):
             llm = _llm(d, cfg)
             write_json(evals / f"judge_{name}.json", judge_eval(llm, cfg, template, eft_eval, cfg.seed))
-            _free(llm)
+            del llm
+            _free()
         run_.step(evals / f"judge_{name}.json", make, f"judge eval {name.upper()}", evals / "timings.json")
 
     model = m1
@@ -271,6 +284,8 @@ def run(model_dir: str | Path, out: str | Path, cfg: LoopConfig, log: Callable[[
                 prompts, stats = selfinstruct.generate_prompts(
                     writer, seed_prompts, cfg.prompts, seed=seed, temperature=cfg.prompt_temperature,
                     top_p=cfg.prompt_top_p)
+                del writer  # a separate writer goes before M_t's engine is made
+                _free()
             write_json(it / "prompt_stats.json", stats)
             if not prompts:
                 raise LoopStop(f"iteration {t}: no new prompt survived the filters ({stats}); "
@@ -298,8 +313,8 @@ def run(model_dir: str | Path, out: str | Path, cfg: LoopConfig, log: Callable[[
                  "judgments": [next(recs) for _ in c["candidates"]]} for c in cands])
         run_.step(it / "judgments.jsonl", make_judgments, f"iter {t}: judgments", tf)
         judged = read_jsonl(it / "judgments.jsonl")
-        _free(llm)
-        llm = None
+        llm = None  # M_t's engine goes before training allocates
+        _free()
 
         def make_pairs():
             got, counts = pairing.build_pairs([j["prompt"] for j in judged], [j["candidates"] for j in judged],
@@ -342,7 +357,8 @@ def run(model_dir: str | Path, out: str | Path, cfg: LoopConfig, log: Callable[[
 def _judge_file(model: Path, cfg, template, items, path: Path) -> None:
     llm = _llm(model, cfg)
     write_json(path, judge_eval(llm, cfg, template, items, cfg.seed))
-    _free(llm)
+    del llm
+    _free()
 
 
 def _move(src: Path, dst: Path) -> None:

@@ -71,7 +71,8 @@ def _plots(root: Path, evals: dict, iters: dict) -> list[str]:
         axes[0].set_xlabel("iteration t")
         axes[0].set_xticks(ts)
         axes[0].legend(fontsize=8)
-        axes[1].bar([str(t) for t in ts], [iters[t]["head_to_head"]["win_rate"] for t in ts])
+        rates = [iters[t]["head_to_head"]["win_rate"] for t in ts]  # None: every prompt unscored
+        axes[1].bar([str(t) for t in ts], [r if r is not None else math.nan for r in rates])
         axes[1].axhline(0.5, color="grey", lw=0.8)
         axes[1].set_ylim(0, 1)
         axes[1].set_title("win rate of M_{t+1} over M_t")
@@ -81,6 +82,13 @@ def _plots(root: Path, evals: dict, iters: dict) -> list[str]:
         made.append("iterations.png")
         plt.close(fig)
     return made
+
+
+def _win_rate(h: dict) -> str:
+    """The win rate and its W/T/L, e.g. 55% (5/1/4); prompts the judge left unscored follow."""
+    rate = "n/a" if h["win_rate"] is None else f"{100 * h['win_rate']:.0f}%"
+    unscored = f", {h['unscored']} unscored" if h.get("unscored") else ""
+    return f"{rate} ({h['wins']}/{h['ties']}/{h['losses']}{unscored})"
 
 
 def _metrics(d: dict) -> JudgeMetrics:
@@ -127,7 +135,7 @@ def write_report(root: Path, cfg) -> Path:
             share = f"{100 * gen / total:.0f}% of {total:.0f}s" if total else "n/a"
             lines.append(f"| {t} | {m['prompts']} | {c.get('pairs', 0)} | {c.get('ties', 0)} | "
                          f"{c.get('too_few_scored', 0)} | {m['candidate_mean_words']:.0f} | {h['mean_len_new']:.0f} | "
-                         f"{100 * h['win_rate']:.0f}% ({h['wins']}/{h['ties']}/{h['losses']}) | {share} |")
+                         f"{_win_rate(h)} | {share} |")
         lines += ["", "Time per stage (seconds):", ""]
         for t in iters:
             tm = read_json(root / f"iter_{t}" / "timings.json")
@@ -147,8 +155,12 @@ def _honest(evals: dict) -> str:
             if mode not in e:
                 continue
             acc, parse = e[mode]["metrics"]["pairwise_accuracy"], e[mode]["parse_rate"]
+            measurable = acc is not None and not math.isnan(acc)
             if parse == 0:
                 verdict = "never wrote a score line, so it cannot judge in this mode"
+            elif not measurable:
+                verdict = ("not measurable, since no two responses to one instruction have different "
+                           "human scores")
             elif acc < 0.45:
                 verdict = "worse than chance: it tends to prefer the answers humans rank lower"
             elif acc < 0.55:
@@ -157,7 +169,8 @@ def _honest(evals: dict) -> str:
                 verdict = "weakly above chance"
             else:
                 verdict = "clearly above chance"
-            out.append(f"- {n.upper()}, {mode} mode: pairwise accuracy {100 * acc:.1f}%, parse rate "
+            shown = f"{100 * acc:.1f}%" if measurable else "n/a"
+            out.append(f"- {n.upper()}, {mode} mode: pairwise accuracy {shown}, parse rate "
                        f"{100 * parse:.0f}%: {verdict}.")
     out.append("A pairwise accuracy near 50% means the judge orders answers at random, and self-rewarding "
                "then trains on noise. The paper's 70B model reached 78-82%; the figures above are what "

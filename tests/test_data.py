@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from srlm_engine.data import (convert_oasst, eft_to_sft, load_eft_eval, load_eft_train,
-                              load_pairs, load_sft)
+                              load_ift, load_pairs, load_sft)
 from srlm_engine.io import DataError
 from srlm_engine.judge import DEFAULT_TEMPLATE, parse_score
 
@@ -50,6 +50,19 @@ def test_seed_file_with_broken_line(tmp_path):
                                         sft(("user", "c"), ("assistant", "d"))])
     with pytest.raises(DataError, match=r"seed\.jsonl:2: invalid JSON"):
         load_sft(p)
+
+
+def test_ift_needs_a_user_turn(tmp_path):
+    # The loop takes each seed IFT record's first user turn as a seed prompt; an SFT record
+    # without one still trains, but as a seed it is a DataError naming file and line.
+    no_user = sft(("system", "s"), ("assistant", "a"))
+    p = write(tmp_path / "ift.jsonl", [sft(("system", "s"), ("user", "q"), ("assistant", "a")), no_user])
+    assert len(load_sft(p)) == 2
+    with pytest.raises(DataError, match=r"ift\.jsonl:2: messages hold no user turn"):
+        load_ift(p)
+    write(p, [sft(("user", "q"), ("assistant", "a")), sft(("user", "hi"))])
+    with pytest.raises(DataError, match=r"ift\.jsonl:2: messages hold no assistant turn"):
+        load_ift(p)  # and the SFT rules still apply
 
 
 # --------------------------------------------------------------------------- pairs
@@ -153,7 +166,7 @@ def test_convert_oasst_broken_line(tmp_path):
 
 # --------------------------------------------------------------------------- the real seed files
 
-@pytest.mark.parametrize("name, loader", [("ift.jsonl", load_sft), ("eft_train.jsonl", load_eft_train),
+@pytest.mark.parametrize("name, loader", [("ift.jsonl", load_ift), ("eft_train.jsonl", load_eft_train),
                                           ("eft_eval.jsonl", load_eft_eval)])
 def test_real_seed_files_validate(name, loader):
     path = SEED / name

@@ -19,9 +19,26 @@ from srlm_engine.judge import (DEFAULT_TEMPLATE, Judgment, expected_score, fill_
     ("Relevant and clear.\nScore: 4", 4),
     ("Score: 0", 0),
     ("Score: 5", 5),
-    # several score lines: the last one wins, even when it is invalid
+    # several score lines: the last one wins, even when it is invalid or holds no number
     ("Score: 2\nOn reflection it covers more.\nScore: 3", 3),
     ("Score: 3\nScore: 9", None),
+    ("Score: 3\nScore: N/A", None),
+    ("Score: 4\nScore:", None),
+    # a sum gives the total after its last "="; a range or an unfinished expression is no score
+    ("Score: 1+1+1+0+1 = 4", 4),
+    ("Score: 1 + 1 + 0 + 1 + 1 = 4", 4),
+    ("Score = 1+1+1 = 3", 3),
+    ("Total score: 1+1+1+0+1 = 4/5", 4),
+    ("Score: 1+1+1+1+1+1 = 6", None),
+    ("Score: 1+1+0+1+1 =", None),
+    ("Score: 2+2", None),
+    ("Score: 3-4", None),
+    ("Score: 3 - 4", None),
+    ("Score: 3 to 4", None),
+    ("Score: 3 or 4", None),
+    ("Score: 4,5", None),
+    ("Score: 4, since it is clear", 4),
+    ("Score: 4 - clear and complete", 4),
     # fractions out of 5 are read; other scales are not
     ("Good.\nScore: 4/5", 4),
     ("Score: 4 out of 5", 4),
@@ -114,7 +131,11 @@ def test_expected_score_range_and_degenerate():
     lp[::7, 2] = -math.inf
     e = expected_score(lp)
     assert e.shape == (1000,) and bool((e >= 0).all()) and bool((e <= 5).all())
-    assert expected_score(torch.full((1, 6), -math.inf)).item() == 2.5
+    # no probability on any digit: unscored (NaN), not the uniform distribution's 2.5; the other
+    # rows of the batch are unaffected
+    dead = torch.tensor([[-math.inf] * 6, [0.0, -math.inf, -math.inf, -math.inf, -math.inf, -math.inf]])
+    got = expected_score(dead)
+    assert math.isnan(got[0].item()) and got[1].item() == 0.0
     with pytest.raises(ValueError):
         expected_score(torch.zeros(2, 5))
 
@@ -126,6 +147,9 @@ class CharTokenizer:
 
     def encode(self, s, add_special_tokens=False):
         return [ord(c) % 256 for c in s]
+
+    def decode(self, ids):
+        return "".join(map(chr, ids))
 
     def apply_chat_template(self, messages, add_generation_prompt=True):
         body = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
@@ -141,17 +165,27 @@ class WordTokenizer(CharTokenizer):
     def encode(self, s, add_special_tokens=False):
         return [self.vocab.setdefault(t, len(self.vocab)) for t in re.findall(r" ?[^\s]+|\s", s)]
 
+    def decode(self, ids):
+        words = {i: t for t, i in self.vocab.items()}
+        return "".join(words[i] for i in ids)
+
 
 @dataclass
 class FakeLLM:
+    """Records the prompts it gets, decoded: the judge must send token ids, never text (text would
+    be encoded again with the tokenizer's BOS added)."""
     tokenizer: object
     texts: list = field(default_factory=list)       # scripted outputs, consumed in order
     vocab: int = 256
     digit_logprobs: dict = field(default_factory=dict)  # token id -> log-prob
     calls: list = field(default_factory=list)
 
+    def _text(self, prompts):
+        assert all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompts)
+        return [self.tokenizer.decode(p) for p in prompts]
+
     def generate(self, prompts, params, use_tqdm=False):
-        self.calls.append(("generate", list(prompts), params))
+        self.calls.append(("generate", self._text(prompts), params))
         outs = []
         for _ in prompts:
             outs.append(SimpleNamespace(outputs=[SimpleNamespace(text=self.texts.pop(0))
@@ -159,7 +193,7 @@ class FakeLLM:
         return outs
 
     def next_token_logprobs(self, prompts):
-        self.calls.append(("logprobs", list(prompts)))
+        self.calls.append(("logprobs", self._text(prompts)))
         lp = torch.full((len(prompts), self.vocab), -20.0)
         for tid, v in self.digit_logprobs.items():
             lp[:, tid] = v
@@ -210,6 +244,12 @@ def test_judge_expected_prefix():
     assert all(p.endswith("<assistant>Score: ") for p in llm.calls[0][1])
 
 
+def test_judge_expected_no_digit_mass_is_unscored():
+    # every digit at -inf: nothing to take an expectation of, so the item is unscored (None)
+    llm = FakeLLM(CharTokenizer(), digit_logprobs={ord(str(d)): -math.inf for d in range(6)})
+    assert judge_expected(llm, ["q"], ["r"]) == [None]
+
+
 def test_judge_expected_after_judgment():
     wt = WordTokenizer()
     ids = score_tokens(wt)[1]
@@ -224,3 +264,56 @@ def test_judge_expected_after_judgment():
     assert lp_prompts[1].endswith("<assistant>Off topic.\nScore:")
     with pytest.raises(ValueError, match="after"):
         judge_expected(llm, ["q"], ["r"], after="both")
+
+
+# --------------------------------------------------------------------------- special tokens
+
+def bos_tokenizer():
+    """A Llama-style tokenizer: its post-processor adds BOS, and its chat template writes one too."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, processors
+
+    from srlm_engine.tokenizer import Tokenizer
+    words = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "hi", "there", "Score", ":"]
+    hf = HFTokenizer(models.WordLevel({w: i for i, w in enumerate(words + list("012345"))}, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.add_special_tokens(["<s>", "</s>", "<|user|>", "<|assistant|>"])
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    template = ("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|> {{ m.content }} {% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return Tokenizer(hf, {"bos_token": "<s>", "eos_token": "</s>"}, template)
+
+
+@dataclass
+class EncodingLLM:
+    """Encodes what it is given exactly as the engine does (LLM._encode_all: text gets the
+    tokenizer's special tokens, ids are taken as they are) and records the ids."""
+    tokenizer: object
+    seen: list = field(default_factory=list)
+
+    def _ids(self, prompts):
+        from srlm_engine.engine.llm import LLM
+        engine = SimpleNamespace(tokenizer=self.tokenizer,
+                                 model=SimpleNamespace(config=SimpleNamespace(vocab_size=self.tokenizer.vocab_size)))
+        ids = LLM._encode_all(engine, prompts)
+        self.seen += ids
+        return ids
+
+    def generate(self, prompts, params, use_tqdm=False):
+        return [SimpleNamespace(outputs=[SimpleNamespace(text="hi there")] * params["n"]) for _ in self._ids(prompts)]
+
+    def next_token_logprobs(self, prompts):
+        return torch.zeros(len(self._ids(prompts)), self.tokenizer.vocab_size)
+
+
+def test_judge_prompts_carry_one_bos():
+    tok = bos_tokenizer()
+    bos = tok.token_to_id("<s>")
+    assert tok.encode("hi", add_special_tokens=True) == [bos, tok.token_to_id("hi")]  # the trap
+    llm = EncodingLLM(tok)
+    judge_samples(llm, ["hi"], ["there"], k=2, params_factory=params)
+    judge_expected(llm, ["hi"], ["there"], after="prefix")
+    judge_expected(llm, ["hi"], ["there"], after="judgment", params_factory=params)
+    assert len(llm.seen) == 4
+    for ids in llm.seen:  # the template's BOS, once: what training and LLM.chat feed the model
+        assert ids[0] == bos and ids.count(bos) == 1, ids[:4]
+

@@ -14,14 +14,16 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from srlm_engine import loop
 from srlm_engine.config import SEED_DIR, LoopConfig, ModelConfig
-from srlm_engine.io import read_jsonl
+from srlm_engine.io import DataError, read_jsonl
 from srlm_engine.model.llama import Llama
 from srlm_engine.model.weights import load_model, save_model
 
@@ -271,3 +273,84 @@ def test_training_in_two_processes_matches_one(tmp_path, tiny_model, seeds):
     base = load_model(tiny_model).state_dict()
     assert max((a[k] - base[k]).abs().max().item() for k in a) > 1e-3  # it trained
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_seed_ift_record_without_user_turn_is_a_data_error(tmp_path, seeds):
+    # Each seed IFT record's first user turn is a seed prompt: a record without one is named by
+    # file and line before any work starts (it was a bare StopIteration).
+    bad = tmp_path / "seed"
+    shutil.copytree(seeds, bad)
+    with open(bad / "ift.jsonl", "a") as f:
+        f.write(json.dumps({"messages": [{"role": "system", "content": "s"},
+                                         {"role": "assistant", "content": "a"}]}) + "\n")
+    model = tmp_path / "m0"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with pytest.raises(DataError, match=r"ift\.jsonl:9: messages hold no user turn"):
+        loop.run(model, tmp_path / "run", config(bad, iterations=1), log=lambda *_: None)
+
+
+class FakeEngine:
+    """Answers every prompt with "x"."""
+
+    def chat(self, msgs, params, use_tqdm=True):
+        return [SimpleNamespace(outputs=[SimpleNamespace(text="x")]) for _ in msgs]
+
+
+def track_engines(monkeypatch, make=lambda d, cfg: FakeEngine()):
+    """Patch loop._llm to record, at each engine made, how many earlier ones are still alive. Each
+    engine is given a reference to itself, as real engines hold reference cycles, so only the
+    collector frees one, and only once nobody refers to it. No collection happens here: an engine
+    still alive is one its caller did not let go of before `_free()`, and its weights and KV pool
+    would sit beside the new one's."""
+    live, alive_at_start = weakref.WeakSet(), []
+
+    def tracked(d, cfg):
+        alive_at_start.append(len(live))
+        llm = make(d, cfg)
+        llm.me = llm
+        live.add(llm)
+        return llm
+    monkeypatch.setattr(loop, "_llm", tracked)
+    return live, alive_at_start
+
+
+def test_head_to_head_frees_each_engine_before_the_next(monkeypatch, tmp_path):
+    live, alive_at_start = track_engines(monkeypatch)
+    monkeypatch.setattr(loop, "_judge", lambda llm, cfg, t, i, r, seed, mode=None: [{"score": 1.0} for _ in i])
+    h = loop.head_to_head(LoopConfig(), "", Path("new"), Path("old"), Path("judge"), ["p", "q"], 0)
+    assert alive_at_start == [0, 0, 0] and len(live) == 0
+    assert (h["wins"], h["ties"], h["losses"], h["unscored"], h["win_rate"]) == (0, 2, 0, 0, 0.5)
+
+    monkeypatch.setattr(loop, "judge_eval", lambda llm, cfg, t, items, seed: {})
+    loop._judge_file(Path("m"), LoopConfig(), "", [], tmp_path / "judge.json")
+    loop._judge_file(Path("m"), LoopConfig(), "", [], tmp_path / "judge.json")
+    assert alive_at_start == [0] * 5 and len(live) == 0
+
+
+def test_head_to_head_counts_unscored_apart(monkeypatch):
+    track_engines(monkeypatch)
+    # new, then old answers' scores for 4 prompts: a win, a loss, and two where the judge gave no score
+    scores = iter([4.0, 1.0, None, 3.0, 2.0, 3.0, 2.0, None])
+    monkeypatch.setattr(loop, "_judge", lambda llm, cfg, t, i, r, seed, mode=None: [{"score": next(scores)} for _ in i])
+    h = loop.head_to_head(LoopConfig(), "", Path("new"), Path("old"), Path("judge"), ["a", "b", "c", "d"], 0)
+    assert (h["wins"], h["ties"], h["losses"], h["unscored"], h["win_rate"]) == (1, 0, 1, 2, 0.5)
+    scores = iter([None] * 4)
+    h = loop.head_to_head(LoopConfig(), "", Path("new"), Path("old"), Path("judge"), ["a", "b"], 0)
+    assert (h["wins"], h["ties"], h["losses"], h["unscored"], h["win_rate"]) == (0, 0, 0, 2, None)
+
+
+def test_one_engine_alive_at_a_time_in_a_run(monkeypatch, tmp_path, tiny_model, seeds):
+    # The judge evaluations of M0 and M1, then M_t's engine for the iteration's generation: each
+    # is freed before the next is made, and M_t's before pairs and training.
+    live, alive_at_start = track_engines(monkeypatch, make=loop._llm)
+    alive_at_pairs = []
+    real_pairs = loop.pairing.build_pairs
+
+    def build_pairs(*a, **kw):
+        alive_at_pairs.append(len(live))
+        return real_pairs(*a, **kw)
+    monkeypatch.setattr(loop.pairing, "build_pairs", build_pairs)
+    with pytest.raises(loop.LoopStop, match="no preference pairs"):  # sampled judging of a random model
+        loop.run(tiny_model, tmp_path / "run", config(seeds, judge_mode="sample", iterations=1), log=lambda *_: None)
+    assert alive_at_start == [0, 0, 0] and alive_at_pairs == [0]

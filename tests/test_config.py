@@ -1,0 +1,87 @@
+"""Loop and training settings: every field's type is checked, and the ranges the trainer and the
+DPO loss would otherwise reject only at their first step."""
+import math
+
+import pytest
+
+from srlm_engine.config import ConfigError, LoopConfig, TrainConfig
+
+
+def test_presets_and_defaults_are_valid():
+    for preset in (None, *LoopConfig.PRESETS):
+        cfg = LoopConfig.build(preset)
+        assert isinstance(cfg.sft, TrainConfig) and isinstance(cfg.dpo, TrainConfig)
+
+
+def test_toml_numbers_and_lists_are_read():
+    # TOML gives an int where a float is meant (`temperature = 1`) and a list for the betas
+    cfg = LoopConfig.build(None, {"temperature": 1, "length_control": True,
+                                  "dpo": {"adam_betas": [0.9, 0.95], "label_smoothing": 0.1, "epochs": 2}})
+    assert cfg.temperature == 1 and cfg.length_control is True
+    assert cfg.dpo.adam_betas == (0.9, 0.95) and cfg.dpo.epochs == 2
+
+
+@pytest.mark.parametrize("setting, msg", [
+    ({"length_control": "false"}, r"length_control must be true or false, got 'false'"),
+    ({"length_control": 0}, r"length_control must be true or false, got 0"),
+    ({"seed": "abc"}, r"seed must be an integer, got 'abc'"),
+    ({"prompts": 2.5}, r"prompts must be an integer, got 2.5"),
+    ({"n": True}, r"n must be an integer, got True"),
+    ({"temperature": "0.7"}, r"temperature must be a number, got '0.7'"),
+    ({"top_p": None}, r"top_p must be a number, got None"),
+    ({"judge_temperature": False}, r"judge_temperature must be a number, got False"),
+    ({"judge_template": 3}, r"judge_template must be a string or unset, got 3"),
+    ({"dtype": 16}, r"dtype must be a string, got 16"),
+    ({"sft": "x"}, r"sft must be a table of training settings, got 'x'"),
+    ({"dpo": {"progress": "no"}}, r"dpo: progress must be true or false, got 'no'"),
+    ({"dpo": {"warmup_steps": 2.5}}, r"dpo: warmup_steps must be an integer, got 2.5"),
+    ({"dpo": {"max_steps": 2.0}}, r"dpo: max_steps must be an integer or unset, got 2.0"),
+    ({"dpo": {"lr": "1e-6"}}, r"dpo: lr must be a number or unset, got '1e-6'"),
+    ({"dpo": {"beta": "0.1"}}, r"dpo: beta must be a number, got '0.1'"),
+    ({"dpo": {"adam_betas": [0.9]}}, r"dpo: adam_betas must be a pair of numbers"),
+    ({"dpo": {"adam_betas": ["0.9", 0.99]}}, r"dpo: adam_betas must be a pair of numbers"),
+])
+def test_wrong_type_is_a_config_error_naming_the_field(setting, msg):
+    with pytest.raises(ConfigError, match=msg):
+        LoopConfig.build(None, setting)
+
+
+@pytest.mark.parametrize("setting, msg", [
+    (dict(weight_decay=-1.0), r"weight_decay must be >= 0, got -1\.0"),
+    (dict(weight_decay=math.nan), r"weight_decay must be >= 0"),
+    (dict(adam_betas=(1.5, 2.0)), r"adam_betas must each be in \[0, 1\), got \(1\.5, 2\.0\)"),
+    (dict(adam_betas=(0.9, 1.0)), r"adam_betas must each be in \[0, 1\)"),
+    (dict(adam_betas=(-0.1, 0.9)), r"adam_betas must each be in \[0, 1\)"),
+    (dict(adam_eps=0.0), r"adam_eps must be > 0"),
+    # srlm_kernels.dpo_loss's rule: [0, 0.5) for sigmoid and robust, 0 for hinge and ipo
+    (dict(label_smoothing=0.5, loss_type="robust"), r"label_smoothing must be in \[0, 0\.5\) for loss_type 'robust'"),
+    (dict(label_smoothing=0.5), r"label_smoothing must be in \[0, 0\.5\) for loss_type 'sigmoid'"),
+    (dict(label_smoothing=-0.1), r"label_smoothing must be in \[0, 0\.5\)"),
+    (dict(label_smoothing=0.1, loss_type="hinge"), r"label_smoothing must be 0 for loss_type 'hinge'"),
+    (dict(label_smoothing=0.1, loss_type="ipo"), r"label_smoothing must be 0 for loss_type 'ipo'"),
+])
+def test_training_ranges(setting, msg):
+    with pytest.raises(ConfigError, match=msg):
+        TrainConfig(**setting)
+    with pytest.raises(ConfigError, match="dpo: " + msg):
+        LoopConfig.build(None, {"dpo": setting})
+
+
+def test_label_smoothing_follows_the_loss_rule():
+    # The config accepts exactly the values the DPO loss takes, for every loss type.
+    import torch
+    from srlm_kernels import dpo_loss
+    z = torch.zeros(2, dtype=torch.float64)
+    for loss_type in ("sigmoid", "robust", "hinge", "ipo"):
+        for ls in (-0.1, 0.0, 0.1, 0.49, 0.5, 0.7):
+            try:
+                dpo_loss(z, z, z, z, 0.1, loss_type, ls, backend="torch")
+                loss_ok = True
+            except ValueError:
+                loss_ok = False
+            try:
+                TrainConfig(loss_type=loss_type, label_smoothing=ls)
+                config_ok = True
+            except ConfigError:
+                config_ok = False
+            assert config_ok == loss_ok, (loss_type, ls)

@@ -1,0 +1,31 @@
+"""The report's plain reading of the numbers: what it says where a number cannot be measured."""
+import math
+
+import pytest
+
+from srlm_engine.report import _honest, _win_rate
+
+
+def judge_file(acc, parse=1.0):
+    return {"sample": {"metrics": {"pairwise_accuracy": acc}, "parse_rate": parse}}
+
+
+@pytest.mark.parametrize("acc", [math.nan, None])  # NaN as computed; None if a JSON writer nulls it
+def test_no_pairs_with_differing_human_scores_is_not_measurable(acc):
+    # judge_vs_human gives NaN pairwise accuracy when no two responses differ in human score
+    line = _honest({"m1": judge_file(acc)}).splitlines()[0]
+    assert line.startswith("- M1, sample mode: pairwise accuracy n/a, parse rate 100%: not measurable")
+    assert "chance" not in line
+
+
+@pytest.mark.parametrize("acc, verdict", [(0.4, "worse than chance"), (0.5, "coin flip"),
+                                          (0.6, "weakly above chance"), (0.8, "clearly above chance")])
+def test_measured_accuracy_verdicts(acc, verdict):
+    line = _honest({"m1": judge_file(acc)}).splitlines()[0]
+    assert f"pairwise accuracy {100 * acc:.1f}%" in line and verdict in line
+
+
+def test_win_rate_with_unscored_prompts():
+    assert _win_rate({"wins": 5, "ties": 1, "losses": 4, "win_rate": 0.55}) == "55% (5/1/4)"  # older files
+    assert _win_rate({"wins": 1, "ties": 0, "losses": 1, "unscored": 2, "win_rate": 0.5}) == "50% (1/0/1, 2 unscored)"
+    assert _win_rate({"wins": 0, "ties": 0, "losses": 0, "unscored": 3, "win_rate": None}) == "n/a (0/0/0, 3 unscored)"
