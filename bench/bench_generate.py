@@ -51,7 +51,7 @@ def questions(n: int) -> list[str]:
 
 def ours_workload(llm, qs, args):
     from srlm_engine.engine import SamplingParams
-    from srlm_engine.judge import render_judge_prompts
+    from srlm_engine.judge import encode_prompts, render_judge_prompts
 
     t0 = time.perf_counter()
     outs = llm.chat([[{"role": "user", "content": q}] for q in qs],
@@ -60,7 +60,7 @@ def ours_workload(llm, qs, args):
     t1 = time.perf_counter()
     inst = [q for q, o in zip(qs, outs) for _ in o.outputs]
     resp = [c.text for o in outs for c in o.outputs]
-    judge = render_judge_prompts(llm.tokenizer, inst, resp)
+    judge = encode_prompts(llm.tokenizer, render_judge_prompts(llm.tokenizer, inst, resp))
     jouts = llm.generate(judge, SamplingParams(n=args.judge_k, temperature=0.7, top_p=0.9,
                                                max_tokens=args.judge_tokens, ignore_eos=True, seed=1),
                          use_tqdm=False)
@@ -107,10 +107,11 @@ def batch1(llm, hf, tokens):
     from srlm_engine.engine import SamplingParams
 
     chat = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about owls."}])
+    ids = llm.tokenizer.encode(chat, add_special_tokens=False)  # the template holds any BOS, as for HF
     p = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    llm.generate([chat], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
+    llm.generate([ids], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
     t = time.perf_counter()
-    llm.generate([chat], p, use_tqdm=False)
+    llm.generate([ids], p, use_tqdm=False)
     _sync(llm.device)
     ours = tokens / (time.perf_counter() - t)
     hf_generate(hf, llm.tokenizer, [chat], 1, 4, 1, do_sample=False)
