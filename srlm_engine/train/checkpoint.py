@@ -3,7 +3,8 @@
     OUT/checkpoints/step-00000200/
         model/        config.json, model.safetensors (HF names), tokenizer files of the input model
         trainer.pt    optimizer state (full, keyed by parameter name), scheduler, RNG; no model weights
-        state.json    step, kind, fingerprints of the base model and the data, global batch
+        state.json    step and the run's resume meta: kind, fingerprints of the base model and the
+                      data, global batch, seed, total steps, the optimizer's and the loss's settings
 
 The model and optimizer state are gathered whole to rank 0 (get_model_state_dict /
 get_optimizer_state_dict with full_state_dict=True, cpu_offload=True), so a checkpoint does not
@@ -132,17 +133,21 @@ def _clean_keys(opt_sd: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
+# How an error names a meta key (others by the key itself).
+_NAMES = {"kind": "training kind", "base_model": "base model", "model_config": "model config",
+          "data": "training data", "global_batch": "global batch", "total_steps": "total steps"}
+
+
 def load_checkpoint(path: Path, meta: dict) -> tuple[dict, dict]:
-    """Read state.json and trainer.pt, refusing a checkpoint of another model, data or kind.
-    -> (state, trainer)."""
+    """Read state.json and trainer.pt, refusing a checkpoint whose saved meta differs from this
+    run's in any key of `meta` (the trainer puts there all that a resumed run must share with the
+    run that saved: another model, data, kind, seed or schedule would splice two runs). -> (state, trainer)."""
     path = Path(path)
     state = read_json(path / "state.json")
-    for key, what in (("kind", "training kind"), ("base_model", "base model"), ("model_config", "model config"),
-                      ("data", "training data"), ("global_batch", "global batch"),
-                      ("max_seq_len", "max_seq_len")):
-        if state.get(key) != meta.get(key):
-            raise CheckpointError(f"{path}: cannot resume: checkpoint's {what} ({state.get(key)!r}) differs "
-                                  f"from this run's ({meta.get(key)!r}); use another --out or remove the "
+    for key, new in meta.items():
+        if state.get(key) != new:
+            raise CheckpointError(f"{path}: cannot resume: checkpoint's {_NAMES.get(key, key)} ({state.get(key)!r}) "
+                                  f"differs from this run's ({new!r}); use another --out or remove the "
                                   f"checkpoint yourself")
     trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
     return state, trainer

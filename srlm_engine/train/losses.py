@@ -1,10 +1,13 @@
 """SFT and DPO losses over the fused kernels; the [B, T, V] logits are never materialized.
 
     logp[b, t] = log p(targets[b, t] | input_ids[b, :t+1])   via srlm_kernels.fused_linear_logprob
-    SFT:  loss = -sum(logp) / (number of trained tokens)           mean over this micro-batch's tokens
-    DPO:  seq[s] = sum_t logp[s, t]                                [2B]: B chosen rows, then B rejected
+    SFT:  loss = -sum(logp) / N                  N: number of trained tokens
+    DPO:  seq[s] = sum_t logp[s, t]              [2B]: B chosen rows, then B rejected
           losses, cr, rr = dpo_loss(seq[:B], seq[B:], ref_chosen, ref_rejected, beta, loss_type)
-          loss = mean(losses)                                      mean over this micro-batch's pairs
+          loss = sum(losses) / N                 N: number of pairs
+N defaults to this batch's own count (its mean); the trainer passes the count of the whole
+accumulated step on all ranks, so each token (pair) of the step weighs the same whichever
+micro-batch holds it (HF's num_items_in_batch).
 DPO variants are the kernel's loss_type: sigmoid (DPO), ipo, hinge (SLiC), robust.
 Our Llama has no dropout (the paper used 0.1): policy and reference passes are deterministic, and
 so is training; nothing here switches train/eval behaviour.
@@ -37,18 +40,20 @@ class TokenLogprobs(nn.Module):
         return logp.view(targets.shape).clone()
 
 
-def sft_loss(logp: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """-> (mean negative log-likelihood over trained tokens, number of trained tokens)."""
+def sft_loss(logp: torch.Tensor, targets: torch.Tensor, num_items: int | None = None) -> tuple[torch.Tensor, int]:
+    """-> (negative log-likelihood summed over trained tokens / num_items, number of trained
+    tokens); num_items defaults to that number (the mean over this batch's tokens)."""
     n = int((targets != IGNORE).sum())
-    return -logp.sum() / max(n, 1), n
+    return -logp.sum() / max(n if num_items is None else num_items, 1), n
 
 
 def dpo_batch_loss(logp: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-                   beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
-    """logp [2B, T] (chosen rows, then rejected), refs [B] ->
-    (mean loss, chosen_rewards [B], rejected_rewards [B]); the rewards are detached."""
+                   beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                   num_items: int | None = None):
+    """logp [2B, T] (chosen rows, then rejected), refs [B] -> (sum of the pair losses / num_items
+    (default B: their mean), chosen_rewards [B], rejected_rewards [B]); the rewards are detached."""
     seq = logp.sum(-1)  # (2B,)
     b = seq.shape[0] // 2
     losses, cr, rr = dpo_loss(seq[:b], seq[b:], ref_chosen.to(seq.dtype), ref_rejected.to(seq.dtype),
                               beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
-    return losses.mean(), cr, rr
+    return losses.sum() / (b if num_items is None else num_items), cr, rr

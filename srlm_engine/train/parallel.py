@@ -21,6 +21,9 @@ variables (or with WORLD_SIZE=1) it starts nothing and training runs in one proc
 With mixed precision, parameters are all-gathered and computed in bf16 and gradients reduced in
 fp32 (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)); the sharded master weights and
 the optimizer state stay in the dtype the model was loaded in.
+FSDP2 reduce-scatters each gradient as its mean over the W ranks (its default divide factor, W);
+the trainer's loss carries the factor W that makes a step's gradient the global batch's mean
+(train/trainer.py, `accumulate`).
 """
 from __future__ import annotations
 

@@ -4,7 +4,11 @@
     ref_rejected_logp = the same for the rejected response
 computed with no grad by the fused kernel, over the same tokens (same truncation, same
 max_seq_len) that train_dpo trains on. Each record gains those two fields plus `ref_max_seq_len`
-and `ref_model` (a fingerprint of the reference's weights), which train_dpo checks.
+and `ref_model` (a fingerprint of the reference's weights), which train_dpo checks, and
+`ref_dtype`. The pass should run in the dtype the policy computes in (TrainConfig.dtype, or
+bfloat16 under FSDP2 mixed precision), as TRL's reference model shares the policy's: then at
+step 0 policy and reference give the same log-probs and the implicit rewards start at 0, not at
+the rounding difference of bf16 against fp32 summed over each response.
 Under torchrun each rank scores every W-th pair with a full copy of the model, and rank 0
 gathers them; call it before the model is sharded.
 """
@@ -43,10 +47,11 @@ def sequence_logps(model: Llama, enc: batches.Encoded, order: list[int], pad_id:
 
 def compute_reference_logps(model_dir: str | Path, pairs: list[dict], max_seq_len: int = 1024,
                             batch_size: int = 8, out_path: str | Path | None = None,
-                            model: Llama | None = None) -> list[dict]:
-    """-> copies of `pairs` with ref_chosen_logp, ref_rejected_logp, ref_max_seq_len, ref_model.
-    Written atomically to `out_path` (JSONL, by rank 0) when given. `model`: an already loaded
-    M_t (float32 recommended); else it is loaded from `model_dir`."""
+                            model: Llama | None = None, dtype: str = "float32") -> list[dict]:
+    """-> copies of `pairs` with ref_chosen_logp, ref_rejected_logp, ref_max_seq_len, ref_model,
+    ref_dtype. Written atomically to `out_path` (JSONL, by rank 0) when given. `model`: an already
+    loaded M_t, scored in its own dtype; else it is loaded from `model_dir` in `dtype` ('float32',
+    'bfloat16': the policy's compute dtype)."""
     model_dir = Path(model_dir)
     if not pairs:
         raise DataError("no preference pairs to score")
@@ -54,7 +59,7 @@ def compute_reference_logps(model_dir: str | Path, pairs: list[dict], max_seq_le
     tok = Tokenizer.from_pretrained(model_dir)
     enc = batches.encode_pairs(tok, pairs, max_seq_len)
     if model is None:
-        model = load_model(model_dir, dtype=torch.float32, device=d.device)
+        model = load_model(model_dir, dtype=getattr(torch, dtype), device=d.device)
     pad_id = tok.token_to_id(tok.pad_token or tok.eos_token or "") or 0
     mine = sequence_logps(model, enc, list(range(d.rank, len(pairs), d.world)), pad_id, batch_size, d.device)
     if d.distributed:
@@ -63,7 +68,8 @@ def compute_reference_logps(model_dir: str | Path, pairs: list[dict], max_seq_le
         mine = {k: v for p in parts for k, v in p.items()}
     fp = model_fingerprint(model_dir)
     out = [{**p, "ref_chosen_logp": mine[i][0], "ref_rejected_logp": mine[i][1],
-            "ref_max_seq_len": max_seq_len, "ref_model": fp} for i, p in enumerate(pairs)]
+            "ref_max_seq_len": max_seq_len, "ref_model": fp, "ref_dtype": dtype_name(model)}
+           for i, p in enumerate(pairs)]
     if out_path is not None and d.main:
         write_jsonl(out_path, out)
     if d.distributed:
@@ -72,9 +78,9 @@ def compute_reference_logps(model_dir: str | Path, pairs: list[dict], max_seq_le
 
 
 def cached_reference_logps(model_dir: str | Path, pairs: list[dict], path: str | Path,
-                           max_seq_len: int = 1024, batch_size: int = 8) -> list[dict]:
+                           max_seq_len: int = 1024, batch_size: int = 8, dtype: str = "float32") -> list[dict]:
     """compute_reference_logps, reusing `path` when it already holds log-probs of exactly these
-    pairs by this model at this max_seq_len (a resumed run does not score them again)."""
+    pairs by this model at this max_seq_len in this dtype (a resumed run does not score them again)."""
     path = Path(path)
     if path.is_file():
         from srlm_engine.io import read_jsonl
@@ -82,7 +88,13 @@ def cached_reference_logps(model_dir: str | Path, pairs: list[dict], path: str |
         fp = model_fingerprint(Path(model_dir))
         same = len(old) == len(pairs) and all(
             o.get("ref_model") == fp and o.get("ref_max_seq_len") == max_seq_len
+            and o.get("ref_dtype", "float32") == dtype
             and all(o.get(k) == v for k, v in p.items()) for o, p in zip(old, pairs))
         if same:
             return old
-    return compute_reference_logps(model_dir, pairs, max_seq_len, batch_size, out_path=path)
+    return compute_reference_logps(model_dir, pairs, max_seq_len, batch_size, out_path=path, dtype=dtype)
+
+
+def dtype_name(model: torch.nn.Module) -> str:
+    """'float32', 'bfloat16', ...: the dtype a model's weights are held (and computed) in."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")

@@ -3,16 +3,19 @@
     train_sft(model_dir, records, out_dir, cfg) -> OUT/model
     train_dpo(model_dir, pairs_with_refs, out_dir, cfg) -> OUT/model   (refs: train/refs.py)
 
-A step: this rank's `grad_accum` micro-batches (train/batches.py) run forward (hidden states and
-the fused log-prob in one FSDP2 root forward) and backward of loss / grad_accum, where a
-micro-batch's loss is its own mean (SFT: per trained token; DPO: per pair). FSDP2 averages the
-gradients over ranks, so the step's gradient is the mean of the W x A micro-batch means whatever
-W is; one process with grad_accum = W x A computes the same step. Then: the global grad norm;
-a non-finite loss or norm skips the update (logged, the batch still counts); clipping; AdamW;
-the schedule. Rank 0 appends one JSON line per step to OUT/metrics.jsonl and draws tqdm.
+A step's objective is the mean loss over the whole global batch: over all its trained tokens
+(SFT) or pairs (DPO), on all W ranks and in all A micro-batches (`accumulate`). This rank's A
+micro-batches (train/batches.py) run forward (hidden states and the fused log-prob in one FSDP2
+root forward) and backward of sum(losses) x W / N, N being the step's number of tokens or pairs
+and W undoing FSDP2's mean of the gradients over ranks; one process with grad_accum = W x A
+computes the same step. Then: the global grad norm; a non-finite loss or norm skips the update
+(logged, the batch still counts); clipping; AdamW; the schedule. Rank 0 appends one JSON line
+per step to OUT/metrics.jsonl and draws tqdm.
 
 Resume: if OUT/checkpoints holds a checkpoint, the run continues from the newest one (weights,
-optimizer, schedule, RNG, data position = step); one of another model, data or kind is refused.
+optimizer, schedule, RNG, data position = step, rebuilt from the seed). It is refused if the
+model, data, kind, global batch, seed, total steps or an optimizer or loss setting differs: the
+resumed run would train on another order of the data or follow another schedule or objective.
 The final weights go to OUT/model (HF layout + tokenizer files), written atomically.
 """
 from __future__ import annotations
@@ -84,7 +87,11 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
     lr, min_lr = resolve_lr(kind, cfg.lr, cfg.min_lr, gb, cfg.lr_batch_size, cfg.lr_scaling)
     meta = {"kind": kind, "base_model": base, "model_config": ckpt.fingerprint(mcfg.to_hf()),
             "data": ckpt.fingerprint(records), "global_batch": gb, "max_seq_len": cfg.max_seq_len,
-            "total_steps": total}
+            "seed": cfg.seed, "total_steps": total, "lr": lr, "min_lr": min_lr, "warmup_steps": cfg.warmup_steps,
+            "schedule": cfg.schedule, "weight_decay": cfg.weight_decay, "adam_betas": list(cfg.adam_betas),
+            "adam_eps": cfg.adam_eps, "max_grad_norm": cfg.max_grad_norm}
+    if dpo:
+        meta.update(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
 
     found = ckpt.checkpoints(out_dir)
     state = trainer_state = None
@@ -115,6 +122,11 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
         if cfg.mixed_precision and not d.distributed:
             print(f"srlm {kind}: mixed_precision applies under FSDP2 (2+ processes); one process computes "
                   f"in {cfg.dtype} (use --dtype bfloat16 for bf16 weights)", flush=True)
+        policy = "bfloat16" if cfg.mixed_precision and d.distributed else cfg.dtype
+        ref = sorted({r.get("ref_dtype", "float32") for r in records}) if dpo else [policy]
+        if ref != [policy]:
+            print(f"srlm dpo: reference log-probs were computed in {'/'.join(ref)}, the policy computes in {policy}: "
+                  f"at step 0 the implicit rewards are their rounding difference, not 0 (train/refs.py)", flush=True)
 
     if d.device.type == "cpu":
         use_caching_cpu_allocator()  # train/cpu_allocator.py: resident memory near the live tensors
@@ -123,25 +135,11 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
     for step in range(start, total):
         t0 = time.perf_counter()
         lr_now = sched.get_last_lr()[0]
-        sums = [0.0] * 8  # loss, micro-batches, tokens, pairs, correct, margin, chosen r, rejected r
-        for idx in batches.micro_batches(enc, step, gb, d.world, d.rank, cfg.grad_accum, cfg.seed):
-            ids, tgt = batches.collate(enc, idx, pad_id, dpo)
-            n_tok = sum(len(enc.ids[i]) + (len(enc.rejected_ids[i]) if dpo else 0) for i in idx)
-            logp = root(ids.to(d.device), tgt.to(d.device))  # (B, T), (2B, T) for DPO
-            if dpo:
-                r = refs[idx].to(d.device)
-                loss, cr, rr = dpo_batch_loss(logp, r[:, 0], r[:, 1], cfg.beta, cfg.loss_type, cfg.label_smoothing)
-                sums[3:] = [sums[3] + len(idx), sums[4] + float((cr > rr).sum()), sums[5] + float((cr - rr).sum()),
-                            sums[6] + float(cr.sum()), sums[7] + float(rr.sum())]
-            else:
-                loss, _ = sft_loss(logp, tgt.to(d.device))
-            (loss / cfg.grad_accum).backward()
-            sums[0] += float(loss.detach())
-            sums[1] += 1
-            sums[2] += n_tok
+        micro = batches.micro_batches(enc, step, gb, d.world, d.rank, cfg.grad_accum, cfg.seed)
+        sums = accumulate(root, enc, micro, pad_id, d, cfg, refs)
         norm = _grad_norm(params)
-        tot = all_reduce_sum(sums, d)
-        loss_val = tot[0] / tot[1]
+        tot = all_reduce_sum(sums, d)  # loss (the step's mean), tokens, pairs, correct, margin, chosen r, rejected r
+        loss_val = tot[0]
         skipped = not (math.isfinite(loss_val) and math.isfinite(norm))
         if not skipped:
             if cfg.max_grad_norm is not None:
@@ -152,24 +150,54 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
             warnings.simplefilter("ignore", UserWarning)
             sched.step()
         dt = time.perf_counter() - t0
-        row = {"step": step + 1, "loss": loss_val, "lr": lr_now, "grad_norm": norm, "tokens": int(tot[2]),
-               "tokens_per_s": tot[2] / dt, "seconds": dt, "skipped": skipped}
+        row = {"step": step + 1, "loss": loss_val, "lr": lr_now, "grad_norm": norm, "tokens": int(tot[1]),
+               "tokens_per_s": tot[1] / dt, "seconds": dt, "skipped": skipped}
         if dpo:
-            n = tot[3]
-            row.update(reward_accuracy=tot[4] / n, margin=tot[5] / n, chosen_reward=tot[6] / n,
-                       rejected_reward=tot[7] / n)
+            n = tot[2]
+            row.update(reward_accuracy=tot[3] / n, margin=tot[4] / n, chosen_reward=tot[5] / n,
+                       rejected_reward=tot[6] / n)
         if d.main:
             with open(metrics, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             if skipped:
                 print(f"srlm {kind}: step {step + 1}: non-finite loss ({loss_val}) or grad norm ({norm}); "
                       f"update skipped", flush=True)
-            bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tot[2] / dt:.0f}")
+            bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tot[1] / dt:.0f}")
             bar.update(1)
         if (step + 1) % cfg.save_every == 0 and step + 1 < total:
             ckpt.save_checkpoint(out_dir, step + 1, root, opt, sched, d, meta, mcfg, model_dir, cfg.keep_last)
     bar.close()
     return save_final(out_dir, root, d, mcfg, model_dir)
+
+
+def accumulate(root, enc: batches.Encoded, micro: list[list[int]], pad_id: int, d: Dist, cfg: TrainConfig,
+               refs: torch.Tensor | None = None) -> list[float]:
+    """Forward and backward of this rank's micro-batches `micro` of one step (DPO when `refs`
+    [pairs, 2] is given); the gradients add up in .grad. Every trained token (SFT) or pair (DPO)
+    of the step weighs 1 / N, N counted over all micro-batches and ranks: a mean of micro-batch
+    means would weigh a token of a micro-batch of short samples (micro-batches are cut from
+    length-sorted samples) many times more than one of a micro-batch of long ones.
+    -> this rank's [loss (its share of the step's mean), tokens, pairs, correct, margin,
+    chosen reward, rejected reward], to be summed over ranks."""
+    dpo = refs is not None
+    mbs = [(idx, *batches.collate(enc, idx, pad_id, dpo)) for idx in micro]
+    mine = sum(len(idx) if dpo else int((tgt != batches.IGNORE).sum()) for idx, _, tgt in mbs)
+    n = int(all_reduce_sum([mine], d)[0])  # the step's trained tokens (SFT) or pairs (DPO), all ranks
+    sums = [0.0] * 7
+    for idx, ids, tgt in mbs:
+        logp = root(ids.to(d.device), tgt.to(d.device))  # (B, T), (2B, T) for DPO
+        if dpo:
+            r = refs[idx].to(d.device)
+            loss, cr, rr = dpo_batch_loss(logp, r[:, 0], r[:, 1], cfg.beta, cfg.loss_type, cfg.label_smoothing,
+                                          num_items=n)
+            sums[2:] = [sums[2] + len(idx), sums[3] + float((cr > rr).sum()), sums[4] + float((cr - rr).sum()),
+                        sums[5] + float(cr.sum()), sums[6] + float(rr.sum())]
+        else:
+            loss, _ = sft_loss(logp, tgt.to(d.device), num_items=n)
+        (loss * d.world).backward()  # x W: FSDP2 divides the summed gradients by W (train/parallel.py)
+        sums[0] += float(loss.detach())
+        sums[1] += sum(len(enc.ids[i]) + (len(enc.rejected_ids[i]) if dpo else 0) for i in idx)
+    return sums
 
 
 def save_final(out_dir: Path, root, d: Dist, mcfg, tokenizer_src: Path) -> Path:

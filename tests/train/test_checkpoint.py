@@ -1,5 +1,6 @@
 """Checkpoints: transformers reads what we save with identical logits; the last k are kept; a
-checkpoint of another model is refused and nothing saved is touched."""
+checkpoint of another model, data, seed, length or optimizer or loss setting is refused and
+nothing saved is touched; one differing only in how the step is computed resumes."""
 import hashlib
 
 import pytest
@@ -8,7 +9,8 @@ import torch
 from srlm_engine.config import TrainConfig
 from srlm_engine.model.weights import load_model
 from srlm_engine.train.checkpoint import CheckpointError, checkpoints
-from srlm_engine.train.trainer import train_sft
+from srlm_engine.train.refs import compute_reference_logps
+from srlm_engine.train.trainer import train_dpo, train_sft
 from trainkit import make_model_dir
 
 
@@ -63,4 +65,33 @@ def test_resume_from_another_models_checkpoint_is_refused(run, tiny_model, sft_r
         train_sft(tiny_model, sft_records[:-1], out, cfg(max_steps=7))
     with pytest.raises(CheckpointError, match="global batch"):
         train_sft(tiny_model, sft_records, out, cfg(max_steps=7, grad_accum=1))
+    # The data position is rebuilt from step and seed, the schedule from the total steps: another
+    # seed would train some records twice and others never, another length would jump the lr.
+    with pytest.raises(CheckpointError, match=r"checkpoint's seed \(0\) differs from this run's \(7\)"):
+        train_sft(tiny_model, sft_records, out, cfg(max_steps=7, seed=7))
+    with pytest.raises(CheckpointError, match=r"checkpoint's total steps \(7\) differs from this run's \(10\)"):
+        train_sft(tiny_model, sft_records, out, cfg(max_steps=10))
+    with pytest.raises(CheckpointError, match=r"checkpoint's lr \(0.001\) differs from this run's \(0.002\)"):
+        train_sft(tiny_model, sft_records, out, cfg(max_steps=7, lr=2e-3))
+    with pytest.raises(CheckpointError, match=r"checkpoint's warmup_steps \(0\) differs from this run's \(2\)"):
+        train_sft(tiny_model, sft_records, out, cfg(max_steps=7, warmup_steps=2))
+    with pytest.raises(CheckpointError, match=r"checkpoint's weight_decay \(0.0\) differs from this run's \(0.1\)"):
+        train_sft(tiny_model, sft_records, out, cfg(max_steps=7, weight_decay=0.1))
     assert digest(out) == before  # nothing saved was touched
+
+
+def test_dpo_resume_refuses_another_objective(tiny_model, pair_records, tmp_path, capsys):
+    pairs = compute_reference_logps(tiny_model, pair_records[:8], max_seq_len=64)
+    base = dict(max_steps=3, grad_accum=1)
+    train_dpo(tiny_model, pairs, tmp_path, cfg(**base))
+    assert [p.name for p in checkpoints(tmp_path)] == ["step-00000002"]
+    before = digest(tmp_path)
+    with pytest.raises(CheckpointError, match=r"checkpoint's beta \(0.1\) differs from this run's \(0.2\)"):
+        train_dpo(tiny_model, pairs, tmp_path, cfg(**base, beta=0.2))
+    with pytest.raises(CheckpointError, match=r"loss_type \('sigmoid'\) differs from this run's \('ipo'\)"):
+        train_dpo(tiny_model, pairs, tmp_path, cfg(**base, loss_type="ipo"))
+    assert digest(tmp_path) == before
+    # How a step is computed and what is kept may change: the same math, the same run.
+    capsys.readouterr()
+    train_dpo(tiny_model, pairs, tmp_path, cfg(**base, activation_checkpointing="selective", keep_last=1))
+    assert "resuming at step 2" in capsys.readouterr().out

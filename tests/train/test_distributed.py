@@ -1,13 +1,17 @@
 """2 processes (FSDP2 over gloo on localhost, started by `srlm ... --nproc 2`) against 1 process
-with the same global batch: the same weights after several AdamW steps. Slow: each run starts
-fresh Python processes (torch import, process group, FSDP2 setup), about 10 s each on 2 cores."""
+with the same global batch: the same gradients and the same weights after several AdamW steps.
+Slow: each run starts fresh Python processes (torch import, process group, FSDP2 setup), about
+10 s each on 2 cores."""
 import json
 
 import pytest
 import torch
 
 from srlm_engine.model.weights import load_model
-from trainkit import DATA, srlm
+from srlm_engine.tokenizer import Tokenizer
+from srlm_engine.train import batches
+from srlm_engine.train.losses import TokenLogprobs, sft_loss
+from trainkit import DATA, read_jsonl, srlm
 
 COMMON = ["--max-seq-len", 64, "--micro-batch-size", 2, "--lr", 1e-3, "--max-steps", 4, "--no-progress",
           "--save-every", 100, "--warmup-steps", 1, "--schedule", "cosine"]
@@ -24,8 +28,19 @@ def moved(model_dir, trained):
     return max(float((sa[k] - sb[k]).abs().max()) for k in sa)
 
 
-def losses(out):
-    return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+def losses(out, key="loss"):
+    return [json.loads(x)[key] for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def plain_first_grad_norm(model_dir, global_batch):
+    """Norm of the gradient of the mean NLL over all trained tokens of step 1's global batch, in
+    one go (float64): what step 1 must compute however the batch is cut into micro-batches and
+    ranks (the trainer's default seed 0)."""
+    enc = batches.encode_sft(Tokenizer.from_pretrained(model_dir), read_jsonl(DATA / "sft_train.jsonl"), 64)
+    ids, tgt = batches.collate(enc, batches.sample_order(len(enc), 0, global_batch, 0), 0, False)
+    model = load_model(model_dir).double()
+    sft_loss(TokenLogprobs(model)(ids, tgt), tgt)[0].backward()
+    return float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
 
 
 @pytest.mark.slow
@@ -43,6 +58,13 @@ def test_two_processes_equal_one_with_the_same_global_batch(kind, data, extra, t
     # Summation order differs (gradients reduce-scattered across ranks), so not bit-exact.
     assert max_diff(one / "model", two / "model") < 1e-6
     assert losses(one) == pytest.approx(losses(two), rel=1e-6, abs=1e-6)
+    # The gradients before clipping, not only the weights (AdamW hides a gradient's scale). The
+    # logged norm is summed in fp32 over 1.6M entries (per shard on 2 ranks): runs agree to ~3e-5.
+    assert losses(one, "grad_norm") == pytest.approx(losses(two, "grad_norm"), rel=1e-4)
+    if kind == "sft":  # 22 / 23 trained tokens per micro-batch: a mean of their means is 2e-3 off
+        plain = plain_first_grad_norm(tiny_model, 8)
+        assert losses(one, "grad_norm")[0] == pytest.approx(plain, rel=1e-4)
+        assert losses(two, "grad_norm")[0] == pytest.approx(plain, rel=1e-4)
     if kind == "dpo":
         refs = [json.loads(x) for x in (two / "pairs.ref.jsonl").read_text().splitlines()]
         assert len(refs) == 24 and all(r["ref_chosen_logp"] < 0 for r in refs)

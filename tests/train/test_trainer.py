@@ -1,19 +1,26 @@
 """The loop's own rules: the schedule, the batch-size rule for the lr, TOML + flag settings,
-a non-finite step skipped and logged, DPO refs checked."""
+a non-finite step skipped and logged, DPO refs checked, an accumulated step's weighting, the
+reference's dtype."""
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from srlm_engine.cli import _train_config, build
 from srlm_engine.config import ConfigError, TrainConfig
 from srlm_engine.io import DataError
+from srlm_engine.model.llama import Llama
 from srlm_engine.model.weights import load_model
+from srlm_engine.train import batches
+from srlm_engine.train.batches import IGNORE
+from srlm_engine.train.losses import TokenLogprobs
 from srlm_engine.train.optim import lr_factor, resolve_lr
-from srlm_engine.train.refs import compute_reference_logps
-from srlm_engine.train.trainer import train_dpo, train_sft
-from trainkit import make_model_dir
+from srlm_engine.train.parallel import Dist
+from srlm_engine.train.refs import cached_reference_logps, compute_reference_logps
+from srlm_engine.train.trainer import accumulate, train_dpo, train_sft
+from trainkit import make_model_dir, tiny_config
 
 
 def test_schedule_warmup_then_decay_to_floor():
@@ -70,3 +77,73 @@ def test_dpo_needs_matching_refs(tiny_model, pair_records, tmp_path):
     other = make_model_dir(tmp_path / "other", seed=3)
     with pytest.raises(DataError, match="computed with another model"):
         train_dpo(other, compute_reference_logps(tiny_model, pair_records[:4], max_seq_len=64), tmp_path / "o", cfg)
+
+
+def short_and_long(dpo: bool) -> batches.Encoded:
+    """8 samples, a 10-token prompt each, alternately 5 and 150 trained tokens (random ids < 512):
+    sorted by length, the short ones and the long ones fill different micro-batches."""
+    g = torch.Generator().manual_seed(0)
+    enc = batches.Encoded()
+    fields = [(enc.ids, enc.mask)] + ([(enc.rejected_ids, enc.rejected_mask)] if dpo else [])
+    for n in [5, 150] * 4:
+        for ids, mask in fields:
+            ids.append(torch.randint(3, 512, (10 + n,), generator=g).tolist())
+            mask.append([False] * 10 + [True] * n)
+    return enc
+
+
+@pytest.mark.parametrize("dpo", [False, True])
+def test_accumulated_step_is_the_mean_over_the_whole_batch(dpo):
+    """One step's gradient, for grad_accum 1, 2 and 4, equals the gradient of the plain mean loss
+    over the whole global batch in one go: per trained token for SFT (a mean of micro-batch means
+    would weigh a token of the short micro-batch 30x more than one of the long), per pair for DPO.
+    float64, so any difference is a bug, not rounding."""
+    enc = short_and_long(dpo)
+    model = Llama(tiny_config(vocab_size=512)).init_weights(0).double()
+    ids, tgt = batches.collate(enc, list(range(8)), 0, dpo)
+    if dpo:
+        seq_logps = lambda: TokenLogprobs(model)(ids, tgt).sum(-1)  # noqa: E731
+        with torch.no_grad():  # references near the policy: margins of both signs, sigmoid unsaturated
+            seq = seq_logps()
+            refs = torch.stack([seq[:8], seq[8:]], 1) + torch.randn(8, 2, generator=torch.Generator().manual_seed(1),
+                                                                   dtype=torch.float64)
+        pc, pr = seq_logps().split(8)
+        plain = -F.logsigmoid(0.1 * ((pc - refs[:, 0]) - (pr - refs[:, 1]))).mean()
+    else:
+        refs = None
+        plain = F.cross_entropy(model(ids).flatten(0, 1), tgt.flatten(), ignore_index=IGNORE)
+    plain.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    for accum in (1, 2, 4):
+        micro = batches.micro_batches(enc, 0, 8, 1, 0, accum, seed=0)
+        if accum == 2 and not dpo:  # the case the test is about: very different token counts
+            counts = [int((batches.collate(enc, idx, 0, False)[1] != IGNORE).sum()) for idx in micro]
+            assert max(counts) >= 20 * min(counts), counts
+        cfg = TrainConfig(micro_batch_size=8 // accum, grad_accum=accum, beta=0.1)
+        sums = accumulate(TokenLogprobs(model), enc, micro, 0, Dist(), cfg, refs)
+        torch.testing.assert_close(sums[0], plain.item(), rtol=1e-12, atol=0)  # the logged loss
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, want[n], rtol=1e-9, atol=1e-15, msg=f"grad_accum {accum}: {n}")
+        model.zero_grad(set_to_none=True)
+
+
+def test_reference_in_the_policys_dtype(tiny_model, pair_records, tmp_path, capsys):
+    """bf16 training with a bf16 reference starts from rewards 0 (loss log 2), as TRL's reference
+    in the policy's dtype does; an fp32 reference leaves bf16's rounding in them, and says so."""
+    cfg = TrainConfig(max_seq_len=64, micro_batch_size=2, grad_accum=2, max_steps=1, lr=1e-3, dtype="bfloat16",
+                      progress=False)
+    first = {}
+    for dtype in ("float32", "bfloat16"):
+        refs = cached_reference_logps(tiny_model, pair_records[:8], tmp_path / "refs.jsonl", 64, dtype=dtype)
+        assert {r["ref_dtype"] for r in refs} == {dtype}  # the cache is scored again in the new dtype
+        train_dpo(tiny_model, refs, tmp_path / dtype, cfg)
+        first[dtype] = json.loads((tmp_path / dtype / "metrics.jsonl").read_text().splitlines()[0])
+        note = "reference log-probs were computed in float32, the policy computes in bfloat16"
+        assert (note in capsys.readouterr().out) == (dtype == "float32")
+    # Same weights, same bf16 ops, same tokens: the batching differs (8 for the reference, 2 in
+    # training), which on CPU leaves each row's result unchanged.
+    assert first["bfloat16"]["chosen_reward"] == first["bfloat16"]["rejected_reward"] == 0.0
+    assert first["bfloat16"]["loss"] == pytest.approx(0.6931471805599453, abs=1e-7)
+    assert abs(first["float32"]["chosen_reward"]) + abs(first["float32"]["rejected_reward"]) > 1e-6
