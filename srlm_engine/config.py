@@ -107,6 +107,7 @@ class ModelConfig:
         kw = {k: v for k, v in d.items() if k in known}
         if kw.get("num_key_value_heads") is None:
             kw["num_key_value_heads"] = d["num_attention_heads"]
+        kw.setdefault("rms_norm_eps", 1e-6)  # transformers' LlamaConfig default, where the file has none
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
         # transformers >= 5 writes rope settings as one `rope_parameters` block; older files as

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from srlm_engine.io import atomic_dir, file_sha256, write_json
+from srlm_engine.io import atomic_dir, atomic_path, file_sha256, write_json
 
 
 class PullError(RuntimeError):
@@ -137,7 +137,8 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
         "attention_bias": False, "mlp_bias": False, "bos_token_id": bos, "eos_token_id": eos,
         "torch_dtype": "float32",
     }
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with atomic_path(out / "model.safetensors") as tmp:  # for its file mode: out is itself a temp dir
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     write_json(out / "config.json", config)
     write_json(out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos})
     _write_tokenizer(field, out)

@@ -114,3 +114,23 @@ def test_save_roundtrip_single_and_sharded(tmp_path, tiny_config_of):
     # Re-saving into the sharded folder unsharded removes the old shards and their index.
     save_model(model, tmp_path / "many", max_shard_bytes=10**9)
     assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_saved_files_have_the_usual_mode(tmp_path, tiny_config_of):
+    # safetensors' save_file writes 0600 files; ours must be readable as the JSON beside them
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    model = Llama(tiny_config_of("mha_tied")).init_weights(3)
+    for sub, shard in (("one", 10**9), ("many", 30_000)):
+        save_model(model, tmp_path / sub, max_shard_bytes=shard)
+        modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / sub).iterdir()}
+        assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_config_without_rms_norm_eps_takes_the_transformers_default(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    del cfg["rms_norm_eps"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    assert load_model(ckpt).config.rms_norm_eps == 1e-6
