@@ -3,6 +3,7 @@ this file parses arguments and calls into the parts that own the work, nothing m
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -183,11 +184,13 @@ def cmd_dpo(args) -> int:
         return _relaunch(args, "--pairs")
     from pathlib import Path
     from srlm_engine.train.parallel import teardown
-    from srlm_engine.train.refs import cached_reference_logps
+    from srlm_engine.train.refs import cached_reference_logps, policy_dtype
     from srlm_engine.train.trainer import train_dpo
     try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
         pairs = cached_reference_logps(args.model, _load_records(args.pairs, "dpo"),
-                                       Path(args.out) / "pairs.ref.jsonl", cfg.max_seq_len, cfg.ref_batch_size)
+                                       Path(args.out) / "pairs.ref.jsonl", cfg.max_seq_len, cfg.ref_batch_size,
+                                       dtype=policy_dtype(cfg, world))
         print(train_dpo(args.model, pairs, args.out, cfg))
     finally:
         teardown()

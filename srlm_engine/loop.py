@@ -40,7 +40,7 @@ from srlm_engine.config import LoopConfig
 from srlm_engine.engine import LLM, SamplingParams
 from srlm_engine.evaluate import judge_vs_human
 from srlm_engine.io import DataError, file_sha256, read_json, read_jsonl, write_json, write_jsonl
-from srlm_engine.train.refs import compute_reference_logps
+from srlm_engine.train.refs import compute_reference_logps, policy_dtype
 from srlm_engine.train.trainer import train_dpo, train_sft
 
 
@@ -330,7 +330,7 @@ def run(model_dir: str | Path, out: str | Path, cfg: LoopConfig, log: Callable[[
         # (2) Instruction-following training: DPO from M_t, with M_t as the reference.
         run_.step(it / "pairs.ref.jsonl", lambda: compute_reference_logps(
             model, data.load_pairs(it / "pairs.jsonl"), max_seq_len=cfg.dpo.max_seq_len,
-            batch_size=cfg.dpo.ref_batch_size, out_path=it / "pairs.ref.jsonl"),
+            batch_size=cfg.dpo.ref_batch_size, out_path=it / "pairs.ref.jsonl", dtype=policy_dtype(cfg.dpo, nproc)),
             f"iter {t}: reference log-probs", tf)
         run_.step(it / "model", lambda: _move(_train("dpo", model, read_jsonl(it / "pairs.ref.jsonl"),
                                                      it / "train", cfg.dpo, nproc), it / "model"),

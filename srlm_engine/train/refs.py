@@ -95,6 +95,12 @@ def cached_reference_logps(model_dir: str | Path, pairs: list[dict], path: str |
     return compute_reference_logps(model_dir, pairs, max_seq_len, batch_size, out_path=path, dtype=dtype)
 
 
+def policy_dtype(cfg, world: int) -> str:
+    """The dtype the policy computes in when training with TrainConfig `cfg` on `world` processes:
+    bfloat16 under FSDP2 mixed precision (2+ processes), else cfg.dtype. Score the reference in it."""
+    return "bfloat16" if cfg.mixed_precision and world > 1 else cfg.dtype
+
+
 def dtype_name(model: torch.nn.Module) -> str:
     """'float32', 'bfloat16', ...: the dtype a model's weights are held (and computed) in."""
     return str(next(model.parameters()).dtype).removeprefix("torch.")

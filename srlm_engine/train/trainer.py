@@ -38,6 +38,7 @@ from srlm_engine.train.cpu_allocator import use_caching_cpu_allocator
 from srlm_engine.train.losses import TokenLogprobs, dpo_batch_loss, sft_loss
 from srlm_engine.train.optim import build_optimizer, resolve_lr
 from srlm_engine.train.parallel import Dist, all_reduce_sum, barrier, parallelize, setup
+from srlm_engine.train.refs import policy_dtype
 
 REF_FIELDS = ("ref_chosen_logp", "ref_rejected_logp")
 
@@ -122,7 +123,7 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
         if cfg.mixed_precision and not d.distributed:
             print(f"srlm {kind}: mixed_precision applies under FSDP2 (2+ processes); one process computes "
                   f"in {cfg.dtype} (use --dtype bfloat16 for bf16 weights)", flush=True)
-        policy = "bfloat16" if cfg.mixed_precision and d.distributed else cfg.dtype
+        policy = policy_dtype(cfg, d.world)
         ref = sorted({r.get("ref_dtype", "float32") for r in records}) if dpo else [policy]
         if ref != [policy]:
             print(f"srlm dpo: reference log-probs were computed in {'/'.join(ref)}, the policy computes in {policy}: "

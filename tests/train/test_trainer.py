@@ -20,7 +20,7 @@ from srlm_engine.train.optim import lr_factor, resolve_lr
 from srlm_engine.train.parallel import Dist
 from srlm_engine.train.refs import cached_reference_logps, compute_reference_logps
 from srlm_engine.train.trainer import accumulate, train_dpo, train_sft
-from trainkit import make_model_dir, tiny_config
+from trainkit import DATA, make_model_dir, tiny_config
 
 
 def test_schedule_warmup_then_decay_to_floor():
@@ -127,6 +127,21 @@ def test_accumulated_step_is_the_mean_over_the_whole_batch(dpo):
         for n, p in model.named_parameters():
             torch.testing.assert_close(p.grad, want[n], rtol=1e-9, atol=1e-15, msg=f"grad_accum {accum}: {n}")
         model.zero_grad(set_to_none=True)
+
+
+def test_srlm_dpo_scores_the_reference_in_the_policys_dtype(tiny_model, tmp_path):
+    from srlm_engine.cli import main
+    from srlm_engine.io import read_jsonl
+    from srlm_engine.train.refs import policy_dtype
+
+    out = tmp_path / "out"
+    assert main(["dpo", "--model", str(tiny_model), "--pairs", str(DATA / "pairs.jsonl"), "--out", str(out),
+                 "--dtype", "bfloat16", "--max-steps", "1", "--max-seq-len", "64", "--micro-batch-size", "2",
+                 "--grad-accum", "1", "--no-progress"]) == 0
+    assert {r["ref_dtype"] for r in read_jsonl(out / "pairs.ref.jsonl")} == {"bfloat16"}
+    # FSDP2 mixed precision computes in bf16 on 2+ processes only
+    mixed = TrainConfig(mixed_precision=True)
+    assert (policy_dtype(mixed, 1), policy_dtype(mixed, 2)) == ("float32", "bfloat16")
 
 
 def test_reference_in_the_policys_dtype(tiny_model, pair_records, tmp_path, capsys):
