@@ -50,6 +50,10 @@ def load_config(path: str | Path) -> ModelConfig:
         raise ConfigError(str(e)) from None
 
 
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+             "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # bytes per element by safetensors dtype
+
+
 def read_header(file: Path) -> dict:
     """Parse a safetensors header and check that every tensor's bytes lie inside the file."""
     size = file.stat().st_size
@@ -64,11 +68,20 @@ def read_header(file: Path) -> dict:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise WeightsError(f"{file}: corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{file}: corrupt safetensors header (not a JSON object)")
     data = size - 8 - n
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        end = info["data_offsets"][1]
+        try:
+            shape, (start, end) = [int(d) for d in info["shape"]], info["data_offsets"]
+            nbytes = _ITEMSIZE[info["dtype"]] * torch.Size(shape).numel()
+        except (KeyError, TypeError, ValueError):
+            raise WeightsError(f"{file}: corrupt safetensors header entry for tensor {name!r}: {info!r}") from None
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end) or end - start != nbytes:
+            raise WeightsError(f"{file}: tensor {name!r}: data_offsets {info['data_offsets']} do not hold its "
+                               f"{info['dtype']} shape {tuple(shape)} ({nbytes} bytes)")
         if end > data:
             raise WeightsError(f"{file}: truncated: tensor {name!r} needs bytes up to {end} "
                                f"but the data section has {data}")

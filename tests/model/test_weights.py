@@ -1,5 +1,6 @@
 """Bad checkpoints fail loudly, naming the file and the tensor; saving round-trips."""
 import json
+import re
 
 import pytest
 import torch
@@ -46,6 +47,45 @@ def test_truncated_header(ckpt):
     f = ckpt / "model.safetensors"
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(WeightsError, match=r"model\.safetensors: truncated safetensors file"):
+        load_model(ckpt)
+
+
+def _rewrite_header(f, edit):
+    import struct
+
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = edit(json.loads(raw[8:8 + n]))
+    new = json.dumps(header).encode()
+    f.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+
+
+def _first_tensor(header):
+    return next(k for k in header if k != "__metadata__")
+
+
+@pytest.mark.parametrize("case", ["shape", "offsets", "entry", "not an object"])
+def test_corrupt_header_names_the_tensor(ckpt, case):
+    f = ckpt / "model.safetensors"
+    name = {}
+
+    def edit(h):
+        name["t"] = t = _first_tensor(h)
+        if case == "shape":  # the bytes no longer hold the shape it claims
+            h[t]["shape"] = [d + 1 for d in h[t]["shape"]]
+        elif case == "offsets":
+            h[t]["data_offsets"] = h[t]["data_offsets"][::-1]
+        elif case == "entry":
+            del h[t]["data_offsets"]
+        else:
+            return [h]
+        return h
+
+    _rewrite_header(f, edit)
+    want = ("corrupt safetensors header (not a JSON object)" if case == "not an object" else
+            f"tensor '{name['t']}': data_offsets" if case in ("shape", "offsets") else
+            f"corrupt safetensors header entry for tensor '{name['t']}'")
+    with pytest.raises(WeightsError, match=re.escape(f"model.safetensors: {want}")):
         load_model(ckpt)
 
 
