@@ -88,7 +88,16 @@ def cmd_data_oasst(args) -> int:
 
 
 # ------------------------------------------------------------------- training (sft, dpo)
-_TRAIN_TYPES = {"max_steps": int, "lr": float, "min_lr": float}
+def _none_or(kind):
+    """An argparse type for a field that may be None: 'none' gives None (e.g. --max-grad-norm none)."""
+    def parse(s: str):
+        return None if s.lower() == "none" else kind(s)
+    parse.__name__ = kind.__name__  # argparse names the type in its errors
+    return parse
+
+
+_TRAIN_TYPES = {"max_steps": _none_or(int), "lr": _none_or(float), "min_lr": _none_or(float),
+                "max_grad_norm": _none_or(float)}
 
 
 def _add_train_flags(q) -> None:

@@ -210,22 +210,32 @@ def draw_prompts(pool: Path, seed_prompts: list[str], root: Path, t: int, count:
     return kept, {**flt.stats, "pool": len(cands), "kept": len(kept)}
 
 
+def train_flags(tcfg) -> list[str]:
+    """`srlm sft|dpo` flags that give that command the TrainConfig `tcfg`, every field included."""
+    out = []
+    for f in fields(tcfg):
+        v, flag = getattr(tcfg, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(v, bool):
+            out.append(flag if v else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(v, (list, tuple)):
+            out += [flag, *map(str, v)]
+        else:
+            out += [flag, "none" if v is None else repr(v) if isinstance(v, float) else str(v)]
+    return out
+
+
 def _train(kind: str, model: Path, records: list[dict], out_dir: Path, tcfg, nproc: int) -> Path:
-    """SFT or DPO in this process, or in `nproc` processes (FSDP2) through `srlm sft|dpo --nproc`."""
+    """SFT or DPO in this process, or in `nproc` processes (FSDP2) through `srlm sft|dpo --nproc`.
+    A model that training already finished (a run killed before moving it) is not trained again."""
+    if (out_dir / "model" / "config.json").is_file():  # save_final writes it whole or not at all
+        return out_dir / "model"
     if nproc <= 1:
         return (train_sft if kind == "sft" else train_dpo)(model, records, out_dir, tcfg)
     data_file = out_dir.parent / f"{kind}.records.jsonl"
     write_jsonl(data_file, records)
     cmd = [sys.executable, "-m", "srlm_engine.cli", kind, "--model", str(model),
-           "--data" if kind == "sft" else "--pairs", str(data_file), "--out", str(out_dir), "--nproc", str(nproc)]
-    for f in fields(tcfg):
-        v, flag = getattr(tcfg, f.name), "--" + f.name.replace("_", "-")
-        if v is None:
-            continue
-        if isinstance(v, bool):
-            cmd.append(flag if v else "--no-" + f.name.replace("_", "-"))
-        else:
-            cmd += [flag, *map(str, v)] if isinstance(v, (list, tuple)) else [flag, repr(v) if isinstance(v, float) else str(v)]
+           "--data" if kind == "sft" else "--pairs", str(data_file), "--out", str(out_dir), "--nproc", str(nproc),
+           *train_flags(tcfg)]
     if subprocess.call(cmd) != 0:
         raise RuntimeError(f"{kind} in {nproc} processes failed; its checkpoints in {out_dir} are kept, rerun to resume")
     return out_dir / "model"

@@ -354,3 +354,24 @@ def test_one_engine_alive_at_a_time_in_a_run(monkeypatch, tmp_path, tiny_model, 
     with pytest.raises(loop.LoopStop, match="no preference pairs"):  # sampled judging of a random model
         loop.run(tiny_model, tmp_path / "run", config(seeds, judge_mode="sample", iterations=1), log=lambda *_: None)
     assert alive_at_start == [0, 0, 0] and alive_at_pairs == [0]
+
+
+def test_train_flags_give_the_child_process_the_same_config():
+    # `srlm sft|dpo --nproc N` gets the loop's TrainConfig through flags: every field, None included
+    from srlm_engine.cli import _train_config, build
+    from srlm_engine.config import TrainConfig
+
+    cfg = TrainConfig(max_grad_norm=None, lr=3e-6, max_steps=7, adam_betas=(0.8, 0.95), mixed_precision=True,
+                      beta=0.2, loss_type="ipo", dtype="bfloat16")
+    for kind, data in (("sft", "--data"), ("dpo", "--pairs")):
+        args = build().parse_args([kind, "--model", "m", data, "d", "--out", "o", *loop.train_flags(cfg)])
+        assert _train_config(args) == cfg
+
+
+def test_a_finished_training_is_not_run_again(tmp_path, monkeypatch):
+    # killed after the trainer wrote train/model but before the loop moved it into place
+    done = tmp_path / "train" / "model"
+    done.mkdir(parents=True)
+    (done / "config.json").write_text("{}")
+    monkeypatch.setattr(loop, "train_dpo", lambda *a: pytest.fail("trained again"))
+    assert loop._train("dpo", tmp_path / "m", [], tmp_path / "train", None, 1) == done
