@@ -79,18 +79,24 @@ def compute_reference_logps(model_dir: str | Path, pairs: list[dict], max_seq_le
 
 def cached_reference_logps(model_dir: str | Path, pairs: list[dict], path: str | Path,
                            max_seq_len: int = 1024, batch_size: int = 8, dtype: str = "float32") -> list[dict]:
-    """compute_reference_logps, reusing `path` when it already holds log-probs of exactly these
-    pairs by this model at this max_seq_len in this dtype (a resumed run does not score them again)."""
+    """compute_reference_logps, unless the pairs already hold log-probs by this model at this
+    max_seq_len in this dtype, or `path` holds them for exactly these pairs (a resumed run does not
+    score them again)."""
     path = Path(path)
+    fp = model_fingerprint(Path(model_dir))
+
+    def scored(recs):  # log-probs of this model, at this max_seq_len, in this dtype
+        return all(r.get("ref_model") == fp and r.get("ref_max_seq_len") == max_seq_len
+                   and r.get("ref_dtype", "float32") == dtype and "ref_chosen_logp" in r
+                   and "ref_rejected_logp" in r for r in recs)
+
+    if pairs and scored(pairs):  # given already scored (the loop scores them before `srlm dpo --nproc`)
+        return pairs
     if path.is_file():
         from srlm_engine.io import read_jsonl
         old = read_jsonl(path)
-        fp = model_fingerprint(Path(model_dir))
-        same = len(old) == len(pairs) and all(
-            o.get("ref_model") == fp and o.get("ref_max_seq_len") == max_seq_len
-            and o.get("ref_dtype", "float32") == dtype
-            and all(o.get(k) == v for k, v in p.items()) for o, p in zip(old, pairs))
-        if same:
+        if len(old) == len(pairs) and scored(old) and all(
+                all(o.get(k) == v for k, v in p.items()) for o, p in zip(old, pairs)):
             return old
     return compute_reference_logps(model_dir, pairs, max_seq_len, batch_size, out_path=path, dtype=dtype)
 

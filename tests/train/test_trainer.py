@@ -144,6 +144,21 @@ def test_srlm_dpo_scores_the_reference_in_the_policys_dtype(tiny_model, tmp_path
     assert (policy_dtype(mixed, 1), policy_dtype(mixed, 2)) == ("float32", "bfloat16")
 
 
+def test_reference_logps_are_not_scored_twice(tiny_model, pair_records, tmp_path, monkeypatch):
+    import srlm_engine.train.refs as refs_mod
+
+    refs = cached_reference_logps(tiny_model, pair_records[:4], tmp_path / "a.jsonl", 64)
+    monkeypatch.setattr(refs_mod, "compute_reference_logps", lambda *a, **k: pytest.fail("scored again"))
+    # pairs that already carry them (as the loop hands them to `srlm dpo --nproc`), and a cache file
+    assert cached_reference_logps(tiny_model, refs, tmp_path / "b.jsonl", 64) == refs
+    assert cached_reference_logps(tiny_model, pair_records[:4], tmp_path / "a.jsonl", 64) == refs
+    monkeypatch.undo()
+    # another max_seq_len or dtype is another reference: scored again
+    for kw in (dict(max_seq_len=32), dict(max_seq_len=64, dtype="bfloat16")):
+        again = cached_reference_logps(tiny_model, refs, tmp_path / "c.jsonl", **kw)
+        assert again[0]["ref_max_seq_len"] == kw["max_seq_len"] and again[0]["ref_dtype"] == kw.get("dtype", "float32")
+
+
 def test_reference_in_the_policys_dtype(tiny_model, pair_records, tmp_path, capsys):
     """bf16 training with a bf16 reference starts from rewards 0 (loss log 2), as TRL's reference
     in the policy's dtype does; an fp32 reference leaves bf16's rounding in them, and says so."""
