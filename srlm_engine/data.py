@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .io import DataError, read_jsonl, write_jsonl
-from .judge import DEFAULT_TEMPLATE, MAX_SCORE, check_template, fill_template, parse_score
+from .judge import DEFAULT_TEMPLATE, MAX_SCORE, check_template, fill_template, has_score_line
 
 ROLES = ("system", "user", "assistant")
 
@@ -77,7 +77,7 @@ def check_eft_train(rec: dict) -> dict:
     for k in ("instruction", "response", "justification"):
         _text(rec, k)
     _score(rec["score"], "field 'score'")
-    if parse_score(rec["justification"]) is not None:
+    if has_score_line(rec["justification"]):  # even one stating no score: the appended line must be the only one
         raise ValueError("justification already holds a 'Score:' line; keep the score in 'score' only")
     return rec
 

@@ -106,6 +106,11 @@ _NUMBER_RE = re.compile(
 _CONTINUED_RE = re.compile(r"[ \t]*(?:[-+*×x–—~,]|to\b|or\b)[ \t]*\d", re.IGNORECASE)
 
 
+def has_score_line(text: str) -> bool:
+    """Whether text holds a score line, whatever it states ("Score: N/A" too)."""
+    return _SCORE_LINE_RE.search(unicodedata.normalize("NFKC", text)) is not None
+
+
 def parse_score(text: str) -> int | None:
     """The score of a judgment: what its LAST score line states, or None (unscored).
 
@@ -289,5 +294,5 @@ def _strip_score_prefix(text: str) -> str:
 
 
 __all__ = ["DEFAULT_TEMPLATE", "Judgment", "check_template", "encode_prompts", "expected_score",
-           "fill_template", "judge_expected", "judge_samples", "load_template", "parse_score",
+           "fill_template", "has_score_line", "judge_expected", "judge_samples", "load_template", "parse_score",
            "render_judge_prompts", "score_tokens"]

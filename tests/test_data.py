@@ -100,6 +100,7 @@ def test_eft_train_and_conversion(tmp_path):
     ({"score": 3.0}, "'score' must be an integer"),
     ({"score": True}, "'score' must be an integer"),
     ({"justification": "Good.\nScore: 4"}, "already holds a 'Score:' line"),
+    ({"justification": "Good.\n**Score:** N/A"}, "already holds a 'Score:' line"),
     ({"response": ""}, "'response'"),
 ])
 def test_eft_train_bad(tmp_path, change, msg):
