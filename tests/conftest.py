@@ -24,6 +24,27 @@ TINY_CONFIGS = {
 }
 
 
+def pytest_configure(config):
+    # Without CUDA the Triton kernels run in Triton's interpreter. Before Triton 3.7 it converts a
+    # loop bound computed from a program id or a loaded value with int(), which numpy 2 refuses
+    # for its one-element arrays: every interpreted kernel test would fail on that, not on ours.
+    if torch.cuda.is_available():
+        return
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 0):
+        raise pytest.UsageError(f"Triton {triton.__version__}'s interpreter cannot run the kernel tests under numpy "
+                                f"{numpy.__version__}: install triton>=3.7 (pip install -e '.[dev]') or numpy<2")
+
+
+def _version(v: str) -> tuple[int, int]:
+    major, minor = v.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def tiny_config(name: str) -> ModelConfig:
     return ModelConfig(**{**BASE, **TINY_CONFIGS[name]})
 
