@@ -4,10 +4,10 @@
 
 Forward: each tile config (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) with the vocabulary
 split across programs as FWD_SPLITS=None picks (auto) and unsplit (1), the default tiles also at
-2 to 32 splits. Backward: each tile config
-at the default chunk size, then the default tiles with dz holding 1, 2 or 4 x N*H values
-(CHUNK_VALUES; 1 is Liger's rule), with the peak memory above the inputs. The first config of each
-list is the current default (fused_logprob.gpu_blocks). Every variant's log-probs and
+2 to 32 splits. Backward: each tile config at the default chunk size, then the default tiles
+with the vocabulary chunks' dz holding 1, 2 or 4 x N*H values (CHUNK_VALUES; Liger's row chunks
+hold 1 x), with the peak memory above the inputs. The first config of each list is the current
+default (fused_logprob.gpu_blocks). Every variant's log-probs and
 gradients are checked against the defaults' before it is timed (triton.testing.do_bench medians,
 ms). Prints tables; records nothing (the defaults' end-to-end figures are bench_fused_logprob.py's).
 """
@@ -90,8 +90,8 @@ def main():
         for values in (1, 2, 4):
             fl.CHUNK_VALUES = values
             tiles = fl.gpu_blocks("bwd", hidden.dtype)
-            c = fl.chunk_rows(n - n // 4, v, h, tiles[0])
-            run(f"{tiles} dz {values} x N*H ({c} rows)", bwd, check_bwd, 3 * flops, mem=True)
+            c = min(fl.chunk_cols(n - n // 4, v, h, tiles[1]), v)
+            run(f"{tiles} dz {values} x N*H ({c} columns)", bwd, check_bwd, 3 * flops, mem=True)
         fl.CHUNK_VALUES = default_values
 
 

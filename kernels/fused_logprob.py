@@ -16,14 +16,20 @@ cross-entropy but not here, where g is per token (a DPO gradient is known only a
 token of the sequence is summed). The price is one extra matmul over the vocabulary (4 instead
 of 3).
 
-Triton backward, in chunks of C rows: one kernel recomputes the logits of the chunk (fp32
-accumulation, as forward) and writes dz [C, V] in the inputs' dtype; then two cuBLAS GEMMs give
-d hidden = dz @ weight for those rows and d weight += dz.T @ hidden. d hidden and d weight are
-reductions over V and N of size H each: kept in registers they would need the logits recomputed
-per H-tile, written back per tile they cost far more memory traffic than the GEMMs (the first
-version did that: 5x slower than Liger on an H100). C makes dz hold about 2 N H values, twice
-Liger's chunk of logits (CHUNK_VALUES): with bf16 inputs d weight accumulates in bf16 over the
-N / C chunks, as Liger's does over twice as many; fp32 inputs accumulate in fp32.
+Triton backward, in chunks of Vc vocabulary columns, as the CPU path walks them: one kernel
+recomputes the logits of all rows over the chunk (fp32 accumulation, as forward) and writes dz
+[N, Vc] in the inputs' dtype; then two cuBLAS GEMMs give d weight = dz.T @ hidden for the chunk's
+rows of weight (written once, whole) and d hidden += dz @ weight[chunk]. d hidden and d weight
+are reductions over V and N of size H each: kept in registers they would need the logits
+recomputed per H-tile, written back per tile they cost far more memory traffic than the GEMMs
+(the first version did that: 5x slower than Liger on an H100). Chunking the vocabulary, not the
+rows (Liger's way, and ours before), matters at a large V: a chunk of C rows streams all of
+weight three times (recompute, d hidden, and the read and write of d weight += ...), 2 GB per
+256-row chunk at V=128256, H=2048 in bf16, memory-bound since C is small; a vocabulary chunk
+streams only its own rows of weight, and the accumulated [N, H] d hidden is 1 / 20 of weight
+there. Vc makes dz hold about CHUNK_VALUES * N * H values: with bf16 inputs d hidden accumulates
+in bf16 over the V / Vc chunks (as Liger's d weight does over its row chunks), while d weight
+comes from one fp32-accumulated GEMM; fp32 inputs accumulate in fp32.
 Ignored rows (prompt tokens) are dropped before any kernel on both paths.
 
 Dtypes: bfloat16/float16/float32 inputs are multiplied with float32 accumulation (the CPU path
@@ -65,12 +71,12 @@ INTERPRETER_BLOCKS = (16, 512, 64)
 # tests force 3, so the merge runs on CPU too).
 FWD_SPLITS = None
 FWD_WAVES = 4
-MIN_CHUNK_ROWS = 256  # backward chunks: fewer rows make the GEMMs inefficient
-# Backward chunk rows: dz [C, V] holds about CHUNK_VALUES * N * H values (Liger's rule is 1 x).
-# Each chunk's d weight += dz.T @ hidden reads and writes all of d weight ([V, H], 525 MB in bf16
-# at V=128256, H=2048) for only C multiply-adds per element, so it runs at memory speed: halving
-# the chunk count halves that traffic, for one more N * H values of memory.
+# Backward vocabulary chunks: dz [N, Vc] holds about CHUNK_VALUES * N * H values (Liger's chunk
+# of logits is 1 x, by rows), and at least MIN_CHUNK_VALUES (16 MB in bf16), so that a chunk's
+# three launches carry enough work to hide their host overhead when N * H is small (the SmolLM2
+# shape: 18 chunks, not 35). Each chunk also reads and writes d hidden ([N, H]) once.
 CHUNK_VALUES = 2
+MIN_CHUNK_VALUES = 1 << 23
 
 
 @triton.jit
@@ -143,28 +149,28 @@ def _dz_tile(h_ptr, w_ptr, t_ptr, g_ptr, lse_ptr, rows, cols, rmask, cmask, N, H
 
 
 @triton.jit
-def _bwd_dz_kernel(h_ptr, w_ptr, t_ptr, g_ptr, lse_ptr, dz_ptr, n0, N, V, H, inv_temp, ignore_index,
+def _bwd_dz_kernel(h_ptr, w_ptr, t_ptr, g_ptr, lse_ptr, dz_ptr, v0, N, V_END, H, inv_temp, ignore_index,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                    UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """dz [rows n0.., all V] of one chunk, in dz's dtype. Program ids run along rows first, so
-    the programs in flight share a weight tile (read once from memory, then from L2)."""
-    local = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = (n0 + local).to(tl.int64)
+    """dz [all rows, columns v0..V_END) of one vocabulary chunk, rows V_END - v0 apart, in dz's
+    dtype. Program ids run along rows first, so the programs in flight share a weight tile (read
+    once from memory, then from L2)."""
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rmask = rows < N
-    cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    cmask = cols < V
+    local = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    cols = v0 + local
+    cmask = cols < V_END
     dz = _dz_tile(h_ptr, w_ptr, t_ptr, g_ptr, lse_ptr, rows, cols, rmask, cmask, N, H, inv_temp,
                   ignore_index, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, IEEE)
-    tl.store(dz_ptr + local.to(tl.int64)[:, None] * V + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
+    tl.store(dz_ptr + rows[:, None] * (V_END - v0) + local[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=rmask[:, None] & cmask[None, :])
 
 
-def chunk_rows(n, v, h, block_n):
-    """Rows per backward chunk: dz holds about CHUNK_VALUES * N * H values, at least
-    MIN_CHUNK_ROWS rows for GEMM efficiency, a multiple of block_n."""
-    c = triton.next_power_of_2(triton.cdiv(CHUNK_VALUES * n, triton.cdiv(v, h)))
-    c = max(c, MIN_CHUNK_ROWS)
-    return min(triton.cdiv(n, block_n) * block_n, triton.cdiv(c, block_n) * block_n)
+def chunk_cols(n, v, h, block_v):
+    """Vocabulary columns per backward chunk: dz [N, Vc] holds about CHUNK_VALUES * N * H values,
+    at least MIN_CHUNK_VALUES; a multiple of block_v, at most V rounded up to one."""
+    c = triton.cdiv(max(CHUNK_VALUES * n * h, MIN_CHUNK_VALUES), max(n, 1))
+    return min(triton.cdiv(v, block_v), triton.cdiv(c, block_v)) * block_v
 
 
 def fwd_splits(row_blocks, v, block_v, device):
@@ -257,23 +263,23 @@ def _triton_fused_linear_logprob_backward(grad, hidden, weight, targets, lse, ig
         return dh, dw
     n, h = hidden.shape
     v = weight.shape[0]
-    dh = torch.empty_like(hidden) if need_dh else None  # every row is written by one chunk's GEMM
-    dw = torch.zeros_like(weight) if need_dw else None
+    dh = torch.zeros_like(hidden) if need_dh else None  # adds up over the vocabulary chunks
     if n == 0:
-        return dh, dw
+        return dh, (torch.zeros_like(weight) if need_dw else None)
+    dw = torch.empty_like(weight) if need_dw else None  # each chunk's rows written once, whole
     grad = grad.contiguous()
-    c = chunk_rows(n, v, h, cfg["BLOCK_N"])
-    dz = torch.empty(c, v, dtype=hidden.dtype, device=hidden.device)
-    for n0 in range(0, n, c):
-        m = min(c, n - n0)
-        grid = (triton.cdiv(m, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
-        _bwd_dz_kernel[grid](hidden, weight, targets, grad, lse, dz, n0, n0 + m, v, h, 1.0 / temperature,
+    vc = min(chunk_cols(n, v, h, cfg["BLOCK_V"]), v)
+    buf = torch.empty(n * vc, dtype=hidden.dtype, device=hidden.device)
+    for v0 in range(0, v, vc):
+        m = min(vc, v - v0)
+        dz = buf[:n * m].view(n, m)
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_V"]))
+        _bwd_dz_kernel[grid](hidden, weight, targets, grad, lse, dz, v0, n, v0 + m, h, 1.0 / temperature,
                              ignore_index, **cfg)
-        d = dz[:m]
-        if need_dh:
-            torch.mm(d, weight, out=dh[n0:n0 + m])
         if need_dw:
-            dw.addmm_(d.T, hidden[n0:n0 + m])
+            torch.mm(dz.T, hidden, out=dw[v0:v0 + m])
+        if need_dh:
+            dh.addmm_(dz, weight[v0:v0 + m])
     return dh, dw
 
 

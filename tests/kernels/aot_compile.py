@@ -83,7 +83,7 @@ def main():
         passes = [("fused_logprob._fwd_kernel", fl._fwd_kernel, fl.gpu_blocks("fwd", torch_dtype),
                    {"m_ptr": "*fp32", "s_ptr": "*fp32", "zt_ptr": "*fp32", "V_PER_SPLIT": "i32"}),
                   ("fused_logprob._bwd_dz_kernel", fl._bwd_dz_kernel, fl.gpu_blocks("bwd", torch_dtype),
-                   {"g_ptr": "*fp32", "lse_ptr": "*fp32", "dz_ptr": f"*{dt}", "n0": "i32"})]
+                   {"g_ptr": "*fp32", "lse_ptr": "*fp32", "dz_ptr": f"*{dt}", "v0": "i32", "V_END": "i32"})]
         for name, kernel, (bn, bv, bh, warps, stages), extra in passes:
             consts = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh, "UPCAST": False, "IEEE": dt == "fp32"}
             report(name, {"dtype": dt, "blocks": [bn, bv, bh], "warps": warps, "stages": stages},

@@ -14,7 +14,7 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(fused_logprob_torch, "CHUNK_N", 8)
     monkeypatch.setattr(fused_logprob_torch, "CHUNK_V", 40)
     monkeypatch.setattr(fused_logprob, "INTERPRETER_BLOCKS", (16, 64, 32))
-    monkeypatch.setattr(fused_logprob, "MIN_CHUNK_ROWS", 16)  # several backward chunks
+    monkeypatch.setattr(fused_logprob, "MIN_CHUNK_VALUES", 0)  # several backward vocabulary chunks
     monkeypatch.setattr(fused_logprob, "FWD_SPLITS", 3)  # the forward's vocabulary splits merged
 
 

@@ -18,7 +18,7 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(fused_logprob_torch, "CHUNK_N", 7)
     monkeypatch.setattr(fused_logprob_torch, "CHUNK_V", 50)
     monkeypatch.setattr(fused_logprob, "INTERPRETER_BLOCKS", (16, 64, 32))
-    monkeypatch.setattr(fused_logprob, "MIN_CHUNK_ROWS", 16)  # several backward chunks
+    monkeypatch.setattr(fused_logprob, "MIN_CHUNK_VALUES", 0)  # several backward vocabulary chunks
     monkeypatch.setattr(fused_logprob, "FWD_SPLITS", 3)  # the forward's vocabulary splits merged
 
 
@@ -102,13 +102,14 @@ def test_forward_vocabulary_splits(splits, monkeypatch):
 @pytest.mark.parametrize("config, dtype", [("GPU_FWD_BLOCKS", torch.bfloat16), ("GPU_BWD_BLOCKS", torch.bfloat16),
                                            ("GPU_FP32_BLOCKS", torch.float32)])
 def test_production_gpu_tiles(config, dtype, monkeypatch):
-    """The tile shapes the GPU launches, run in the interpreter: 300 rows (two backward chunks of 256
-    and 44, row blocks cut short), H=96 (the second 64-wide step half masked), V=1000 (no tile
-    width divides it). test_compile_hopper.py compiles the same shapes."""
+    """The tile shapes the GPU launches, run in the interpreter: 300 rows (row blocks cut short),
+    H=96 (the second 64-wide step half masked), V=1000 (no tile width divides it: backward
+    vocabulary chunks of 256, 256, 256 and 232 columns). test_compile_hopper.py compiles the same
+    shapes."""
     blocks = getattr(fused_logprob, config)
     monkeypatch.setattr(fused_logprob, "INTERPRETER_BLOCKS", blocks[:3])
-    monkeypatch.setattr(fused_logprob, "MIN_CHUNK_ROWS", 256)
-    assert fused_logprob.chunk_rows(300, 1000, 96, blocks[0]) == 256
+    monkeypatch.setattr(fused_logprob, "MIN_CHUNK_VALUES", 0)
+    assert fused_logprob.chunk_cols(300, 1000, 96, blocks[1]) == 256
     check_against_reference("triton", *make_inputs(300, 96, 1000, dtype, ignore_every=0))
 
 
@@ -133,6 +134,29 @@ def test_sequence_logprobs(backend):
     ref = sequence_logprobs_ref(hidden.double(), weight.double(), targets, safe, 4)
     max_logit = (hidden.double() @ weight.double().T).abs().max().item()
     assert_close(out, ref, scale=max_logit * 23, what="sequence logprobs")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["hidden", "weight"])
+def test_gradient_of_one_input_only(backend, which):
+    # a frozen lm_head (only d hidden is computed), or frozen hidden states (only d weight)
+    hidden, weight, targets, upstream = make_inputs(37, 64, 1000, torch.float64 if backend == "torch" else torch.float32)
+    x = (hidden if which == "hidden" else weight).clone().requires_grad_()
+    args = (x, weight) if which == "hidden" else (hidden, x)
+    (fused_linear_logprob(*args, targets, backend=backend).double() * upstream).sum().backward()
+    r = (hidden if which == "hidden" else weight).double().clone().requires_grad_()
+    rargs = (r, weight.double()) if which == "hidden" else (hidden.double(), r)
+    (fused_linear_logprob_ref(*rargs, targets) * upstream).sum().backward()
+    torch.testing.assert_close(x.grad.double(), r.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_rows(backend):
+    hidden, weight, targets, _ = make_inputs(0, 16, 50, torch.float32)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = fused_linear_logprob(h, w, targets, backend=backend)
+    out.sum().backward()
+    assert out.shape == (0,) and h.grad.shape == (0, 16) and (w.grad == 0).all()
 
 
 def test_gradcheck_cpu_path():
