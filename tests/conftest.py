@@ -28,16 +28,19 @@ def pytest_configure(config):
     # Without CUDA the Triton kernels run in Triton's interpreter. Before Triton 3.7 it converts a
     # loop bound computed from a program id or a loaded value with int(), which numpy 2 refuses
     # for its one-element arrays: every interpreted kernel test would fail on that, not on ours.
+    # Versions from the installed metadata: importing triton here, before tests/kernels/conftest.py
+    # sets TRITON_INTERPRET, would build triton's own jit functions uninterpreted.
+    from importlib.metadata import PackageNotFoundError, version
+
     if torch.cuda.is_available():
         return
     try:
-        import numpy
-        import triton
-    except ImportError:
+        triton_v, numpy_v = version("triton"), version("numpy")
+    except PackageNotFoundError:
         return
-    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 0):
-        raise pytest.UsageError(f"Triton {triton.__version__}'s interpreter cannot run the kernel tests under numpy "
-                                f"{numpy.__version__}: install triton>=3.7 (pip install -e '.[dev]') or numpy<2")
+    if _version(triton_v) < (3, 7) and _version(numpy_v) >= (2, 0):
+        raise pytest.UsageError(f"Triton {triton_v}'s interpreter cannot run the kernel tests under numpy {numpy_v}: "
+                                f"install triton>=3.7 (pip install -e '.[dev]') or numpy<2")
 
 
 def _version(v: str) -> tuple[int, int]:
