@@ -1,6 +1,7 @@
 """Files written whole or not at all, and JSONL read with line numbers.
 
-Every file the engine writes goes through here: the bytes go to a temporary file in the same
+Every file the engine writes goes through here (but the training log metrics.jsonl, appended a
+line per step and cut back on resume): the bytes go to a temporary file in the same
 directory, are flushed and fsync'ed, then renamed over the target. A killed process leaves either
 the old file or the new one, never half of one.
 """

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from srlm_engine.evaluate import JudgeMetrics, format_table
-from srlm_engine.io import read_json, write_text
+from srlm_engine.io import atomic_path, read_json, write_text
 
 GENERATION_STAGES = ("prompts", "candidates", "judgments")
 
@@ -44,7 +44,7 @@ def _plots(root: Path, evals: dict, iters: dict) -> list[str]:
         ax.axhline(0, color="grey", lw=0.5)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "judge_vs_human.png", dpi=90)
+    _save(fig, out / "judge_vs_human.png")
     made.append("judge_vs_human.png")
     plt.close(fig)
 
@@ -58,7 +58,7 @@ def _plots(root: Path, evals: dict, iters: dict) -> list[str]:
     ax.set_title("judge score distribution on EFT-eval (sample mode)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "score_distribution.png", dpi=90)
+    _save(fig, out / "score_distribution.png")
     made.append("score_distribution.png")
     plt.close(fig)
 
@@ -78,10 +78,16 @@ def _plots(root: Path, evals: dict, iters: dict) -> list[str]:
         axes[1].set_title("win rate of M_{t+1} over M_t")
         axes[1].set_xlabel("iteration t")
         fig.tight_layout()
-        fig.savefig(out / "iterations.png", dpi=90)
+        _save(fig, out / "iterations.png")
         made.append("iterations.png")
         plt.close(fig)
     return made
+
+
+def _save(fig, path: Path) -> None:
+    """A PNG written whole or not at all, like every file the engine writes."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
 
 
 def _win_rate(h: dict) -> str:

@@ -29,3 +29,31 @@ def test_win_rate_with_unscored_prompts():
     assert _win_rate({"wins": 5, "ties": 1, "losses": 4, "win_rate": 0.55}) == "55% (5/1/4)"  # older files
     assert _win_rate({"wins": 1, "ties": 0, "losses": 1, "unscored": 2, "win_rate": 0.5}) == "50% (1/0/1, 2 unscored)"
     assert _win_rate({"wins": 0, "ties": 0, "losses": 0, "unscored": 3, "win_rate": None}) == "n/a (0/0/0, 3 unscored)"
+
+
+def test_a_plot_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from srlm_engine.report import _save
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    _save(fig, tmp_path / "p.png")
+    good = (tmp_path / "p.png").read_bytes()
+    assert good.startswith(b"\x89PNG")
+    real = Figure.savefig
+
+    def killed(self, fname, **kw):  # the file half written, then the process dies
+        real(self, fname, **kw)
+        with open(fname, "r+b") as f:
+            f.truncate(100)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _save(fig, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["p.png"]
+    plt.close(fig)
