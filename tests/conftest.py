@@ -40,7 +40,7 @@ def pytest_configure(config):
         return
     if _version(triton_v) < (3, 7) and _version(numpy_v) >= (2, 0):
         raise pytest.UsageError(f"Triton {triton_v}'s interpreter cannot run the kernel tests under numpy {numpy_v}: "
-                                f"install triton>=3.7 (pip install -e '.[dev]') or numpy<2")
+                                f"install triton>=3.7 or numpy<2")
 
 
 def _version(v: str) -> tuple[int, int]:
