@@ -10,6 +10,7 @@ from srlm_kernels.reference.fused_logprob import fused_linear_logprob_ref, seque
 # (N, H, V): one row; odd sizes that no tile divides; a V just past one tile.
 SHAPES = [(1, 16, 17), (5, 123, 123), (37, 64, 1000)]
 BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton", marks=pytest.mark.triton)]
+MIN_CHUNK_VALUES = fused_logprob.MIN_CHUNK_VALUES  # read at import, before any fixture changes it
 
 
 @pytest.fixture(autouse=True)
@@ -111,6 +112,17 @@ def test_production_gpu_tiles(config, dtype, monkeypatch):
     monkeypatch.setattr(fused_logprob, "MIN_CHUNK_VALUES", 0)
     assert fused_logprob.chunk_cols(300, 1000, 96, blocks[1]) == 256
     check_against_reference("triton", *make_inputs(300, 96, 1000, dtype, ignore_every=0))
+
+
+def test_backward_vocabulary_chunks_at_the_bench_shapes(monkeypatch):
+    # dz [N, Vc] holds CHUNK_VALUES * N * H values, or MIN_CHUNK_VALUES when that is more; Vc a
+    # multiple of the tile width, never past V rounded up to it
+    fl = fused_logprob
+    monkeypatch.setattr(fl, "MIN_CHUNK_VALUES", MIN_CHUNK_VALUES)  # the module's, not small_tiles'
+    assert (fl.CHUNK_VALUES, fl.MIN_CHUNK_VALUES) == (2, 1 << 23)
+    assert fl.chunk_cols(6144, 128256, 2048, 128) == 4096  # Llama-3 head: 2 * H columns, 32 chunks
+    assert fl.chunk_cols(3072, 49152, 576, 128) == 2816  # SmolLM2: the 8M-value floor, 18 chunks
+    assert fl.chunk_cols(7, 1000, 64, 256) == 1024  # few rows: the whole vocabulary in one chunk
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
