@@ -98,6 +98,18 @@ def run_worker(script, args, timeout=1800):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def synced(step, device):
+    """`step` then, on CUDA, a device sync: what a timer around the call must wait for (kernels
+    are queued, not run, when a CUDA call returns)."""
+    import torch
+
+    def call():
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return call
+
+
 def measure(step, device, reps, inner=1, warmup=0, prime=None):
     """Run `step` once for its peak memory above the state before it (MB; CUDA allocator or the
     process's RSS high-water mark), `warmup` more times, then `reps` timed rounds of `inner`

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import append_rows, device_name, measure, run_worker, stats  # noqa: E402
+from _common import append_rows, device_name, measure, run_worker, stats, synced  # noqa: E402
 
 
 def make_inputs(b, device):
@@ -78,7 +78,7 @@ def main():
 def _bench_case(benchmark, impl):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pol, ref = make_inputs(4096, device)
-    benchmark.pedantic(make_step(impl, pol, ref, "sigmoid"), rounds=20, warmup_rounds=2)
+    benchmark.pedantic(synced(make_step(impl, pol, ref, "sigmoid"), device), rounds=20, warmup_rounds=2)
     got = pol.grad.clone()
     make_step("torch", pol, ref, "sigmoid")()
     torch.testing.assert_close(got, pol.grad)  # what was timed is right
