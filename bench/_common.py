@@ -54,7 +54,9 @@ def git_commit():
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS.parent, capture_output=True,
                              text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", ":/kernels"], cwd=RESULTS.parent,
+        # the code a row measures: kernels, engine, C++ ops and benches (not RESULTS.md, which they write)
+        code = [":/kernels", ":/srlm_engine", ":/csrc", ":/bench", ":(top,exclude)bench/RESULTS.md"]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *code], cwd=RESULTS.parent,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
