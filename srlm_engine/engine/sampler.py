@@ -1,8 +1,9 @@
 """Sampling: SamplingParams (vLLM's fields and defaults), the batched sampler, per-request seeds.
 
 Order of the logits processors, as vLLM's V0 sampler: temperature, then top-k, then top-p,
-then min-p; all batched over rows with per-row parameters as tensors. A row with temperature 0
-is greedy (argmax of the raw logits, first index on ties, as torch and transformers do).
+then min-p; all batched over rows with per-row parameters as tensors. A row with temperature below
+GREEDY_BELOW (vLLM's 1e-5) is greedy: argmax of the raw logits, first index on ties, as torch and
+transformers do (dividing by a tinier temperature would overflow the logits to inf and NaN).
 
 Randomness: every sequence owns a torch.Generator. A random row samples by inverse CDF over its
 filtered distribution in vocabulary order, with one uniform drawn from the row's own generator;
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS
 
 @dataclass
 class SamplingParams:
@@ -70,7 +72,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def _is_int(x) -> bool:

@@ -100,6 +100,16 @@ def test_greedy_rows_and_seeded_rows():
     assert again[0] == toks[1]
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 9e-6])
+def test_temperatures_below_vllms_epsilon_are_greedy(temperature):
+    # 1e-40 is a float32 subnormal: logits / 1e-40 overflow to inf and the draw was the last token
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(1)) * 5
+    ps = [SamplingParams(temperature=temperature, seed=1)] * 2
+    toks, lse = Sampler()(logits, ps, [make_generator(1, 0), make_generator(1, 1)])
+    assert toks == logits.argmax(-1).tolist()
+    torch.testing.assert_close(logits - lse[:, None], logits.log_softmax(-1))
+
+
 def test_draws_follow_the_filtered_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
     p = SamplingParams(temperature=0.7, top_k=3)
