@@ -2,8 +2,9 @@
 
 A candidate's score is its averaged judge score; None (or NaN) means the judge never produced a
 valid score for it, and such candidates take no part. A prompt gives no pair when fewer than 2
-candidates are scored, when the best and worst scores are equal (a tie), or when the chosen and
-rejected texts are identical (the same answer sampled twice and judged differently).
+candidates are scored, when the best and worst scores are equal (a tie), or when every candidate
+of the top score is the same text as every one of the bottom score (the same answer sampled twice
+and judged differently).
 """
 from __future__ import annotations
 
@@ -31,12 +32,13 @@ def _select(prompt: str, candidates: Sequence[str], scores: Sequence[float | Non
     top = [i for i, s in scored if s == hi]
     bottom = [i for i, s in scored if s == lo]
     if length_control:
-        # min/max return the first of equals, so ties in length fall back to candidate order
-        c = min(top, key=lambda i: len(candidates[i]))
-        r = max(bottom, key=lambda i: len(candidates[i]))
-    else:
-        c, r = top[0], bottom[0]
-    if candidates[c] == candidates[r]:
+        # stable sorts keep candidate order among equal lengths
+        top.sort(key=lambda i: len(candidates[i]))
+        bottom.sort(key=lambda i: -len(candidates[i]))
+    # the first (chosen, rejected) in that order whose texts differ: the same answer sampled twice
+    # and judged differently says nothing, but another candidate of the same tier may
+    c, r = next(((c, r) for c in top for r in bottom if candidates[c] != candidates[r]), (None, None))
+    if c is None:
         return None, "identical"
     return {"prompt": prompt, "chosen": candidates[c], "rejected": candidates[r],
             "chosen_score": hi, "rejected_score": lo}, "pairs"
@@ -49,7 +51,8 @@ def select_pairs(prompt: str, candidates: Sequence[str], scores: Sequence[float 
     chosen = a candidate with the highest score, rejected = one with the lowest. Without length
     control the first such candidate (in candidate order) is taken. With length control
     (Meta-Rewarding, Wu et al. 2024), the shortest candidate (in characters) of the top score tier
-    and the longest of the bottom tier, which counters the drift toward ever longer answers.
+    and the longest of the bottom tier, which counters the drift toward ever longer answers. When
+    those two are the same text, the next candidate in that order whose text differs is taken.
     Returns {"prompt", "chosen", "rejected", "chosen_score", "rejected_score"}."""
     return _select(prompt, candidates, scores, length_control)[0]
 

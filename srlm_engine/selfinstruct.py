@@ -163,7 +163,8 @@ class PromptFilter:
             return "too_short"
         if n > self.max_words:
             return "too_long"
-        if self._block is not None and self._block.search(normalize(text)):
+        # on the text with its punctuation: normalize() would join "audio/video" into one word
+        if self._block is not None and self._block.search(" ".join(text.lower().split())):
             return "blocklist"
         if normalize(text) in self._seen:
             return "duplicate"

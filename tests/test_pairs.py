@@ -39,6 +39,18 @@ def test_length_control():
 
 def test_identical_texts_dropped():
     assert select_pairs("p", ["same", "same"], [5.0, 2.0]) is None
+    assert select_pairs("p", ["same", "same", "same"], [5.0, 1.0, 1.0]) is None
+
+
+@pytest.mark.parametrize("length_control", [False, True])
+def test_a_differing_candidate_of_the_same_tier_makes_the_pair(length_control):
+    # the first top and the first bottom candidate are the same answer, the second bottom one is not:
+    # the prompt still gives a pair, whatever the candidate order
+    for cands, scores in ((["A", "A", "B"], [5.0, 1.0, 1.0]), (["A", "B", "A"], [5.0, 1.0, 1.0]),
+                          (["A", "B", "A"], [1.0, 5.0, 5.0])):
+        pair = select_pairs("p", cands, scores, length_control=length_control)
+        assert pair is not None and pair["chosen"] != pair["rejected"], (cands, scores)
+        assert {pair["chosen"], pair["rejected"]} == {"A", "B"}
 
 
 def test_build_pairs_counts():

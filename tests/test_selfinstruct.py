@@ -93,6 +93,7 @@ def test_filter_is_fast_on_5k_prompts():
     ("Go to the store website and tell me the price.", "blocklist"),
     ("Summarize the attached file in three sentences.", "blocklist"),
     ("Open this URL and read the first paragraph.", "blocklist"),
+    ("Summarize the audio/video recording of my meeting.", "blocklist"),  # punctuation between words
     ("explain   how PHOTOSYNTHESIS works to a curious teenager", "duplicate"),
     ("Explain how photosynthesis works to a curious child.", "similar"),
 ])
