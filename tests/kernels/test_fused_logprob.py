@@ -10,7 +10,8 @@ from srlm_kernels.reference.fused_logprob import fused_linear_logprob_ref, seque
 # (N, H, V): one row; odd sizes that no tile divides; a V just past one tile.
 SHAPES = [(1, 16, 17), (5, 123, 123), (37, 64, 1000)]
 BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton", marks=pytest.mark.triton)]
-MIN_CHUNK_VALUES = fused_logprob.MIN_CHUNK_VALUES  # read at import, before any fixture changes it
+MIN_CHUNK_VALUES = fused_logprob.MIN_CHUNK_VALUES  # read at import, before any fixture changes them
+CPU_TILES = (fused_logprob_torch.CHUNK_N, fused_logprob_torch.CHUNK_V)
 
 
 @pytest.fixture(autouse=True)
@@ -69,8 +70,8 @@ def test_smollm2_shape(backend, monkeypatch):
     """H=576, V=49152 as in SmolLM2-135M, with production tile sizes on the CPU path. N is tiny and
     the inputs fp32 because the interpreter pays ~1 us per weight element per pass (bf16 costs a
     slow conversion on top); bf16 is covered on the small shapes."""
-    monkeypatch.setattr(fused_logprob_torch, "CHUNK_N", 2048)
-    monkeypatch.setattr(fused_logprob_torch, "CHUNK_V", 4096)
+    monkeypatch.setattr(fused_logprob_torch, "CHUNK_N", CPU_TILES[0])
+    monkeypatch.setattr(fused_logprob_torch, "CHUNK_V", CPU_TILES[1])
     monkeypatch.setattr(fused_logprob, "INTERPRETER_BLOCKS", (16, 1024, 64))
     check_against_reference(backend, *make_inputs(3, 576, 49152, torch.float32, ignore_every=0))
 
