@@ -23,6 +23,9 @@ _KINDS = {  # annotation -> (test, what the error says is wanted)
     "tuple[float, float]": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2
                             and all(_KINDS["float"][0](x) for x in v), "a pair of numbers"),
     "TrainConfig": (lambda v: isinstance(v, TrainConfig), "a table of training settings"),
+    "RopeScaling": (lambda v: isinstance(v, RopeScaling), "a rope_scaling object"),
+    "list[int]": (lambda v: isinstance(v, list) and all(_KINDS["int"][0](x) for x in v), "a list of integers"),
+    "dict[str, Any]": (lambda v: isinstance(v, dict), "an object"),
 }
 
 
@@ -74,6 +77,7 @@ class ModelConfig:
                 "num_attention_heads", "max_position_embeddings")
 
     def __post_init__(self):
+        _check_types(self)  # a config.json "false" in tie_word_embeddings is an error, not truthy
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -119,6 +123,8 @@ class ModelConfig:
                 kw["rope_theta"] = rp["rope_theta"]
             rs = rp
         if rs is not None:
+            if not isinstance(rs, dict):
+                raise ConfigError(f"{source}: rope_scaling must be an object or null, got {rs!r}")
             kind = rs.get("rope_type", rs.get("type"))
             if kind in ("default", None):
                 kw["rope_scaling"] = None
@@ -132,6 +138,9 @@ class ModelConfig:
                         original_max_position_embeddings=int(rs["original_max_position_embeddings"]))
                 except KeyError as e:
                     raise ConfigError(f"{source}: rope_scaling is missing field {e}") from None
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{source}: rope_scaling's factor, low_freq_factor, high_freq_factor and "
+                                      f"original_max_position_embeddings must be numbers, got {rs!r}") from None
         kw["extra"] = {k: v for k, v in d.items() if k not in known}
         try:
             return cls(**kw)

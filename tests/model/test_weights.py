@@ -133,6 +133,22 @@ def test_config_invalid_field(ckpt):
         load_model(ckpt)
 
 
+@pytest.mark.parametrize("field, value, msg", [
+    ("tie_word_embeddings", "false", r"tie_word_embeddings must be true or false, got 'false'"),  # not truthy
+    ("rms_norm_eps", "1e-5", r"rms_norm_eps must be a number, got '1e-5'"),
+    ("eos_token_id", [2, "3"], r"eos_token_id must be an integer or a list of integers or unset"),
+    ("rope_scaling", "llama3", r"rope_scaling must be an object or null, got 'llama3'"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": None, "low_freq_factor": 1, "high_freq_factor": 4,
+                      "original_max_position_embeddings": 64}, r"rope_scaling's factor, .* must be numbers"),
+])
+def test_config_field_of_the_wrong_type_named(ckpt, field, value, msg):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg[field] = value
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"config\.json: " + msg):
+        load_model(ckpt)
+
+
 def test_missing_shard(tmp_path, tiny_writer):
     tiny_writer(tmp_path, "mha_tied", max_shard_bytes=20_000)
     shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
