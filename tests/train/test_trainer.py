@@ -53,6 +53,21 @@ def test_flags_override_toml(tmp_path):
                                           "--activation-checkpointing", "some"]))
 
 
+def test_toml_train_table_or_top_level_not_both(tmp_path):
+    def cfg_of(text):
+        toml = tmp_path / "t.toml"
+        toml.write_text(text)
+        return _train_config(build().parse_args(["sft", "--model", "m", "--data", "d", "--out", "o",
+                                                 "--config", str(toml)]))
+    assert cfg_of("[train]\nlr = 1e-5\nepochs = 2.0\n").lr == 1e-5
+    # top-level settings beside a [train] table were dropped without a word
+    with pytest.raises(ConfigError, match=r"t\.toml: put every training setting in the \[train\] table or "
+                                          r"none: found \[train\] beside \['lr', 'max_seq_len'\]"):
+        cfg_of("lr = 1e-5\nmax_seq_len = 256\n[train]\nepochs = 2.0\n")
+    with pytest.raises(ConfigError, match=r"t\.toml: train must be a table"):
+        cfg_of("train = 3\n")
+
+
 def test_non_finite_step_is_skipped_and_logged(tmp_path, sft_records):
     model = make_model_dir(tmp_path / "m")
     sd = load_file(model / "model.safetensors")
