@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from jinja2.exceptions import TemplateError
+
 from srlm_engine.config import SEED_DIR
 
 
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError, TemplateError) as e:  # a template's raise_exception
         print(f"srlm: error: {e}", file=sys.stderr)
         return 2
 

@@ -11,7 +11,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from jinja2.exceptions import TemplateError
+from jinja2.exceptions import TemplateError, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -65,18 +65,24 @@ class Tokenizer:
             raise TokenizerError(f"{f}: cannot read tokenizer: {e}") from None
         cfg_file = path / "tokenizer_config.json"
         config = read_json(cfg_file) if cfg_file.is_file() else {}
-        template = config.get("chat_template")
+        template, source = config.get("chat_template"), cfg_file
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         jinja_file = path / "chat_template.jinja"
         if jinja_file.is_file():
-            template = jinja_file.read_text(encoding="utf-8")
+            template, source = jinja_file.read_text(encoding="utf-8"), jinja_file
         gen_eos = None
         gen_file = path / "generation_config.json"
         if gen_file.is_file():
             e = read_json(gen_file).get("eos_token_id")
             gen_eos = [e] if isinstance(e, int) else list(e or [])
-        return cls(tok, config, template, gen_eos)
+        self = cls(tok, config, template, gen_eos)
+        if template is not None:
+            try:  # compiled here, where the file is known, not at the first render
+                self._compile()
+            except TemplateSyntaxError as e:
+                raise TokenizerError(f"{source}: chat_template line {e.lineno}: {e.message}") from None
+        return self
 
     @property
     def vocab_size(self) -> int:
@@ -94,12 +100,7 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            **kwargs) -> str:
-        """Render `messages` ([{"role", "content"}, ...]) with the model's chat template."""
-        if self.chat_template is None:
-            raise TokenizerError("this tokenizer has no chat_template (tokenizer_config.json or "
-                                 "chat_template.jinja)")
+    def _compile(self):
         if self._template is None:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=["jinja2.ext.loopcontrols"])
@@ -107,6 +108,14 @@ class Tokenizer:
             env.globals["raise_exception"] = _raise
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             self._template = env.from_string(self.chat_template)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+        return self._template
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **kwargs) -> str:
+        """Render `messages` ([{"role", "content"}, ...]) with the model's chat template."""
+        if self.chat_template is None:
+            raise TokenizerError("this tokenizer has no chat_template (tokenizer_config.json or "
+                                 "chat_template.jinja)")
+        return self._compile().render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "",
                                      **kwargs)

@@ -82,6 +82,14 @@ def test_template_raise_exception_and_chat_template_jinja(tmp_path, smollm2_dir)
     assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "[user]x"
 
 
+def test_broken_template_named_at_load(tmp_path, smollm2_dir):
+    with pytest.raises(TokenizerError, match=r"tokenizer_config\.json: chat_template line 1: .*'endfor'"):
+        _with_template(tmp_path, smollm2_dir, "{% for m in messages %}{{ m.content }}")
+    (tmp_path / "chat_template.jinja").write_text("[{{ m.role }]\n")
+    with pytest.raises(TokenizerError, match=r"chat_template\.jinja: chat_template line 1: "):
+        _with_template(tmp_path, smollm2_dir, "{{ messages }}")
+
+
 def test_missing_tokenizer_and_template(tmp_path):
     with pytest.raises(TokenizerError, match=r"tokenizer\.json: tokenizer file not found"):
         Tokenizer.from_pretrained(tmp_path)
