@@ -8,6 +8,7 @@ win rate of M_{t+1} over M_t; time per stage and the generation share of each it
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from srlm_engine.evaluate import JudgeMetrics, format_table
@@ -17,12 +18,14 @@ GENERATION_STAGES = ("prompts", "candidates", "judgments")
 
 
 def _models(root: Path) -> list[str]:
-    names = [p.stem.removeprefix("judge_") for p in (root / "eval").glob("judge_m*.json")]
-    return sorted(names, key=lambda n: int(n[1:]))
+    """m0, m1, ... from eval/judge_m<t>.json; other files there (a copy, a backup) are not ours."""
+    found = (re.fullmatch(r"judge_(m(\d+))\.json", p.name) for p in (root / "eval").glob("judge_m*.json"))
+    return [m[1] for m in sorted((m for m in found if m), key=lambda m: int(m[2]))]
 
 
 def _iterations(root: Path) -> list[int]:
-    return sorted(int(p.name.split("_")[1]) for p in root.glob("iter_*") if (p / "metrics.json").is_file())
+    found = (re.fullmatch(r"iter_(\d+)", p.name) for p in root.glob("iter_*") if (p / "metrics.json").is_file())
+    return sorted(int(m[1]) for m in found if m)
 
 
 def _plots(root: Path, evals: dict, iters: dict) -> list[str]:

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from srlm_engine.report import _honest, _win_rate
+from srlm_engine.report import _honest, _iterations, _models, _win_rate
 
 
 def judge_file(acc, parse=1.0):
@@ -57,3 +57,16 @@ def test_a_plot_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
         _save(fig, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["p.png"]
     plt.close(fig)
+
+
+def test_stray_files_in_the_run_folder_are_not_read(tmp_path):
+    # a copy or backup beside the run's files made the finished loop exit with "invalid literal for int()"
+    (tmp_path / "eval").mkdir()
+    for name in ("judge_m10.json", "judge_m2.json", "judge_m1 copy.json", "judge_m1.json.bak", "judge_mx.json"):
+        (tmp_path / "eval" / name).write_text("{}")
+    for name in ("iter_2", "iter_10", "iter_1 backup", "iter_x", "iter_3"):
+        (tmp_path / name).mkdir()
+        if name != "iter_3":  # an iteration not finished: no metrics yet
+            (tmp_path / name / "metrics.json").write_text("{}")
+    assert _models(tmp_path) == ["m2", "m10"]
+    assert _iterations(tmp_path) == [2, 10]
