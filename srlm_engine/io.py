@@ -47,8 +47,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except OSError as e:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        if str(path) in str(e):
-            raise
+        if str(path) in str(e) or e.filename not in (None, str(tmp), tmp):
+            raise  # names its file already: ours, or another the caller read (a missing input)
         raise OSError(e.errno, f"{path}: cannot write: {e.strerror or e}") from e
     except BaseException:
         if tmp is not None:

@@ -1,4 +1,5 @@
-"""JSON and JSONL reading: every bad input is a DataError naming the file and line."""
+"""JSON and JSONL reading and writing: every bad input is a DataError naming the file and line;
+a failed write names the output, a failed read inside a writer its own file."""
 import pytest
 
 from srlm_engine.data import load_sft
@@ -31,3 +32,21 @@ def test_json_invalid_utf8_names_file_and_line(tmp_path):
     assert read_json(p) == {"a": "é"}
     with pytest.raises(DataError, match=r"missing\.json: file not found"):
         read_json(tmp_path / "missing.json")
+
+
+def test_write_errors_name_the_output_and_read_errors_their_own_file(tmp_path):
+    import errno
+
+    from srlm_engine.io import atomic_path, write_jsonl
+
+    def from_missing_input():
+        yield {"a": 1}
+        open(tmp_path / "missing.jsonl")  # a reader the records come from fails
+
+    with pytest.raises(FileNotFoundError) as e:
+        write_jsonl(tmp_path / "out.jsonl", from_missing_input())
+    assert e.value.filename == str(tmp_path / "missing.jsonl") and "cannot write" not in str(e.value)
+    with pytest.raises(OSError, match=r"out\.jsonl: cannot write: No space left on device"):
+        with atomic_path(tmp_path / "out.jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as a full disk raises it from write()
+    assert list(tmp_path.iterdir()) == []  # no temp file left, no partial output
