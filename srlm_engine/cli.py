@@ -67,14 +67,13 @@ def cmd_loop(args) -> int:
 def cmd_judge_eval(args) -> int:
     from srlm_engine import data, judge
     from srlm_engine.config import LoopConfig
-    from srlm_engine.engine import LLM
     from srlm_engine.evaluate import JudgeMetrics, format_table
-    from srlm_engine.loop import judge_eval
-    cfg = LoopConfig.build(None, None, judge_samples=args.judge_samples, seed=args.seed)
+    from srlm_engine.loop import judge_eval, open_engine
+    cfg = LoopConfig.build(None, None, judge_samples=args.judge_samples, seed=args.seed, dtype=args.dtype)
     items = data.load_eft_eval(args.data)
     template = judge.load_template(args.template) if args.template else judge.DEFAULT_TEMPLATE
     t0 = time.perf_counter()
-    res = judge_eval(LLM(args.model, kv_cache_tokens=cfg.kv_cache_tokens), cfg, template, items, args.seed)
+    res = judge_eval(open_engine(args.model, cfg), cfg, template, items, args.seed)
     for mode, r in res.items():
         print(f"\n{mode} mode: parse rate {100 * r['parse_rate']:.1f}%, scores {r['distribution']}")
         print(format_table({args.model: JudgeMetrics(**r["metrics"])}))
@@ -256,6 +255,8 @@ def build() -> argparse.ArgumentParser:
     q.add_argument("--template", default=None, help="judge template file with {instruction} and {response}")
     q.add_argument("--judge-samples", type=int, default=3)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--dtype", default=None, help="generation dtype (default: the loop's, bfloat16), so the "
+                   "figures match the loop's eval/judge_m*.json")
     q.set_defaults(fn=cmd_judge_eval)
     q = sub.add_parser("data", help="convert public data sets")
     dsub = q.add_subparsers(dest="data_command", required=True)

@@ -101,7 +101,8 @@ def _changed(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _llm(model_dir: Path, cfg: LoopConfig) -> LLM:
+def open_engine(model_dir: Path, cfg: LoopConfig) -> LLM:
+    """The generation engine every phase of the loop (and `srlm judge-eval`) uses: cfg's dtype."""
     return LLM(str(model_dir), dtype=getattr(torch, cfg.dtype), kv_cache_tokens=cfg.kv_cache_tokens,
                max_num_seqs=cfg.max_num_seqs)
 
@@ -169,11 +170,11 @@ def head_to_head(cfg: LoopConfig, template: str, new: Path, old: Path, judge_dir
     params = SamplingParams(temperature=0.0, max_tokens=cfg.eval_max_tokens)
     answers = {}
     for name, d in (("new", new), ("old", old)):
-        llm = _llm(d, cfg)
+        llm = open_engine(d, cfg)
         answers[name] = [o.outputs[0].text for o in _chat(llm, prompts, params)]
         del llm
         _free()
-    llm = _llm(judge_dir, cfg)
+    llm = open_engine(judge_dir, cfg)
     recs = _judge(llm, cfg, template, prompts * 2, answers["new"] + answers["old"], seed, mode="expected")
     del llm
     _free()
@@ -192,13 +193,18 @@ def _mean_words(texts: list[str]) -> float:
     return sum(len(t.split()) for t in texts) / max(len(texts), 1)
 
 
+def prompt_filter(seed_prompts: list[str], root: Path, t: int) -> selfinstruct.PromptFilter:
+    """The filters of iteration t's new prompts: against the seeds and every earlier iteration's."""
+    used = [r["prompt"] for i in range(1, t) if (root / f"iter_{i}" / "prompts.jsonl").is_file()
+            for r in read_jsonl(root / f"iter_{i}" / "prompts.jsonl")]
+    return selfinstruct.PromptFilter(seed_prompts + used)
+
+
 def draw_prompts(pool: Path, seed_prompts: list[str], root: Path, t: int, count: int,
                  seed: int) -> tuple[list[str], dict]:
     """Up to `count` prompts from a pool file (e.g. written by a larger model, as in the paper),
     through the same filters as written ones, never reusing a prompt of an earlier iteration."""
-    used = [r["prompt"] for i in range(1, t) if (root / f"iter_{i}" / "prompts.jsonl").is_file()
-            for r in read_jsonl(root / f"iter_{i}" / "prompts.jsonl")]
-    flt = selfinstruct.PromptFilter(seed_prompts + used)
+    flt = prompt_filter(seed_prompts, root, t)
     cands = [r["prompt"] if isinstance(r.get("prompt"), str) else "" for r in read_jsonl(pool)]
     random.Random(seed).shuffle(cands)
     kept = []
@@ -266,7 +272,7 @@ def run(model_dir: str | Path, out: str | Path, cfg: LoopConfig, log: Callable[[
     # The judge before and after EFT: M0 is the pretrained model, M1 the fine-tuned one.
     for name, d in (("m0", model_dir), ("m1", m1)):
         def make(d=d, name=name):
-            llm = _llm(d, cfg)
+            llm = open_engine(d, cfg)
             write_json(evals / f"judge_{name}.json", judge_eval(llm, cfg, template, eft_eval, cfg.seed))
             del llm
             _free()
@@ -282,7 +288,7 @@ def run(model_dir: str | Path, out: str | Path, cfg: LoopConfig, log: Callable[[
 
         def engine():
             nonlocal llm
-            llm = llm or _llm(model, cfg)
+            llm = llm or open_engine(model, cfg)
             return llm
 
         # (1) Self-instruction creation with M_t.
@@ -290,10 +296,10 @@ def run(model_dir: str | Path, out: str | Path, cfg: LoopConfig, log: Callable[[
             if cfg.prompt_pool:
                 prompts, stats = draw_prompts(Path(cfg.prompt_pool), seed_prompts, root, t, cfg.prompts, seed)
             else:
-                writer = _llm(Path(cfg.prompt_writer), cfg) if cfg.prompt_writer else engine()
+                writer = open_engine(Path(cfg.prompt_writer), cfg) if cfg.prompt_writer else engine()
                 prompts, stats = selfinstruct.generate_prompts(
                     writer, seed_prompts, cfg.prompts, seed=seed, temperature=cfg.prompt_temperature,
-                    top_p=cfg.prompt_top_p)
+                    top_p=cfg.prompt_top_p, prompt_filter=prompt_filter(seed_prompts, root, t))
                 del writer  # a separate writer goes before M_t's engine is made
                 _free()
             write_json(it / "prompt_stats.json", stats)
@@ -365,7 +371,7 @@ def run(model_dir: str | Path, out: str | Path, cfg: LoopConfig, log: Callable[[
 
 
 def _judge_file(model: Path, cfg, template, items, path: Path) -> None:
-    llm = _llm(model, cfg)
+    llm = open_engine(model, cfg)
     write_json(path, judge_eval(llm, cfg, template, items, cfg.seed))
     del llm
     _free()

@@ -298,7 +298,7 @@ class FakeEngine:
 
 
 def track_engines(monkeypatch, make=lambda d, cfg: FakeEngine()):
-    """Patch loop._llm to record, at each engine made, how many earlier ones are still alive. Each
+    """Patch loop.open_engine to record, at each engine made, how many earlier ones are still alive. Each
     engine is given a reference to itself, as real engines hold reference cycles, so only the
     collector frees one, and only once nobody refers to it. No collection happens here: an engine
     still alive is one its caller did not let go of before `_free()`, and its weights and KV pool
@@ -311,7 +311,7 @@ def track_engines(monkeypatch, make=lambda d, cfg: FakeEngine()):
         llm.me = llm
         live.add(llm)
         return llm
-    monkeypatch.setattr(loop, "_llm", tracked)
+    monkeypatch.setattr(loop, "open_engine", tracked)
     return live, alive_at_start
 
 
@@ -343,7 +343,7 @@ def test_head_to_head_counts_unscored_apart(monkeypatch):
 def test_one_engine_alive_at_a_time_in_a_run(monkeypatch, tmp_path, tiny_model, seeds):
     # The judge evaluations of M0 and M1, then M_t's engine for the iteration's generation: each
     # is freed before the next is made, and M_t's before pairs and training.
-    live, alive_at_start = track_engines(monkeypatch, make=loop._llm)
+    live, alive_at_start = track_engines(monkeypatch, make=loop.open_engine)
     alive_at_pairs = []
     real_pairs = loop.pairing.build_pairs
 
@@ -375,3 +375,32 @@ def test_a_finished_training_is_not_run_again(tmp_path, monkeypatch):
     (done / "config.json").write_text("{}")
     monkeypatch.setattr(loop, "train_dpo", lambda *a: pytest.fail("trained again"))
     assert loop._train("dpo", tmp_path / "m", [], tmp_path / "train", None, 1) == done
+
+
+def test_new_prompts_are_filtered_against_earlier_iterations(tmp_path):
+    # written (not only drawn) prompts of iteration 2 must not repeat iteration 1's
+    seen = "Write a short poem about the sea at night for a child."
+    (tmp_path / "iter_1").mkdir()
+    (tmp_path / "iter_1" / "prompts.jsonl").write_text(json.dumps({"prompt": seen}) + "\n")
+    seeds = ["Explain how a rainbow forms in simple terms please."]
+    assert loop.prompt_filter(seeds, tmp_path, 1).check(seen) is None
+    assert loop.prompt_filter(seeds, tmp_path, 2).check(seen) == "duplicate"
+    assert loop.prompt_filter(seeds, tmp_path, 2).check(seeds[0]) == "duplicate"
+
+
+def test_judge_eval_command_judges_as_the_loop_does(monkeypatch, capsys, tiny_model, seeds):
+    # `srlm judge-eval` opened its engine in float32 while the loop judges in cfg.dtype (bfloat16):
+    # its figures did not match eval/judge_m*.json
+    from srlm_engine.cli import main
+    dtypes = []
+
+    def opened(d, cfg):
+        dtypes.append(cfg.dtype)
+        return real(d, cfg)
+    real = loop.open_engine
+    monkeypatch.setattr(loop, "open_engine", opened)
+    args = ["judge-eval", "--model", str(tiny_model), "--data", str(seeds / "eft_eval.jsonl"), "--judge-samples", "1"]
+    assert main(args) == 0 and main(args + ["--dtype", "float32"]) == 0
+    assert dtypes == [LoopConfig().dtype, "float32"] and LoopConfig().dtype == "bfloat16"
+    out = capsys.readouterr().out
+    assert "sample mode: parse rate" in out and "expected mode: parse rate" in out
