@@ -10,6 +10,7 @@
 //              exp(x_i / t_r - lse_t[r]), is >= min_prob[r], as (x_i / t_r, i) sorted by value
 //              descending, ties by id; count[r] says how many, or -1 if more than capacity.
 //              Rows are padded with (-inf, -1); min_prob[r] == 0 gives count 0.
+//   A row holding a NaN: argmax its first NaN, lse and lse_t NaN, count 0 (torch's argmax and logsumexp).
 //
 // torch needs a pass per quantity (argmax, logsumexp twice, a division) plus a top-k over the whole
 // vocabulary, each allocating [R, V]; for a decode step at batch 128 over SmolLM2's 49k tokens
@@ -61,19 +62,33 @@ SRLM_MULTIVERSION void stats_rows(const float* logits, const float* temp, const 
     std::fill(ids, ids + capacity, int64_t(-1));
     o.count[r] = 0;
 
-    // Pass 1: the maximum, then its first index.
+    // Pass 1: the maximum, then its first index; a NaN anywhere makes the row's statistics NaN
+    // and its argmax the first NaN, as torch's max and logsumexp give (the comparisons skip it).
     int64_t i = 0;
     f32x16 mv = splat(kNegInf);
+    i32x16 nan = {};
     for (; i + 16 <= V; i += 16) {
       const f32x16 v = load16(x + i);
       mv = v > mv ? v : mv;
+      nan |= v != v;
     }
     float m = hmax(mv);
-    for (; i < V; ++i) m = x[i] > m ? x[i] : m;
+    bool has_nan = any16(nan);
+    for (; i < V; ++i) {
+      m = x[i] > m ? x[i] : m;
+      has_nan |= x[i] != x[i];
+    }
+    if (has_nan) {
+      int64_t k = 0;
+      while (!(x[k] != x[k])) ++k;
+      o.argmax[r] = k;
+      o.lse[r] = o.lse_t[r] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
     int64_t am = 0;
-    while (am < V && !(x[am] == m)) ++am;
-    o.argmax[r] = am < V ? am : 0;  // no element equals m only if the row holds a NaN
-    if (!(m > kNegInf)) {  // every logit -inf (or NaN): nothing can be sampled from the row
+    while (!(x[am] == m)) ++am;  // no NaN: some logit equals the maximum
+    o.argmax[r] = am;
+    if (!(m > kNegInf)) {  // every logit -inf: nothing can be sampled from the row
       o.lse[r] = o.lse_t[r] = m;
       continue;
     }

@@ -36,7 +36,7 @@ class SmallBatchLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.device.type == "cpu":
-            if x.shape[0] <= MAX_ROWS.get(x.dtype, 0):
+            if x.dtype in MAX_ROWS and x.shape[0] <= MAX_ROWS[x.dtype]:
                 return torch.ops.srlm_C.small_batch_linear(x, self.weight, self.bias)
             if self.out_features >= WIDE and x.dtype == torch.float32:
                 return chunked_linear(x, self.weight, self.bias, WIDE_CHUNK)

@@ -167,6 +167,24 @@ def test_sampling_stats_op_matches_reference(vocab):
 
 
 @pytest.mark.skipif(not HAVE_OP, reason="srlm_engine._C is not built")
+@pytest.mark.parametrize("nan_at", [3, 18, 33])  # in a 16-wide vector, in the 20-wide row's tail, both
+def test_sampling_stats_row_with_nan_is_nan(nan_at):
+    # the comparisons skipped the NaN: the op gave a finite lse and another argmax than torch
+    x = torch.zeros(2, 20 if nan_at < 20 else 40)
+    x[0, 7] = 1.0
+    x[0, nan_at] = float("nan")
+    if nan_at == 33:
+        x[0, 5] = float("nan")
+    x[1] = torch.arange(x.shape[1]) * 0.1  # a sound row beside it keeps its statistics
+    temp, min_prob = torch.tensor([0.7, 0.7]), torch.tensor([1e-3, 1e-3])
+    got = torch.ops.srlm_C.sampling_stats(x, temp, min_prob, 8)
+    want = sampling_stats_reference(x, temp, min_prob, 8)
+    assert got[0].tolist() == want[0].tolist() == [5 if nan_at == 33 else nan_at, x.shape[1] - 1]
+    assert got[1][0].isnan() and got[2][0].isnan() and got[5][0] == want[5][0] == 0
+    torch.testing.assert_close(got[1][1], want[1][1])
+
+
+@pytest.mark.skipif(not HAVE_OP, reason="srlm_engine._C is not built")
 def test_sampling_stats_rejects_bad_input():
     x = torch.zeros(2, 5)
     op = torch.ops.srlm_C.sampling_stats

@@ -61,6 +61,10 @@ def test_module_routes_by_rows_and_shares_parameters():
         for rows in (1, MAX_ROWS[torch.float32], 9, 100):  # the op up to MAX_ROWS, F.linear past it
             x = torch.randn(rows, 16)
             torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+        for dtype in (torch.float16, torch.float64):  # dtypes the op lacks go to F.linear, 0 rows too
+            for rows in (0, 1):
+                x = torch.randn(rows, 16, dtype=dtype)
+                torch.testing.assert_close(model.to(dtype)(x), ref.to(dtype)(x))
 
 
 @pytest.mark.parametrize("bias", [False, True])
