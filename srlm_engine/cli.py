@@ -135,11 +135,11 @@ def _train_config(args):
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{args.config}: invalid TOML: {e}") from None
         if "train" in d:  # the settings are either all in a [train] table or all at the top level
-            if not isinstance(d["train"], dict) or len(d) > 1:
-                others = sorted(k for k in d if k != "train")
+            if not isinstance(d["train"], dict):
+                raise ConfigError(f"{args.config}: train must be a table of training settings")
+            if len(d) > 1:
                 raise ConfigError(f"{args.config}: put every training setting in the [train] table or none: "
-                                  f"found [train] beside {others}" if others else
-                                  f"{args.config}: train must be a table of training settings")
+                                  f"found [train] beside {sorted(k for k in d if k != 'train')}")
             d = d["train"]
     d.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
     return TrainConfig.from_dict(d, source=args.config or "flags")

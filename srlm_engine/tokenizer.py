@@ -76,13 +76,13 @@ class Tokenizer:
         if gen_file.is_file():
             e = read_json(gen_file).get("eos_token_id")
             gen_eos = [e] if isinstance(e, int) else list(e or [])
-        self = cls(tok, config, template, gen_eos)
+        tokenizer = cls(tok, config, template, gen_eos)
         if template is not None:
             try:  # compiled here, where the file is known, not at the first render
-                self._compile()
+                tokenizer._compile()
             except TemplateSyntaxError as e:
                 raise TokenizerError(f"{source}: chat_template line {e.lineno}: {e.message}") from None
-        return self
+        return tokenizer
 
     @property
     def vocab_size(self) -> int:
