@@ -71,7 +71,7 @@ def main_cuda(args):
 
     dtype = getattr(torch, args.dtype)
     x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    copy_gbs = 2 * x.numel() / (do_bench(lambda: x.clone()) * 1e-3) / 1e9  # read + write
+    copy_gbs = 2 * x.numel() / (do_bench(lambda: x.clone(), return_mode="median") * 1e-3) / 1e9  # read + write
     del x
     dev = device_name("cuda")
     print(f"paged decode attention on {dev}, nh={NH} nkv={NKV} hd={HD} block={BS} {args.dtype}; "
@@ -81,8 +81,8 @@ def main_cuda(args):
         q, kc, vc, tables, lens = (t.cuda() for t in make_inputs(B, L, dtype))
         scale = HD ** -0.5
         check_same(q, kc, vc, tables, lens, scale, fp32_tol=1e-4)
-        t_ours = do_bench(lambda: ours(q, kc, vc, tables, lens, scale))
-        t_base = do_bench(lambda: gather_sdpa(q, kc, vc, tables, lens, scale))
+        t_ours = do_bench(lambda: ours(q, kc, vc, tables, lens, scale), return_mode="median")
+        t_base = do_bench(lambda: gather_sdpa(q, kc, vc, tables, lens, scale), return_mode="median")
         gbs = int(lens.sum()) * NKV * HD * 2 * kc.element_size() / (t_ours * 1e-3) / 1e9
         print(f"B={B:>4} L<={L:>5}: triton {t_ours * 1e3:8.1f} us, gather+SDPA {t_base * 1e3:8.1f} us, "
               f"x{t_base / t_ours:.1f}; {gbs:.0f} GB/s = {gbs / copy_gbs:.0%} of the copy rate")

@@ -37,7 +37,7 @@ def run(label, fn, check, flops, mem=False):
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
         check(out)
-        ms = do_bench(fn)
+        ms = do_bench(fn, return_mode="median")
         extra = f"  peak {peak:7.0f} MB" if mem else ""
         print(f"  {label:<44} {ms:8.2f} ms  {flops / (ms * 1e-3) / 1e12:5.0f} TFLOP/s{extra}", flush=True)
     except Exception as e:  # a config the card cannot run (shared memory): say so, go on
