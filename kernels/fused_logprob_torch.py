@@ -7,19 +7,31 @@ Vocabulary chunks are the outer loop: a bf16 weight chunk is upcast once, and d 
 chunk is finished (and cast) before the next one, so no fp32 copy of the [V, H] gradient exists.
 Ignored rows are dropped before any matmul (prompt tokens cost nothing).
 
-The tile is 1024 x 2048 (8 MB in fp32) so that it stays in a server's shared L3 between the matmul
-that writes it, the element-wise passes and, in backward, the two matmuls that read it. On the
-2-core EPYC of bench/RESULTS.md (32 MB L3) a 2048 x 4096 tile (32 MB) ran fwd+bwd ~8% slower at
-H=576 and ~4% at H=2048, interleaved runs.
+The tile is CHUNK_N x CHUNK_V = 2048 x 4096 (32 MB in fp32), halved both ways below NARROW_H.
+A narrow hidden size gives each tile element little matmul work, so the element-wise passes and
+the trips of the tile through memory weigh more: there a 1024 x 2048 tile (8 MB) stays in a
+server's shared L3 from the matmul that writes it to the backward matmuls that read it. On the
+2-core EPYC of bench/RESULTS.md (32 MB L3), interleaved in one process: at H=576 (N=4096,
+V=49152) fwd+bwd took 6.33 s with the small tile against 6.86 s; at H=2048 (N=8192, V=128256)
+the big tile took 100-102 s against 108-112 s (larger matmuls run faster there).
 """
 import torch
 
-CHUNK_N = 1024
-CHUNK_V = 2048
+CHUNK_N = 2048
+CHUNK_V = 4096
+NARROW_H = 1024
 
 
 def _compute_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _tiles(h_dim):
+    """(rows, vocabulary columns) of a tile for hidden size h_dim; read at call time, so tests can
+    shrink them."""
+    if h_dim < NARROW_H:
+        return max(CHUNK_N // 2, 1), max(CHUNK_V // 2, 1)
+    return CHUNK_N, CHUNK_V
 
 
 def _tile(buf, n, v):
@@ -35,8 +47,8 @@ def _hits(t, v0, v1):
 
 def torch_fused_linear_logprob(hidden, weight, targets, ignore_index, temperature):
     """-> (logprobs [N], lse [N]) in fp32 (fp64 for fp64 inputs); both 0 at ignored rows."""
-    chunk_n, chunk_v = CHUNK_N, CHUNK_V  # read at call time, so tests can shrink the tiles
-    n_all, _ = hidden.shape
+    n_all, h_dim = hidden.shape
+    chunk_n, chunk_v = _tiles(h_dim)
     v_all = weight.shape[0]
     cdt = _compute_dtype(hidden)
     logp = torch.zeros(n_all, dtype=cdt, device=hidden.device)
@@ -75,8 +87,8 @@ def torch_fused_linear_logprob(hidden, weight, targets, ignore_index, temperatur
 def torch_fused_linear_logprob_backward(grad, hidden, weight, targets, lse, ignore_index, temperature,
                                         need_dh=True, need_dw=True):
     """-> (d hidden or None, d weight or None) in the inputs' dtype; tiles recomputed from lse."""
-    chunk_n, chunk_v = CHUNK_N, CHUNK_V
     n_all, h_dim = hidden.shape
+    chunk_n, chunk_v = _tiles(h_dim)
     v_all = weight.shape[0]
     cdt = _compute_dtype(hidden)
     dh = torch.zeros_like(hidden) if need_dh else None

@@ -11,7 +11,7 @@ from srlm_kernels.reference.fused_logprob import fused_linear_logprob_ref, seque
 SHAPES = [(1, 16, 17), (5, 123, 123), (37, 64, 1000)]
 BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton", marks=pytest.mark.triton)]
 MIN_CHUNK_VALUES = fused_logprob.MIN_CHUNK_VALUES  # read at import, before any fixture changes them
-CPU_TILES = (fused_logprob_torch.CHUNK_N, fused_logprob_torch.CHUNK_V)
+CPU_TILES = (fused_logprob_torch.CHUNK_N, fused_logprob_torch.CHUNK_V, fused_logprob_torch.NARROW_H)
 
 
 @pytest.fixture(autouse=True)
@@ -70,8 +70,10 @@ def test_smollm2_shape(backend, monkeypatch):
     """H=576, V=49152 as in SmolLM2-135M, with production tile sizes on the CPU path. N is tiny and
     the inputs fp32 because the interpreter pays ~1 us per weight element per pass (bf16 costs a
     slow conversion on top); bf16 is covered on the small shapes."""
-    monkeypatch.setattr(fused_logprob_torch, "CHUNK_N", CPU_TILES[0])
-    monkeypatch.setattr(fused_logprob_torch, "CHUNK_V", CPU_TILES[1])
+    for name, value in zip(("CHUNK_N", "CHUNK_V", "NARROW_H"), CPU_TILES):
+        monkeypatch.setattr(fused_logprob_torch, name, value)
+    # the tiles measured fastest on the bench machine: halved at SmolLM2's H, whole at Llama-3's
+    assert fused_logprob_torch._tiles(576) == (1024, 2048) and fused_logprob_torch._tiles(2048) == (2048, 4096)
     monkeypatch.setattr(fused_logprob, "INTERPRETER_BLOCKS", (16, 1024, 64))
     check_against_reference(backend, *make_inputs(3, 576, 49152, torch.float32, ignore_every=0))
 
