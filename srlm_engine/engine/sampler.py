@@ -24,6 +24,7 @@ import torch
 
 GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS
 
+
 @dataclass
 class SamplingParams:
     """What to generate for one prompt; fields and defaults follow vLLM's SamplingParams."""
