@@ -392,12 +392,11 @@ def test_judge_eval_command_judges_as_the_loop_does(monkeypatch, capsys, tiny_mo
     # `srlm judge-eval` opened its engine in float32 while the loop judges in cfg.dtype (bfloat16):
     # its figures did not match eval/judge_m*.json
     from srlm_engine.cli import main
-    dtypes = []
+    dtypes, real = [], loop.open_engine
 
     def opened(d, cfg):
         dtypes.append(cfg.dtype)
         return real(d, cfg)
-    real = loop.open_engine
     monkeypatch.setattr(loop, "open_engine", opened)
     args = ["judge-eval", "--model", str(tiny_model), "--data", str(seeds / "eft_eval.jsonl"), "--judge-samples", "1"]
     assert main(args) == 0 and main(args + ["--dtype", "float32"]) == 0
