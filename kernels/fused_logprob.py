@@ -27,9 +27,14 @@ rows (Liger's way, and ours before), matters at a large V: a chunk of C rows str
 weight three times (recompute, d hidden, and the read and write of d weight += ...), 2 GB per
 256-row chunk at V=128256, H=2048 in bf16, memory-bound since C is small; a vocabulary chunk
 streams only its own rows of weight, and the accumulated [N, H] d hidden is 1 / 20 of weight
-there. Vc makes dz hold about CHUNK_VALUES * N * H values: with bf16 inputs d hidden accumulates
-in bf16 over the V / Vc chunks (as Liger's d weight does over its row chunks), while d weight
-comes from one fp32-accumulated GEMM; fp32 inputs accumulate in fp32.
+there. Vc makes dz hold about CHUNK_VALUES * N * H values. d weight comes from one GEMM per
+chunk (fp32 accumulation inside it). d hidden sums V / Vc chunk products: with 16-bit inputs
+each product is rounded once to the inputs' dtype and added into an fp32 [N, H] sum, cast at the
+end. Adding into a 16-bit d hidden (one addmm per chunk, as Liger's d weight adds up its row
+chunks) would round the running sum after every chunk: at 32 chunks that gave 2.5x the median
+error and 4x the worst (CPU emulation at H=2048, V=128256). The fp32 sum costs 4 N H bytes and
+8 N H bytes of extra memory traffic per chunk (at N=8192, H=2048, 32 chunks: 64 MB, and 4.3 GB,
+about 1.5 ms of H100 bandwidth: an estimate, not yet measured).
 Ignored rows (prompt tokens) are dropped before any kernel on both paths.
 
 Dtypes: bfloat16/float16/float32 inputs are multiplied with float32 accumulation (the CPU path
@@ -74,7 +79,7 @@ FWD_WAVES = 4
 # Backward vocabulary chunks: dz [N, Vc] holds about CHUNK_VALUES * N * H values (Liger's chunk
 # of logits is 1 x, by rows), and at least MIN_CHUNK_VALUES (16 MB in bf16), so that a chunk's
 # three launches carry enough work to hide their host overhead when N * H is small (the SmolLM2
-# shape: 18 chunks, not 35). Each chunk also reads and writes d hidden ([N, H]) once.
+# shape: 18 chunks, not 35). Each chunk also adds its [N, H] part of d hidden into the fp32 sum.
 CHUNK_VALUES = 2
 MIN_CHUNK_VALUES = 1 << 23
 
@@ -263,10 +268,17 @@ def _triton_fused_linear_logprob_backward(grad, hidden, weight, targets, lse, ig
         return dh, dw
     n, h = hidden.shape
     v = weight.shape[0]
-    dh = torch.zeros_like(hidden) if need_dh else None  # adds up over the vocabulary chunks
     if n == 0:
-        return dh, (torch.zeros_like(weight) if need_dw else None)
+        return (torch.zeros_like(hidden) if need_dh else None), (torch.zeros_like(weight) if need_dw else None)
     dw = torch.empty_like(weight) if need_dw else None  # each chunk's rows written once, whole
+    # d hidden adds up one product per vocabulary chunk, in fp32: into dh itself for fp32 inputs;
+    # for 16-bit ones into acc, from part (the chunk's product, rounded once), and cast at the end
+    wide = hidden.dtype == torch.float32
+    dh = acc = part = None
+    if need_dh:
+        dh = torch.zeros_like(hidden) if wide else None
+        acc = None if wide else torch.zeros(n, h, dtype=torch.float32, device=hidden.device)
+        part = None if wide else torch.empty_like(hidden)
     grad = grad.contiguous()
     vc = min(chunk_cols(n, v, h, cfg["BLOCK_V"]), v)
     buf = torch.empty(n * vc, dtype=hidden.dtype, device=hidden.device)
@@ -278,8 +290,13 @@ def _triton_fused_linear_logprob_backward(grad, hidden, weight, targets, lse, ig
                              ignore_index, **cfg)
         if need_dw:
             torch.mm(dz.T, hidden, out=dw[v0:v0 + m])
-        if need_dh:
+        if acc is not None:
+            acc.add_(torch.mm(dz, weight[v0:v0 + m], out=part))
+        elif need_dh:
             dh.addmm_(dz, weight[v0:v0 + m])
+    if acc is not None:
+        buf = dz = None  # free dz's chunk before the cast
+        dh = part.copy_(acc)
     return dh, dw
 
 
