@@ -17,7 +17,8 @@
 # Each part has its own time limit and the script goes on after a failure; it exits non-zero if
 # any part failed. Not covered: flash-attn (no wheel for this torch/CUDA), multi-GPU FSDP.
 # Last run: 2026-11-26 on an H100 80GB HBM3 (torch 2.11, triton 3.6), ~5 min, every part passed
-# (before the split forward, the wider launch sweep and the per-part logs: not yet run on a GPU).
+# (before the split forward, the vocabulary-chunked backward with its fp32 d hidden sum, the wider
+# launch sweep and the per-part logs: not yet run on a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
