@@ -233,7 +233,8 @@ def score_tokens(tokenizer) -> tuple[str, list[int]]:
     - if " 4" is one token there (GPT-2 style BPE), the suffix is "Score:" and the ids are the
       tokens " 0" .. " 5";
     - else, if "4" is one token after "Score: " (Llama 3, SmolLM, SentencePiece with split
-      digits), the suffix is "Score: " and the ids are "0" .. "5";
+      digits), the suffix is "Score: " and the ids are "0" .. "5" as encoded there (Llama 2's
+      SentencePiece encodes "4" alone as "▁", "4": only the token in context counts);
     - else, if each digit alone encodes to one token, the suffix is "Score: " and those ids are
       used (the split could not be confirmed in context).
     Raises ValueError if the tokenizer has no single-token digits."""
@@ -243,10 +244,10 @@ def score_tokens(tokenizer) -> tuple[str, list[int]]:
         base = enc("\n" + suffix)
         ids = []
         for d in digits:
-            full, alone = enc("\n" + suffix + piece.format(d)), enc(piece.format(d))
-            if full[:-1] != base or len(alone) != 1 or full[-1] != alone[0]:
+            full = enc("\n" + suffix + piece.format(d))
+            if full[:-1] != base:  # the digit is more than the one token after the suffix
                 break
-            ids.append(alone[0])
+            ids.append(full[-1])
         else:
             return suffix, ids
     alone = [enc(d) for d in digits]

@@ -254,12 +254,13 @@ def run(model_dir: str | Path, out: str | Path, cfg: LoopConfig, log: Callable[[
     model_dir, root = Path(model_dir).expanduser(), Path(out)
     if not (model_dir / "config.json").is_file():
         raise DataError(f"{model_dir}: not a model directory (no config.json)")
-    run_ = Run(root, cfg, model_dir, log)
     seed_dir = Path(cfg.seed_dir)
     template = judge.load_template(cfg.judge_template) if cfg.judge_template else judge.DEFAULT_TEMPLATE
     ift = data.load_ift(seed_dir / "ift.jsonl")  # each record holds a user turn: its seed prompt
     eft = data.load_eft_train(seed_dir / "eft_train.jsonl")
     eft_eval = data.load_eft_eval(seed_dir / "eft_eval.jsonl")
+    # Only inputs that passed their checks pin the run folder: fixing a bad line is no new run.
+    run_ = Run(root, cfg, model_dir, log)
     seed_prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in ift]
     held_out = [it["instruction"] for it in eft_eval][: cfg.eval_prompts]
     evals = root / "eval"

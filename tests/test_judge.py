@@ -233,6 +233,33 @@ def test_score_tokens_follow_the_tokenizer():
     assert suffix == "Score:" and ids == [wt.vocab[f" {d}"] for d in range(6)]
 
 
+def sentencepiece_tokenizer():
+    """Llama 2's tokenizer.json in small: Prepend("▁") and Replace(" ", "▁") normalizers, BPE with
+    byte fallback, digits split into single pieces, so no "▁4" piece: "4" alone encodes to
+    ["▁", "4"], while after "Score: " the digit is the one token "4"."""
+    from tokenizers import Tokenizer as HFTokenizer, models, normalizers
+
+    from srlm_engine.tokenizer import Tokenizer
+    pieces = (["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+              + ["▁", "S", "c", "o", "r", "e", ":", "Sc", "Sco", "Scor", "Score"] + list("0123456789"))
+    merges = [("S", "c"), ("Sc", "o"), ("Sco", "r"), ("Scor", "e")]
+    hf = HFTokenizer(models.BPE({t: i for i, t in enumerate(pieces)}, merges, unk_token="<unk>",
+                                byte_fallback=True, fuse_unk=True))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    return Tokenizer(hf, {"bos_token": "<s>", "eos_token": "</s>"}, "{{ messages[0].content }}")
+
+
+def test_score_tokens_sentencepiece_digit_after_a_space_piece():
+    # Llama 2 (the paper's model), TinyLlama, Mistral: the digit in "\nScore: 4" is one token,
+    # though "4" alone is two; this raised "more than one token each" before.
+    tok = sentencepiece_tokenizer()
+    assert len(tok.encode("4", add_special_tokens=False)) == 2
+    suffix, ids = score_tokens(tok)
+    assert suffix == "Score: " and ids == [tok.token_to_id(str(d)) for d in range(6)]
+    for d, i in enumerate(ids):  # the very token training puts after "Score: "
+        assert tok.encode(f"\nScore: {d}", add_special_tokens=False)[-1] == i
+
+
 def test_judge_expected_prefix():
     tok = CharTokenizer()
     probs = [0.1, 0.2, 0.3, 0.4, 0.0, 0.0]

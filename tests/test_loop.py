@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from srlm_engine import loop
-from srlm_engine.config import SEED_DIR, LoopConfig, ModelConfig
+from srlm_engine.config import SEED_DIR, ConfigError, LoopConfig, ModelConfig
 from srlm_engine.io import DataError, read_jsonl
 from srlm_engine.model.llama import Llama
 from srlm_engine.model.weights import load_model, save_model
@@ -288,6 +288,26 @@ def test_seed_ift_record_without_user_turn_is_a_data_error(tmp_path, seeds):
     (model / "config.json").write_text("{}")
     with pytest.raises(DataError, match=r"ift\.jsonl:9: messages hold no user turn"):
         loop.run(model, tmp_path / "run", config(bad, iterations=1), log=lambda *_: None)
+
+
+def test_a_run_stopped_by_bad_seed_data_resumes_once_the_data_is_fixed(tmp_path, seeds):
+    # The seeds are checked before the run folder is pinned to their hashes: a folder where
+    # nothing was made is not refused as "made with other inputs" after the user fixes the line.
+    fixed = tmp_path / "seed"
+    shutil.copytree(seeds, fixed)
+    good = (fixed / "eft_train.jsonl").read_text()
+    (fixed / "eft_train.jsonl").write_text(good + json.dumps({"instruction": "q", "response": "r",
+                                                               "justification": "j", "score": 9}) + "\n")
+    model = tmp_path / "m0"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    run, cfg = tmp_path / "run", config(fixed, iterations=1)
+    with pytest.raises(DataError, match=r"eft_train\.jsonl:7: field 'score' must be an integer"):
+        loop.run(model, run, cfg, log=lambda *_: None)
+    assert not (run / "manifest.json").exists()
+    (fixed / "eft_train.jsonl").write_text(good)
+    with pytest.raises(ConfigError, match="missing field 'vocab_size'"):  # on to M1: this stub model
+        loop.run(model, run, cfg, log=lambda *_: None)
 
 
 class FakeEngine:
