@@ -198,7 +198,8 @@ def judge_samples(llm, instructions: Sequence[str], responses: Sequence[str], *,
     """Judge each (instruction, response) K times and average the parsed scores.
 
     All items go to the engine in one `generate` call; each item is ONE request with n=k, so the
-    K samples share the judge prompt's KV blocks. Returns one Judgment per item, in order."""
+    K samples share the judge prompt's KV blocks. Returns one Judgment per item, in order; an
+    item whose judge prompt does not fit the engine's context gets k empty, unscored samples."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     prompts = render_judge_prompts(llm.tokenizer, instructions, responses, template)
@@ -206,8 +207,21 @@ def judge_samples(llm, instructions: Sequence[str], responses: Sequence[str], *,
         return []
     params = (params_factory or _default_params)(n=k, temperature=temperature, top_p=top_p,
                                                  max_tokens=max_tokens, seed=seed)
-    outs = llm.generate(encode_prompts(llm.tokenizer, prompts), params, use_tqdm=True)
-    return [Judgment.from_texts([c.text for c in o.outputs]) for o in outs]
+    ids = encode_prompts(llm.tokenizer, prompts)
+    out = [Judgment.from_texts([""] * k) for _ in ids]  # k unscored samples where nothing ran
+    fit = fitting(llm, ids)
+    if fit:
+        for i, o in zip(fit, llm.generate([ids[i] for i in fit], params, use_tqdm=True)):
+            out[i] = Judgment.from_texts([c.text for c in o.outputs])
+    return out
+
+
+def fitting(llm, ids: Sequence[list[int]]) -> list[int]:
+    """Indices of the judge prompts that fit the engine's context with room for one token (all,
+    where the engine states no `max_model_len`). The others are not sent and stay unscored: one
+    long response must not stop a whole batch of judgments (the engine refuses such a request)."""
+    limit = getattr(llm, "max_model_len", None)
+    return [i for i, t in enumerate(ids) if limit is None or len(t) < limit]
 
 
 # --------------------------------------------------------------------------- expected score
@@ -262,7 +276,8 @@ def judge_expected(llm, instructions: Sequence[str], responses: Sequence[str], *
                    temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 256,
                    seed: int | None = None, params_factory: Callable | None = None) -> list[float | None]:
     """Expected judge score in [0, 5] per item, from the next-token distribution over the digits;
-    None (unscored) where the digits have no probability at all.
+    None (unscored) where the digits have no probability at all, or where the judge prompt does
+    not fit the engine's context.
 
     after="prefix": the assistant turn starts with the score prefix at once (no justification).
     after="judgment": the justification is generated first (greedy by default; stop at "Score:"),
@@ -274,19 +289,27 @@ def judge_expected(llm, instructions: Sequence[str], responses: Sequence[str], *
     prompts = render_judge_prompts(llm.tokenizer, instructions, responses, template)
     if not prompts:
         return []
-    suffix, ids = score_tokens(llm.tokenizer)
-    if after == "prefix":
-        prompts = [p + suffix for p in prompts]
-    else:
+    suffix, digit_ids = score_tokens(llm.tokenizer)
+    # keep: the items still judged (prompts[j] is item keep[j]'s); the others do not fit the
+    # engine's context and stay unscored (see `fitting`)
+    keep = list(range(len(prompts)))
+    if after == "judgment":
         params = (params_factory or _default_params)(n=1, temperature=temperature, top_p=top_p,
                                                      max_tokens=max_tokens, seed=seed,
                                                      stop=[SCORE_PREFIX])
-        outs = llm.generate(encode_prompts(llm.tokenizer, prompts), params, use_tqdm=True)
-        prompts = [p + _strip_score_prefix(o.outputs[0].text).rstrip() + "\n" + suffix
-                   for p, o in zip(prompts, outs)]
-    logprobs = llm.next_token_logprobs(encode_prompts(llm.tokenizer, prompts))  # [B, V]
-    digit_lp = logprobs[:, ids]  # [B, 6]
-    return [None if math.isnan(x) else x for x in expected_score(digit_lp).tolist()]
+        ids = encode_prompts(llm.tokenizer, prompts)
+        keep = fitting(llm, ids)
+        outs = llm.generate([ids[i] for i in keep], params, use_tqdm=True) if keep else []
+        prompts = [prompts[i] + _strip_score_prefix(o.outputs[0].text).rstrip() + "\n"
+                   for i, o in zip(keep, outs)]
+    ids = encode_prompts(llm.tokenizer, [p + suffix for p in prompts])
+    fit = fitting(llm, ids)
+    scores = [None] * len(instructions)
+    if fit:
+        logprobs = llm.next_token_logprobs([ids[j] for j in fit])  # [B, V]
+        for j, x in zip(fit, expected_score(logprobs[:, digit_ids]).tolist()):
+            scores[keep[j]] = None if math.isnan(x) else x
+    return scores
 
 
 def _strip_score_prefix(text: str) -> str:
@@ -295,5 +318,5 @@ def _strip_score_prefix(text: str) -> str:
 
 
 __all__ = ["DEFAULT_TEMPLATE", "Judgment", "check_template", "encode_prompts", "expected_score",
-           "fill_template", "has_score_line", "judge_expected", "judge_samples", "load_template", "parse_score",
-           "render_judge_prompts", "score_tokens"]
+           "fill_template", "fitting", "has_score_line", "judge_expected", "judge_samples", "load_template",
+           "parse_score", "render_judge_prompts", "score_tokens"]

@@ -344,3 +344,39 @@ def test_judge_prompts_carry_one_bos():
     for ids in llm.seen:  # the template's BOS, once: what training and LLM.chat feed the model
         assert ids[0] == bos and ids.count(bos) == 1, ids[:4]
 
+
+
+# --------------------------------------------------------------------------- long prompts
+
+# the judge prompt of a one-character answer, in CharTokenizer's tokens, plus 100
+SHORT_CONTEXT = len(CharTokenizer().apply_chat_template([{"role": "user", "content": fill_template(
+    DEFAULT_TEMPLATE, "q1", "a")}])) + len("Score: ") + 100
+
+
+@dataclass
+class ShortContextLLM(FakeLLM):
+    """Refuses a prompt that leaves no room for one token, as the engine does."""
+    max_model_len: int = SHORT_CONTEXT
+
+    def generate(self, prompts, params, use_tqdm=False):
+        assert all(len(p) < self.max_model_len for p in prompts), "sent a prompt that does not fit"
+        return super().generate(prompts, params, use_tqdm)
+
+    def next_token_logprobs(self, prompts):
+        assert all(len(p) < self.max_model_len for p in prompts), "sent a prompt that does not fit"
+        return super().next_token_logprobs(prompts)
+
+
+def test_an_answer_too_long_for_the_judge_is_unscored_not_a_failed_batch():
+    # a 2k-context model judging a long answer: that item is unscored, the others are judged
+    long = "x" * 200
+    llm = ShortContextLLM(CharTokenizer(), texts=["Score: 4", "Score: 2"])
+    js = judge_samples(llm, ["q1", "q2", "q3"], ["a", long, "b"], k=1, params_factory=params)
+    assert [j.scores for j in js] == [[4], [None], [2]] and js[1].mean is None and js[1].n_unscored == 1
+    llm = ShortContextLLM(CharTokenizer(), digit_logprobs={ord("3"): 0.0})
+    assert judge_expected(llm, ["q1", "q2"], [long, "a"]) == [None, pytest.approx(3.0)]
+    # after="judgment": the judged prompt grows by the justification, and may stop fitting then
+    llm = ShortContextLLM(CharTokenizer(), texts=["ok", "y" * 120], digit_logprobs={ord("5"): 0.0})
+    got = judge_expected(llm, ["q1", "q2", "q3"], ["a", long, "b"], after="judgment", params_factory=params)
+    assert got == [pytest.approx(5.0), None, None]
+    assert len(llm.calls[0][1]) == 2 and len(llm.calls[1][1]) == 1
