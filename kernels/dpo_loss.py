@@ -78,7 +78,7 @@ def _dpo_bwd_kernel(pc_ptr, pr_ptr, rc_ptr, rr_ptr, g_ptr, dlogits_ptr, B, beta,
     elif LOSS == 1:
         d = beta * (-(1.0 - ls) * _sigmoid(-u) - ls * _sigmoid(u)) / (1.0 - 2.0 * ls)
     elif LOSS == 2:
-        d = tl.where(u < 1.0, -beta, 0.0)
+        d = -beta * (u < 1.0).to(u.dtype)  # a where() of two scalars would be float32 for float64 inputs
     else:
         d = 2.0 * (logits - 0.5 / beta)
     tl.store(dlogits_ptr + offs, g * d, mask=mask)
@@ -138,7 +138,7 @@ def _torch_dpo_loss_backward(grad, pc, pr, rc, rr, beta, loss_type, ls):
     elif loss_type == "robust":
         d = beta * (-(1 - ls) * torch.sigmoid(-u) - ls * torch.sigmoid(u)) / (1 - 2 * ls)
     elif loss_type == "hinge":
-        d = torch.where(u < 1, -beta, 0.0).to(u.dtype)
+        d = -beta * (u < 1).to(u.dtype)  # a where() of two Python scalars is float32: -0.1 -> -0.10000000149
     else:
         d = 2 * (logits - 0.5 / beta)
     return grad * d

@@ -60,6 +60,19 @@ def test_cpu_path_float64():
     check("torch", make_logps(17, torch.float64), 0.3, "robust", 0.1)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hinge_gradient_float64(backend):
+    """d hinge / d policy_chosen is exactly -beta inside the margin, 0 outside, in float64: a
+    float32 -beta (0.1 -> 0.10000000149) put a 1.5e-8 relative error into every float64 gradient."""
+    pc, pr, rc, rr = make_logps(6, torch.float64, spread=1.0)
+    pc = (pc + 30.0 * torch.tensor([1, -1, 1, -1, 1, -1], dtype=torch.float64)).requires_grad_()
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="hinge", backend=backend)
+    losses.sum().backward()
+    inside = (0.1 * ((pc - rc) - (pr - rr)) < 1).detach()
+    assert inside.any() and not inside.all()
+    assert torch.equal(pc.grad, torch.zeros_like(pc).masked_fill(inside, -0.1))
+
+
 @pytest.mark.parametrize("loss_type, ls", LOSSES)
 def test_gradcheck_cpu_path(loss_type, ls):
     xs = [x.requires_grad_() for x in make_logps(6, torch.float64, spread=1.0)]
