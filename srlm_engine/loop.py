@@ -102,9 +102,11 @@ def _changed(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def open_engine(model_dir: Path, cfg: LoopConfig) -> LLM:
-    """The generation engine every phase of the loop (and `srlm judge-eval`) uses: cfg's dtype."""
-    return LLM(str(model_dir), dtype=getattr(torch, cfg.dtype), kv_cache_tokens=cfg.kv_cache_tokens,
-               max_num_seqs=cfg.max_num_seqs)
+    """The generation engine every phase of the loop (and `srlm judge-eval`) uses: cfg's dtype, on
+    the GPU where there is one (the trainer's choice too), else on the CPU."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return LLM(str(model_dir), dtype=getattr(torch, cfg.dtype), device=device,
+               kv_cache_tokens=cfg.kv_cache_tokens, max_num_seqs=cfg.max_num_seqs)
 
 
 def _free() -> None:

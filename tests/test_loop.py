@@ -317,6 +317,17 @@ class FakeEngine:
         return [SimpleNamespace(outputs=[SimpleNamespace(text="x")]) for _ in msgs]
 
 
+@pytest.mark.parametrize("cuda", [False, True], ids=["cpu", "cuda"])
+def test_engines_run_on_the_gpu_where_there_is_one(monkeypatch, cuda):
+    # as the trainer does: generation on a GPU machine ran on its CPU before
+    made = []
+    monkeypatch.setattr(loop, "LLM", lambda path, **kw: made.append((path, kw)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    loop.open_engine(Path("m1"), LoopConfig(dtype="bfloat16", kv_cache_tokens=4096, max_num_seqs=8))
+    assert made == [("m1", dict(dtype=torch.bfloat16, device="cuda" if cuda else "cpu", kv_cache_tokens=4096,
+                                max_num_seqs=8))]
+
+
 def track_engines(monkeypatch, make=lambda d, cfg: FakeEngine()):
     """Patch loop.open_engine to record, at each engine made, how many earlier ones are still alive. Each
     engine is given a reference to itself, as real engines hold reference cycles, so only the
