@@ -76,4 +76,7 @@ part 80 "bench_generate (cuda)" $py bench/bench_generate.py --device cuda --hf-b
 part 60 "bench_train (cuda)" $py bench/bench_train.py
 part 25 "bench_paged_attention (cuda)" $py bench/bench_paged_attention.py --device cuda --dtype bfloat16
 part 45 "bench_train (cuda, bf16)" $py bench/bench_train.py --dtype bf16
+# Last, as the newest: the limits now add up to 650 s, past one 600 s call, so a run where every
+# part takes its whole limit loses this one first.
+part 60 "loop on the gpu" $py -m pytest -q -m gpu -p no:cacheprovider tests/test_loop.py
 exit $status

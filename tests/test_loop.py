@@ -328,6 +328,32 @@ def test_engines_run_on_the_gpu_where_there_is_one(monkeypatch, cuda):
                                 max_num_seqs=8))]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_one_iteration_on_the_gpu(tmp_path, tiny_model, seeds, monkeypatch):
+    """The whole loop on a GPU machine: every engine on CUDA (Triton paged attention, CUDA-graph
+    decode), SFT and DPO on CUDA (the Triton fused log-prob), each engine freed before the next."""
+    devices = []
+
+    def recording(d, cfg):
+        llm = real(d, cfg)
+        devices.append(llm.device.type)
+        return llm
+    real = loop.open_engine
+    monkeypatch.setattr(loop, "open_engine", recording)
+    run = tmp_path / "run"
+    assert loop.run(tiny_model, run, config(seeds, iterations=1), log=lambda *_: None) == run / "iter_1" / "model"
+    assert len(devices) >= 4 and set(devices) == {"cuda"}
+    judged = read_jsonl(run / "iter_1" / "judgments.jsonl")
+    assert len(judged) == 3 and all(0 <= r["score"] <= 5 for j in judged for r in j["judgments"])
+    pairs = read_jsonl(run / "iter_1" / "pairs.jsonl")
+    assert all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+    load_model(run / "iter_1" / "model")
+    for name in ("m0", "m1", "m2"):
+        e = json.loads((run / "eval" / f"judge_{name}.json").read_text())
+        assert e["expected"]["parse_rate"] == 1.0
+
+
 def track_engines(monkeypatch, make=lambda d, cfg: FakeEngine()):
     """Patch loop.open_engine to record, at each engine made, how many earlier ones are still alive. Each
     engine is given a reference to itself, as real engines hold reference cycles, so only the
