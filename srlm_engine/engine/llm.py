@@ -115,9 +115,9 @@ class LLM:
                 seed = p.seed if p.seed is not None else int(torch.randint(2**62, (1,), generator=self._rng))
                 seqs.append(Sequence(r, i, list(toks), p, max_tokens, make_generator(seed, i)))
         self._run(seqs, use_tqdm)
-        outs = []
-        for r, (prompt, toks) in enumerate(zip(prompts, ids)):
-            mine = sorted((s for s in seqs if s.request == r), key=lambda s: s.index)
+        outs, k = [], 0
+        for r, (prompt, toks, p) in enumerate(zip(prompts, ids, params)):
+            mine, k = seqs[k:k + p.n], k + p.n  # made in request order, then index order
             outs.append(RequestOutput(r, prompt if isinstance(prompt, str) else None, list(toks),
                                       [self._completion(s) for s in mine]))
         return outs
