@@ -31,8 +31,8 @@ there. Vc makes dz hold about CHUNK_VALUES * N * H values. d weight comes from o
 chunk (fp32 accumulation inside it). d hidden sums V / Vc chunk products: with 16-bit inputs
 each product is rounded once to the inputs' dtype and added into an fp32 [N, H] sum, cast at the
 end. Adding into a 16-bit d hidden (one addmm per chunk, as Liger's d weight adds up its row
-chunks) would round the running sum after every chunk: at 32 chunks that gave 2.5x the median
-error and 4x the worst (CPU emulation at H=2048, V=128256). The fp32 sum costs 4 N H bytes and
+chunks) would round the running sum after every chunk: at 32 chunks that gave 2x the median
+error and 3x the worst (CPU emulation at H=2048, V=128256). The fp32 sum costs 4 N H bytes and
 8 N H bytes of extra memory traffic per chunk (at N=8192, H=2048, 32 chunks: 64 MB, and 4.3 GB,
 about 1.5 ms of H100 bandwidth: an estimate, not yet measured).
 Ignored rows (prompt tokens) are dropped before any kernel on both paths.
