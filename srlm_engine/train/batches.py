@@ -10,8 +10,10 @@ it holds the content and the end-of-turn token (<|im_end|> for SmolLM2) the mode
 emit. Each segment is tokenized on its own: the prompt's tokens are exactly those generation
 sees (the engine tokenizes P_i and the model continues from there).
 
-Pair record {"prompt", "chosen", "rejected"}: prompt = render([user: prompt],
-add_generation_prompt=True); each response is tokenize(response) + [eos]. Loss on the response.
+Pair record {"prompt", "chosen", "rejected"}: each response is the reply span of the conversation
+[user: prompt, assistant: response], cut exactly as SFT cuts it, so DPO trains the same end-of-turn
+token SFT taught (<|eot_id|> for Llama 3, which is not its tokenizer's eos_token); the prompt is
+render([user: prompt], add_generation_prompt=True), what generation sees. Loss on the response.
 
 Truncation to max_seq_len L (counted in `Encoded.truncated`): the text before the last trained
 span is the prompt, the rest the response. The response keeps its head, at least
@@ -118,21 +120,29 @@ def encode_sft(tok: Tokenizer, records: list[dict], max_seq_len: int) -> Encoded
     return out
 
 
+def _reply(tok: Tokenizer, prompt: str, response: str) -> tuple[str, str]:
+    """-> (prompt text, reply text with its end-of-turn) of [user: prompt, assistant: response]."""
+    segs = sft_segments(tok, [{"role": "user", "content": prompt},
+                              {"role": "assistant", "content": response}])
+    trained = [i for i, (_, t) in enumerate(segs) if t]
+    if len(trained) != 1:
+        raise ValueError("the chat template renders the response as no span or several spans")
+    return "".join(text for text, _ in segs[:trained[0]]), segs[trained[0]][0]
+
+
 def encode_pairs(tok: Tokenizer, records: list[dict], max_seq_len: int) -> Encoded:
-    if tok.eos_token is None or tok.token_to_id(tok.eos_token) is None:
-        raise DataError("the tokenizer has no eos_token; responses cannot be terminated")
-    eos = tok.token_to_id(tok.eos_token)
     out = Encoded()
     for n, rec in enumerate(records):
         try:
-            prompt_text = tok.apply_chat_template([{"role": "user", "content": rec["prompt"]}],
-                                                  add_generation_prompt=True)
             if rec["chosen"] == rec["rejected"]:
                 raise ValueError("chosen and rejected are the same text")
-            resp = [tok.encode(rec[k], add_special_tokens=False) + [eos] for k in ("chosen", "rejected")]
+            (prompt_text, c_text), (p2, r_text) = (_reply(tok, rec["prompt"], rec[k]) for k in ("chosen", "rejected"))
+            if p2 != prompt_text:
+                raise ValueError("the chat template renders the prompt differently before chosen and rejected")
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"pair record {n}: {e if not isinstance(e, KeyError) else f'missing field {e}'}") from None
         prompt = tok.encode(prompt_text, add_special_tokens=False)
+        resp = [tok.encode(t, add_special_tokens=False) for t in (c_text, r_text)]
         p_keep, keeps = _cut(prompt, resp, max_seq_len)
         if p_keep < len(prompt) or any(k < len(r) for k, r in zip(keeps, resp)):
             out.truncated += 1

@@ -1,6 +1,6 @@
 """Reference log-probs for DPO, computed once before training so training holds one model.
 
-    ref_chosen_logp   = sum_t log M_t(chosen_t | prompt, chosen_<t)       summed over response tokens + eos
+    ref_chosen_logp   = sum_t log M_t(chosen_t | prompt, chosen_<t)       summed over response tokens + end-of-turn
     ref_rejected_logp = the same for the rejected response
 computed with no grad by the fused kernel, over the same tokens (same truncation, same
 max_seq_len) that train_dpo trains on. Each record gains those two fields plus `ref_max_seq_len`

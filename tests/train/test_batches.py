@@ -56,6 +56,21 @@ def test_pair_encoding_prompt_plus_response_plus_eos(tok):
     assert enc.mask[0] == [False] * len(prompt) + [True] * (len(enc.ids[0]) - len(prompt))
 
 
+def test_pair_responses_end_with_the_templates_end_of_turn_as_sft_trains_it(tok):
+    # A Llama-3-like template: turns end with a token that is not the tokenizer's eos_token.
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|endoftext|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    t = Tokenizer(tok.tok, tok.config, template)
+    assert t.eos_token == "<|im_end|>"
+    rec = {"prompt": "2+2?", "chosen": "4", "rejected": "5, I think"}
+    enc = batches.encode_pairs(t, [rec], max_seq_len=512)
+    assert trained_text(t, enc.ids[0], enc.mask[0]) == ["4<|endoftext|>"]
+    assert trained_text(t, enc.rejected_ids[0], enc.rejected_mask[0]) == ["5, I think<|endoftext|>"]
+    sft = batches.encode_sft(t, [{"messages": conv(("user", "2+2?"), ("assistant", "4"))}], max_seq_len=512)
+    n = len(enc.ids[0])
+    assert sft.ids[0][:n] == enc.ids[0] and sft.mask[0][:n] == enc.mask[0] and not any(sft.mask[0][n:])
+
+
 def test_truncation_keeps_prompt_tail_and_response_head(tok):
     long_prompt = " ".join(f"w{i}" for i in range(200))
     rec = {"prompt": long_prompt, "chosen": "short answer", "rejected": " ".join(["no"] * 100)}
