@@ -3,14 +3,19 @@
 Every file the engine writes goes through here (but the training log metrics.jsonl, appended a
 line per step and cut back on resume): the bytes go to a temporary file in the same
 directory, are flushed and fsync'ed, then renamed over the target. A killed process leaves either
-the old file or the new one, never half of one.
+the old file or the new one, never half of one; the directory is fsync'ed after the rename, so
+the new name also survives a power loss. Temporaries are named `.<target>.<host>-<pid>.<random>.tmp`
+(`.old` for a directory moved aside): the next write of the same target removes those that a dead
+process of this host left, so killed runs do not pile up checkpoints' worth of stale files.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -20,6 +25,7 @@ from typing import Any
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())
 
 
 class DataError(ValueError):
@@ -34,16 +40,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        _sweep(path)
+        fd, name = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp = Path(name)
         yield tmp
         # mkstemp makes 0600, and so do writers that replace the file (safetensors' save_file):
         # the file should look like any other
         os.chmod(tmp, 0o666 & ~_UMASK)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        _fsync_file(tmp)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except OSError as e:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
@@ -61,21 +68,67 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; on success it replaces `path` whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _sweep(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
+        for d, _, files in os.walk(tmp):
+            for f in files:
+                _fsync_file(Path(d) / f)
+            _fsync_dir(Path(d))
         if path.exists():
             # Move the old directory aside first so that `path` is never missing its files midway.
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".old", dir=path.parent))
             os.replace(path, old / "x")
             os.replace(tmp, path)
+            _fsync_dir(path.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+            _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _prefix(path: Path) -> str:
+    return f".{path.name}.{_HOST}-{os.getpid()}."
+
+
+def _sweep(path: Path) -> None:
+    """Remove the temporaries of `path` that a process of this host, now dead, left behind."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{_HOST}-(\d+)\.[^.]+\.(tmp|old)")
+    for p in path.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m and int(m[1]) != os.getpid() and not _alive(int(m[1])):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, another user's
+        return True
+    return True
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -50,3 +50,34 @@ def test_write_errors_name_the_output_and_read_errors_their_own_file(tmp_path):
         with atomic_path(tmp_path / "out.jsonl"):
             raise OSError(errno.ENOSPC, "No space left on device")  # as a full disk raises it from write()
     assert list(tmp_path.iterdir()) == []  # no temp file left, no partial output
+
+
+def test_a_write_removes_what_a_dead_writer_of_the_same_target_left(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from srlm_engine.io import _HOST, atomic_dir, atomic_path, write_text
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = int(dead.stdout)
+    live = os.getppid()
+    (tmp_path / f".model.{_HOST}-{dead}.ab_1.tmp").mkdir()        # killed while writing
+    (tmp_path / f".model.{_HOST}-{dead}.cd_2.old").mkdir()        # killed while removing the old copy
+    (tmp_path / f".model.{_HOST}-{dead}.cd_2.old" / "x").mkdir()
+    keep = [f".model.{_HOST}-{live}.ef_3.tmp",   # a live process's write in progress
+            f".model.otherhost-{dead}.gh_4.tmp",  # another host's: its pid means nothing here
+            f".model2.{_HOST}-{dead}.ij_5.tmp"]   # another target's
+    for k in keep:
+        (tmp_path / k).mkdir()
+    (tmp_path / f".out.txt.{_HOST}-{dead}.kl_6.tmp").write_text("half")
+    with atomic_dir(tmp_path / "model") as d:
+        (d / "w").write_text("weights")
+    write_text(tmp_path / "out.txt", "whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep + ["model", "out.txt"])
+    assert (tmp_path / "model" / "w").read_text() == "weights"
+    # The temporaries carry this process's host and pid, so a later sweep can tell whose they are.
+    with atomic_path(tmp_path / "f") as t:
+        assert t.name.startswith(f".f.{_HOST}-{os.getpid()}.") and t.name.endswith(".tmp")
+        t.write_text("x")

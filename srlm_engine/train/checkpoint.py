@@ -111,7 +111,7 @@ def save_checkpoint(out_dir: Path, step: int, root: nn.Module, optimizer, schedu
     if d.main:
         ckdir = Path(out_dir) / "checkpoints"
         ckdir.mkdir(parents=True, exist_ok=True)
-        for stale in ckdir.glob(".step-*.tmp"):  # left by a process killed while saving
+        for stale in [*ckdir.glob(".step-*.tmp"), *ckdir.glob(".step-*.old")]:  # a killed save's
             shutil.rmtree(stale, ignore_errors=True)
         path = ckdir / f"step-{step:08d}"
         trainer = {"optimizer": _clean_keys(opt_sd), "scheduler": scheduler.state_dict(),

@@ -28,6 +28,8 @@ def digest(path):
 @pytest.fixture(scope="module")
 def run(tiny_model, sft_records, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
+    for stale in [".step-00000002.h-1.ab.tmp", ".step-00000002.h-1.cd.old/x"]:  # a killed run's, to be removed
+        (out / "checkpoints" / stale).mkdir(parents=True)
     return train_sft(tiny_model, sft_records, out, cfg(max_steps=7)), out
 
 
@@ -50,7 +52,7 @@ def test_transformers_reads_our_checkpoint_with_identical_logits(run, tiny_model
 def test_keeps_last_k_complete_checkpoints(run):
     _, out = run
     assert [p.name for p in checkpoints(out)] == ["step-00000004", "step-00000006"]
-    assert not list((out / "checkpoints").glob(".*"))  # no temporary directories left
+    assert not list((out / "checkpoints").glob(".*"))  # no temporary directories left, ours or a killed run's
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 7
 
