@@ -101,6 +101,7 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
     src = found[-1] / "model" if found else model_dir
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     model = load_model(src, dtype=dtype, device=d.device)
+    lost = bf16_lost_share(model, lr) if d.main and dtype == torch.bfloat16 else 0.0
     root = parallelize(TokenLogprobs(model), model.layers, d, cfg.mixed_precision, cfg.activation_checkpointing)
     root.train()
     opt, sched = build_optimizer(root, lr, min_lr, total, cfg.warmup_steps, cfg.schedule, cfg.weight_decay,
@@ -123,6 +124,10 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
         if cfg.mixed_precision and not d.distributed:
             print(f"srlm {kind}: mixed_precision applies under FSDP2 (2+ processes); one process computes "
                   f"in {cfg.dtype} (use --dtype bfloat16 for bf16 weights)", flush=True)
+        if lost > 0.5:
+            print(f"srlm {kind}: weights are held in bfloat16, where {lost:.0%} of them are too large for an AdamW "
+                  f"step of lr {lr:.3g} to change (it is below half their bf16 spacing): most updates round away. "
+                  f"Hold them in float32 (--dtype float32; --mixed-precision computes in bf16 under FSDP2)", flush=True)
         policy = policy_dtype(cfg, d.world)
         ref = sorted({r.get("ref_dtype", "float32") for r in records}) if dpo else [policy]
         if ref != [policy]:
@@ -199,6 +204,20 @@ def accumulate(root, enc: batches.Encoded, micro: list[list[int]], pad_id: int, 
         sums[0] += float(loss.detach())
         sums[1] += sum(len(enc.ids[i]) + (len(enc.rejected_ids[i]) if dpo else 0) for i in idx)
     return sums
+
+
+@torch.no_grad()
+def bf16_lost_share(model: torch.nn.Module, lr: float) -> float:
+    """Share of the weights w for which both w + lr and w - lr round back to w in bf16. Adam's step
+    is about lr in size whatever the gradient's scale, so for those weights nearly every update is lost."""
+    lost = total = 0
+    for p in model.parameters():
+        w = p.detach().to(torch.bfloat16)
+        up = torch.nextafter(w, torch.full_like(w, float("inf"))).float() - w.float()
+        down = w.float() - torch.nextafter(w, torch.full_like(w, float("-inf"))).float()
+        lost += int((torch.minimum(up, down) / 2 >= lr).sum())  # a tie (rare) rounds to even
+        total += w.numel()
+    return lost / max(total, 1)
 
 
 def save_final(out_dir: Path, root, d: Dist, mcfg, tokenizer_src: Path) -> Path:

@@ -2,6 +2,7 @@
 a non-finite step skipped and logged, DPO refs checked, an accumulated step's weighting, the
 reference's dtype."""
 import json
+import re
 
 import pytest
 import torch
@@ -144,7 +145,7 @@ def test_accumulated_step_is_the_mean_over_the_whole_batch(dpo):
         model.zero_grad(set_to_none=True)
 
 
-def test_srlm_dpo_scores_the_reference_in_the_policys_dtype(tiny_model, tmp_path):
+def test_srlm_dpo_scores_the_reference_in_the_policys_dtype(tiny_model, tmp_path, capsys):
     from srlm_engine.cli import main
     from srlm_engine.io import read_jsonl
     from srlm_engine.train.refs import policy_dtype
@@ -154,9 +155,25 @@ def test_srlm_dpo_scores_the_reference_in_the_policys_dtype(tiny_model, tmp_path
                  "--dtype", "bfloat16", "--max-steps", "1", "--max-seq-len", "64", "--micro-batch-size", "2",
                  "--grad-accum", "1", "--no-progress"]) == 0
     assert {r["ref_dtype"] for r in read_jsonl(out / "pairs.ref.jsonl")} == {"bfloat16"}
+    # The paper's DPO lr of 1e-6 is far below half the bf16 spacing of weights of size ~0.02: said aloud.
+    assert re.search(r"held in bfloat16, where \d+% of them are too large for an AdamW step of lr 1e-06",
+                     capsys.readouterr().out)
     # FSDP2 mixed precision computes in bf16 on 2+ processes only
     mixed = TrainConfig(mixed_precision=True)
     assert (policy_dtype(mixed, 1), policy_dtype(mixed, 2)) == ("float32", "bfloat16")
+
+
+def test_bf16_lost_share_counts_weights_an_lr_sized_step_cannot_move():
+    from srlm_engine.train.trainer import bf16_lost_share
+
+    m = torch.nn.Linear(1, 4, bias=False)
+    m.weight.data = torch.tensor([[1.0], [2.0 ** -10], [-0.5], [0.0]])
+    # Half the smaller bf16 gap beside each: 2^-9 at 1, 2^-19 at 2^-10, 2^-10 at -0.5, ~2^-134 at 0.
+    assert bf16_lost_share(m, 1e-3) == 0.25        # only 1 (2^-9 = 1.95e-3) cannot move
+    assert bf16_lost_share(m, 1e-6) == 0.75        # 0 still can
+    assert bf16_lost_share(m, 2.0 ** -9) == 0.25   # a tie: 1 - 2^-9 rounds to the even 1
+    assert float(torch.tensor(1.0 - 2.0 ** -9).to(torch.bfloat16)) == 1.0
+    assert bf16_lost_share(m, 1.01 * 2.0 ** -9) == 0.0
 
 
 def test_reference_logps_are_not_scored_twice(tiny_model, pair_records, tmp_path, monkeypatch):
