@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -136,8 +137,24 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def to_json(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON: a NaN or infinite float (a metric that cannot be measured, a diverged loss) is
+    written as null, since jq, JavaScript and most parsers outside Python reject bare NaN."""
+    return json.dumps(_finite(obj), indent=indent, ensure_ascii=False, allow_nan=False)
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    write_text(path, to_json(obj, indent=2) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
@@ -145,7 +162,7 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
     n = 0
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(to_json(r) + "\n")
             n += 1
     return n
 

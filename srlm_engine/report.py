@@ -101,7 +101,7 @@ def _win_rate(h: dict) -> str:
 
 
 def _metrics(d: dict) -> JudgeMetrics:
-    return JudgeMetrics(**d)
+    return JudgeMetrics(**{k: math.nan if v is None else v for k, v in d.items()})  # null: not measurable
 
 
 def summary_table(root: Path) -> str:

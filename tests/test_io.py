@@ -81,3 +81,18 @@ def test_a_write_removes_what_a_dead_writer_of_the_same_target_left(tmp_path):
     with atomic_path(tmp_path / "f") as t:
         assert t.name.startswith(f".f.{_HOST}-{os.getpid()}.") and t.name.endswith(".tmp")
         t.write_text("x")
+
+
+def test_json_written_is_strict_nan_and_inf_become_null(tmp_path):
+    import json
+    import math
+
+    from srlm_engine.io import write_json, write_jsonl
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+    write_json(tmp_path / "m.json", {"acc": math.nan, "xs": [1.5, -math.inf, (math.inf, 2)], "n": 3})
+    assert strict((tmp_path / "m.json").read_text()) == {"acc": None, "xs": [1.5, None, [None, 2]], "n": 3}
+    write_jsonl(tmp_path / "m.jsonl", [{"loss": math.nan}, {"loss": 0.25}])
+    assert [strict(x) for x in (tmp_path / "m.jsonl").read_text().splitlines()] == [{"loss": None}, {"loss": 0.25}]

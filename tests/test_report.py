@@ -70,3 +70,18 @@ def test_stray_files_in_the_run_folder_are_not_read(tmp_path):
             (tmp_path / name / "metrics.json").write_text("{}")
     assert _models(tmp_path) == ["m2", "m10"]
     assert _iterations(tmp_path) == [2, 10]
+
+
+def test_summary_table_reads_unmeasurable_metrics_written_as_null(tmp_path):
+    from dataclasses import asdict
+
+    from srlm_engine.evaluate import judge_vs_human
+    from srlm_engine.io import write_json
+    from srlm_engine.report import summary_table
+
+    m = judge_vs_human([[3.0, 3.0]], [[4.0, 2.0]])  # one instruction, equal human scores: no pairs
+    assert math.isnan(m.pairwise_accuracy) and math.isnan(m.spearman)
+    write_json(tmp_path / "eval" / "judge_m1.json", {"sample": {"metrics": asdict(m), "parse_rate": 1.0}})
+    table = summary_table(tmp_path)
+    row = next(x for x in table.splitlines() if x.startswith("| pairwise"))
+    assert row.endswith("| n/a |")

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from srlm_engine.config import TrainConfig
-from srlm_engine.io import DataError, atomic_dir, write_text
+from srlm_engine.io import DataError, atomic_dir, to_json, write_text
 from srlm_engine.model.weights import load_config, load_model
 from srlm_engine.tokenizer import Tokenizer
 from srlm_engine.train import batches, checkpoint as ckpt
@@ -164,7 +164,7 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
                        rejected_reward=tot[6] / n)
         if d.main:
             with open(metrics, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(to_json(row) + "\n")
             if skipped:
                 print(f"srlm {kind}: step {step + 1}: non-finite loss ({loss_val}) or grad norm ({norm}); "
                       f"update skipped", flush=True)
