@@ -4,6 +4,10 @@ The template is the jinja2 text from tokenizer_config.json (or chat_template.jin
 jinja2's ImmutableSandboxedEnvironment with the options transformers uses (trim_blocks,
 lstrip_blocks, `raise_exception`, `strftime_now`), so a template renders the same text here as
 in transformers and can neither touch files nor run code.
+
+Generation stops at `eos_token_ids`: the eos_token, generation_config.json's eos_token_id, and the
+special token the chat template closes an assistant turn with (<|eot_id|> for Llama 3, whose base
+tokenizer's eos is <|end_of_text|>): SFT and DPO train the model to emit it, so it ends a reply.
 """
 from __future__ import annotations
 
@@ -50,8 +54,21 @@ class Tokenizer:
         eos = set(generation_eos or [])
         if self.eos_token is not None and tok.token_to_id(self.eos_token) is not None:
             eos.add(tok.token_to_id(self.eos_token))
-        self.eos_token_ids = sorted(eos)
         self._template = None
+        self.end_of_turn_id = self._end_of_turn()
+        self.eos_token_ids = sorted(eos | ({self.end_of_turn_id} - {None}))
+
+    def _end_of_turn(self) -> int | None:
+        """The special token right after an assistant reply in the template's rendering, or None."""
+        reply = "srlm-reply-7f3a"
+        try:
+            text = self.apply_chat_template([{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": reply}], add_generation_prompt=False)
+        except Exception:  # no template, or one that refuses this conversation: nothing to learn
+            return None
+        i = text.find(reply)
+        ids = self.encode(text[i + len(reply):].lstrip(), add_special_tokens=False) if i >= 0 else []
+        return ids[0] if ids and self.tok.id_to_token(ids[0]) in self.special_tokens else None
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Tokenizer":

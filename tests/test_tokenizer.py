@@ -47,6 +47,19 @@ def test_special_tokens(pair):
     assert ours.decode(ours.encode("a<|im_end|>b"), skip_special_tokens=True) == "ab"
 
 
+@pytest.mark.parametrize("template, end", [
+    ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|endoftext|>\n{% endfor %}", "<|endoftext|>"),
+    ("{% for m in messages %}{{ m.content }} <|im_end|>{% endfor %}", "<|im_end|>"),
+    ("{% for m in messages %}{{ m.content }}\n\n{% endfor %}", None),                  # no closing token
+    ("{{ raise_exception('system message required') }}", None)])                       # refuses to render
+def test_generation_stops_at_the_templates_end_of_turn(pair, template, end):
+    ours, _ = pair
+    t = Tokenizer(ours.tok, ours.config, template)
+    want = None if end is None else t.token_to_id(end)
+    assert t.end_of_turn_id == want
+    assert t.eos_token_ids == sorted({t.token_to_id("<|im_end|>"), want} - {None})
+
+
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 @pytest.mark.parametrize("gen", [True, False])
 def test_chat_template_matches_transformers(smollm2_dir, messages, gen):
