@@ -104,6 +104,9 @@ _NUMBER_RE = re.compile(
 # A number that goes on into another one: a sum or product ("1+1+0"), a range ("3-4", "3 to 4",
 # "3 or 4") or a decimal comma ("4,5"). Without an "=" result it states no single score.
 _CONTINUED_RE = re.compile(r"[ \t]*(?:[-+*×x–—~,]|to\b|or\b)[ \t]*\d", re.IGNORECASE)
+# A label in brackets right after a number: "1 (relevance) + 1 (coverage)" goes on past it, while
+# "4 (1+1+1+1)" states 4 and shows its parts.
+_LABEL_RE = re.compile(r"[ \t]*\([^()]*\)")
 
 
 def has_score_line(text: str) -> bool:
@@ -124,7 +127,8 @@ def parse_score(text: str) -> int | None:
     - a decimal with a non-zero fraction ("4.5", "4,5") -> None, since the rubric adds whole
       points; "4.0" -> 4;
     - a sum with its result ("1+1+0+1+1 = 4") -> the number after the last "=", by the same rules;
-      a range or an expression with no "=" result ("3-4", "2+2") -> None: never guessed;
+      a range or an expression with no "=" result ("3-4", "2+2", "1 (relevance) + 1 (coverage)")
+      -> None: never guessed; a total with its parts in brackets ("4 (1+1+1+1)") -> the total;
     - fullwidth and other Unicode decimal digits ("４", "٤") are read as their value.
     """
     text = unicodedata.normalize("NFKC", text)
@@ -135,7 +139,7 @@ def parse_score(text: str) -> int | None:
         return None
     stated = last["rest"].rpartition("=")[2]  # a sum's result; the whole line if there is no "="
     m = _NUMBER_RE.match(stated)
-    if m is None or m["tail"][:1].isdigit() or _CONTINUED_RE.match(m["tail"]):
+    if m is None or m["tail"][:1].isdigit() or _CONTINUED_RE.match(_LABEL_RE.sub("", m["tail"], count=1)):
         return None
     if m["frac"] is not None and int(m["frac"]) != 0:
         return None

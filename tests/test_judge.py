@@ -39,6 +39,14 @@ from srlm_engine.judge import (DEFAULT_TEMPLATE, Judgment, expected_score, fill_
     ("Score: 4,5", None),
     ("Score: 4, since it is clear", 4),
     ("Score: 4 - clear and complete", 4),
+    # labelled terms: a sum with no total is no score; a total with its parts in brackets is the total
+    ("Score: 1 (relevance) + 1 (coverage)", None),
+    ("Score: 1 (relevance) + 1 (coverage) + 1 (usefulness) = 3", 3),
+    ("Score: 4 (1+1+1+1)", 4),
+    ("Score: 4 (1 + 1 + 1 + 1 + 0)", 4),
+    ("Score: 3 (good), 4 if it cited sources", None),
+    ("Score: 3 (out of 5)", 3),
+    ("Score: 2 (relevant) - lacks detail", 2),
     # fractions out of 5 are read; other scales are not
     ("Good.\nScore: 4/5", 4),
     ("Score: 4 out of 5", 4),
