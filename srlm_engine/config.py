@@ -5,6 +5,7 @@ ModelConfig mirrors the fields of a Hugging Face Llama config.json that change t
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,16 @@ class ModelConfig:
                               f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if not self.rms_norm_eps > 0:
-            raise ConfigError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")
+        rs = self.rope_scaling
+        if rs is not None and not (math.isfinite(rs.factor) and rs.factor > 0 and rs.low_freq_factor > 0
+                                   and math.isfinite(rs.high_freq_factor) and rs.high_freq_factor > rs.low_freq_factor
+                                   and rs.original_max_position_embeddings > 0):
+            raise ConfigError(f"rope_scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor and "
+                              f"original_max_position_embeddings > 0, got {asdict(rs)}")
 
     @property
     def n_rep(self) -> int:
@@ -118,6 +127,8 @@ class ModelConfig:
         # top-level rope_theta + rope_scaling. Read both.
         rs = d.get("rope_scaling")
         rp = d.get("rope_parameters")
+        if rp is not None and not isinstance(rp, dict):
+            raise ConfigError(f"{source}: rope_parameters must be an object or null, got {rp!r}")
         if isinstance(rp, dict):
             if "rope_theta" in rp:
                 kw["rope_theta"] = rp["rope_theta"]
@@ -126,6 +137,8 @@ class ModelConfig:
             if not isinstance(rs, dict):
                 raise ConfigError(f"{source}: rope_scaling must be an object or null, got {rs!r}")
             kind = rs.get("rope_type", rs.get("type"))
+            if kind is None and set(rs) - {"rope_theta"}:
+                raise ConfigError(f"{source}: rope_scaling has settings but no rope_type, got {rs!r}")
             if kind in ("default", None):
                 kw["rope_scaling"] = None
             elif kind != "llama3":

@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from srlm_engine.config import ConfigError, ModelConfig
@@ -52,6 +52,7 @@ def load_config(path: str | Path) -> ModelConfig:
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
              "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # bytes per element by safetensors dtype
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}  # what casts to a weight as it is (fp8 needs its scales)
 
 
 def read_header(file: Path) -> dict:
@@ -124,19 +125,30 @@ def load_state_dict(path: str | Path, cfg: ModelConfig, dtype: torch.dtype,
         info = headers[file].get(hf)
         if info is None:
             raise WeightsError(f"{file}: tensor {hf!r} listed in the index is not in the file")
+        if info["dtype"] not in _FLOAT_DTYPES:
+            raise WeightsError(f"{file}: tensor {hf!r} has dtype {info['dtype']}; weights must be floating point")
         if tuple(info["shape"]) != expected[name]:
             raise WeightsError(f"{file}: tensor {hf!r} has shape {tuple(info['shape'])}, "
                                f"config.json implies {expected[name]}")
     by_file: dict[Path, list[str]] = {}
     for hf, file in files.items():
         by_file.setdefault(file, []).append(hf)
+    tied_head = None  # a tied config's lm_head.weight in the file: it must be the embedding itself
     for file, names in by_file.items():
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for hf in names:
-                name = our_name(hf)
-                if name is None or (name == "lm_head.weight" and cfg.tie_word_embeddings):
-                    continue
-                sd[name] = f.get_tensor(hf).to(device=device, dtype=dtype)
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for hf in names:
+                    name = our_name(hf)
+                    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                        tied_head = (file, f.get_tensor(hf))
+                    elif name is not None:
+                        sd[name] = f.get_tensor(hf).to(device=device, dtype=dtype)
+        except SafetensorError as e:  # what read_header's checks let through; its text names no file
+            raise WeightsError(f"{file}: corrupt safetensors file: {e}") from None
+    emb = sd.get("embed_tokens.weight")
+    if tied_head is not None and emb is not None and not torch.equal(tied_head[1].to(emb), emb):
+        raise WeightsError(f"{tied_head[0]}: config.json ties the embeddings (tie_word_embeddings true) but tensor "
+                           f"'lm_head.weight' differs from 'model.embed_tokens.weight'; loading would drop it")
     missing = [hf_name(k) for k in expected if k not in sd]
     if missing:
         raise WeightsError(f"{path}: missing tensor(s) {', '.join(missing[:5])}"

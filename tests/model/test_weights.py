@@ -140,12 +140,61 @@ def test_config_invalid_field(ckpt):
     ("rope_scaling", "llama3", r"rope_scaling must be an object or null, got 'llama3'"),
     ("rope_scaling", {"rope_type": "llama3", "factor": None, "low_freq_factor": 1, "high_freq_factor": 4,
                       "original_max_position_embeddings": 64}, r"rope_scaling's factor, .* must be numbers"),
+    # values that would load and compute garbage (infinite inv_freq) or divide by zero
+    ("rope_theta", 0, r"rope_theta must be a finite number > 0, got 0"),
+    ("rope_theta", -1.0, r"rope_theta must be a finite number > 0"),
+    ("rms_norm_eps", float("inf"), r"rms_norm_eps must be a finite number > 0, got inf"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 0, "low_freq_factor": 1, "high_freq_factor": 4,
+                      "original_max_position_embeddings": 64}, r"rope_scaling needs factor > 0"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 4,
+                      "original_max_position_embeddings": 64}, r"rope_scaling needs .* 0 < low_freq_factor < high_freq_factor"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8, "low_freq_factor": 1, "high_freq_factor": 4,
+                      "original_max_position_embeddings": 0}, r"rope_scaling needs .* original_max_position_embeddings > 0"),
+    ("rope_scaling", {"factor": 8.0}, r"rope_scaling has settings but no rope_type"),
+    ("rope_parameters", [1], r"rope_parameters must be an object or null, got \[1\]"),
 ])
 def test_config_field_of_the_wrong_type_named(ckpt, field, value, msg):
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg[field] = value
     (ckpt / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match=r"config\.json: " + msg):
+        load_model(ckpt)
+
+
+def test_tied_config_with_a_different_lm_head_is_refused(tmp_path, tiny_writer):
+    tiny_writer(tmp_path, "gqa_untied")  # lm_head.weight differs from the embedding
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True  # edited by hand: loading would silently drop the trained head
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match=r"model\.safetensors: config\.json ties the embeddings .* "
+                                           r"'lm_head\.weight' differs from 'model\.embed_tokens\.weight'"):
+        load_model(tmp_path)
+
+
+def test_tied_config_with_an_equal_lm_head_copy_loads(tmp_path, tiny_writer):
+    from safetensors.torch import load_file
+    tiny_writer(tmp_path, "mha_tied")
+    sd = load_file(tmp_path / "model.safetensors")
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()  # as some exporters write it
+    save_file(sd, tmp_path / "model.safetensors")
+    m = load_model(tmp_path)
+    assert m.lm_head.weight is m.embed_tokens.weight
+
+
+def test_integer_weights_are_refused(ckpt):
+    from safetensors.torch import load_file
+    sd = load_file(ckpt / "model.safetensors")
+    sd["model.norm.weight"] = sd["model.norm.weight"].to(torch.int32)
+    save_file(sd, ckpt / "model.safetensors")
+    with pytest.raises(WeightsError, match=r"model\.safetensors: tensor 'model\.norm\.weight' has dtype I32; "
+                                           r"weights must be floating point"):
+        load_model(ckpt)
+
+
+def test_safetensors_errors_name_the_file(ckpt):
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes() + b"\0" * 16)  # data the header does not account for
+    with pytest.raises(WeightsError, match=r"model\.safetensors: corrupt safetensors file: .*"):
         load_model(ckpt)
 
 
