@@ -82,17 +82,42 @@ class Tokenizer:
             raise TokenizerError(f"{f}: cannot read tokenizer: {e}") from None
         cfg_file = path / "tokenizer_config.json"
         config = read_json(cfg_file) if cfg_file.is_file() else {}
+        if not isinstance(config, dict):
+            raise TokenizerError(f"{cfg_file}: expected a JSON object")
+        for key in ("bos_token", "eos_token", "pad_token"):
+            t = config.get(key)
+            if not (t is None or isinstance(t, str) or (isinstance(t, dict) and isinstance(t.get("content"), str))):
+                raise TokenizerError(f"{cfg_file}: {key} must be a token string, got {t!r}")
         template, source = config.get("chat_template"), cfg_file
+        bad_template = TokenizerError(f"{cfg_file}: chat_template must be a string or a list of "
+                                      f'{{"name", "template"}}, got {template!r}')
         if isinstance(template, list):  # named templates: take the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            if not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in template):
+                raise bad_template
+            template = next((t.get("template") for t in template if t["name"] == "default"), None)
+        if template is not None and not isinstance(template, str):
+            raise bad_template
         jinja_file = path / "chat_template.jinja"
         if jinja_file.is_file():
-            template, source = jinja_file.read_text(encoding="utf-8"), jinja_file
+            try:
+                template, source = jinja_file.read_text(encoding="utf-8"), jinja_file
+            except UnicodeDecodeError as e:
+                raise TokenizerError(f"{jinja_file}: invalid UTF-8 at byte {e.start}") from None
         gen_eos = None
         gen_file = path / "generation_config.json"
         if gen_file.is_file():
-            e = read_json(gen_file).get("eos_token_id")
-            gen_eos = [e] if isinstance(e, int) else list(e or [])
+            gen = read_json(gen_file)
+            if not isinstance(gen, dict):
+                raise TokenizerError(f"{gen_file}: expected a JSON object")
+            e = gen.get("eos_token_id")
+            gen_eos = [] if e is None else [e] if isinstance(e, int) else e
+            if not (isinstance(gen_eos, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                      and 0 <= i < tok.get_vocab_size() for i in gen_eos)):
+                raise TokenizerError(f"{gen_file}: eos_token_id must be a token id or a list of them, got {e!r}")
+        eos = _token_text(config.get("eos_token"))
+        if eos is not None and tok.token_to_id(eos) is None and not gen_eos:
+            raise TokenizerError(f"{cfg_file}: eos_token {eos!r} is not a token of {f.name}, and no "
+                                 f"generation_config.json names an eos_token_id: generation would never stop")
         tokenizer = cls(tok, config, template, gen_eos)
         if template is not None:
             try:  # compiled here, where the file is known, not at the first render

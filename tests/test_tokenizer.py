@@ -106,3 +106,34 @@ def test_broken_template_named_at_load(tmp_path, smollm2_dir):
 def test_missing_tokenizer_and_template(tmp_path):
     with pytest.raises(TokenizerError, match=r"tokenizer\.json: tokenizer file not found"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name, content, msg", [
+    ("tokenizer_config.json", [], r"tokenizer_config\.json: expected a JSON object"),
+    ("tokenizer_config.json", {"chat_template": 5}, r"tokenizer_config\.json: chat_template must be a string"),
+    ("tokenizer_config.json", {"chat_template": ["{{ x }}"]}, r"tokenizer_config\.json: chat_template must be"),
+    ("tokenizer_config.json", {"eos_token": 2}, r"tokenizer_config\.json: eos_token must be a token string, got 2"),
+    ("tokenizer_config.json", {"eos_token": "<nope>"}, r"tokenizer_config\.json: eos_token '<nope>' is not a token "
+                                                         r"of tokenizer\.json.*would never stop"),
+    ("generation_config.json", [2], r"generation_config\.json: expected a JSON object"),
+    ("generation_config.json", {"eos_token_id": "2"}, r"generation_config\.json: eos_token_id must be a token id"),
+    ("generation_config.json", {"eos_token_id": [2, 2.0]}, r"generation_config\.json: eos_token_id must be"),
+    ("generation_config.json", {"eos_token_id": True}, r"generation_config\.json: eos_token_id must be"),
+    ("generation_config.json", {"eos_token_id": 10**9}, r"generation_config\.json: eos_token_id must be"),
+    ("chat_template.jinja", b"{{ caf\xe9 }}", r"chat_template\.jinja: invalid UTF-8 at byte 6"),
+])
+def test_malformed_tokenizer_side_files_are_named(tmp_path, smollm2_dir, name, content, msg):
+    from srlm_engine.tokenizer import TokenizerError
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / f).write_bytes((smollm2_dir / f).read_bytes())
+    raw = content if isinstance(content, bytes) else json.dumps(content).encode()
+    (tmp_path / name).write_bytes(raw)
+    with pytest.raises(TokenizerError, match=msg):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+def test_an_eos_token_outside_the_vocabulary_is_fine_when_generation_config_names_one(tmp_path, smollm2_dir):
+    (tmp_path / "tokenizer.json").write_bytes((smollm2_dir / "tokenizer.json").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2]}))
+    assert Tokenizer.from_pretrained(tmp_path).eos_token_ids == [2]
