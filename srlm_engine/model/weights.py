@@ -8,6 +8,7 @@ model.safetensors.index.json), each file atomically, so transformers and vLLM re
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -210,7 +211,7 @@ def save_model(model: Llama, path: str | Path, max_shard_bytes: int = 5 * 2**30)
                                   "weight_map": {k: n for n, s in zip(names, shards) for k in s}})
     else:
         (path / INDEX).unlink(missing_ok=True)
-    for stale in path.glob("model*.safetensors"):
-        if stale.name not in names:
+    for stale in path.glob("model*.safetensors"):  # an earlier save's other layout; nothing else of the folder's
+        if stale.name not in names and re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", stale.name):
             stale.unlink()
     write_json(path / "config.json", hf_cfg)

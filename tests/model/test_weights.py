@@ -221,6 +221,15 @@ def test_save_roundtrip_single_and_sharded(tmp_path, tiny_config_of):
     assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["config.json", "model.safetensors"]
 
 
+def test_save_removes_only_its_own_stale_layout(tmp_path, tiny_config_of):
+    model = Llama(tiny_config_of("mha_tied")).init_weights(seed=0)
+    save_model(model, tmp_path, max_shard_bytes=20_000)  # shards
+    (tmp_path / "model_backup_v1.safetensors").write_bytes(b"the user's")
+    save_model(model, tmp_path)  # one file now: the shards go, the user's file stays
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["model.safetensors", "model_backup_v1.safetensors"]
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+
+
 def test_saved_files_have_the_usual_mode(tmp_path, tiny_config_of):
     # safetensors' save_file writes 0600 files; ours must be readable as the JSON beside them
     import os
