@@ -83,7 +83,7 @@ def cmd_judge_eval(args) -> int:
 
 def cmd_data_oasst(args) -> int:
     from srlm_engine.data import convert_oasst
-    counts = convert_oasst(args.file, args.out)
+    counts = convert_oasst(args.file, args.out, eval_share=args.eval_share)
     print(", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
@@ -263,6 +263,9 @@ def build() -> argparse.ArgumentParser:
     q = dsub.add_parser("oasst", help="Open Assistant trees JSONL -> ift.jsonl + eft_eval.jsonl")
     q.add_argument("file")
     q.add_argument("--out", required=True)
+    q.add_argument("--eval-share", type=float, default=0.15,
+                   help="share of the trees that go to eft_eval.jsonl instead of ift.jsonl (each tree goes to one "
+                        "file only): 0 for the train export, 1 for the validation export")
     q.set_defaults(fn=cmd_data_oasst)
 
     q = sub.add_parser("sft", help="supervised fine-tuning on chat records (loss on assistant turns)")

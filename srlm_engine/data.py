@@ -10,6 +10,7 @@ Fields beyond the schema are kept as they are.
 """
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -143,8 +144,14 @@ def _usable(msg: dict, lang: str) -> bool:
             and not msg.get("deleted", False) and msg.get("review_result", True) is not False)
 
 
-def convert_oasst(path: str | Path, out_dir: str | Path, lang: str = "en") -> dict[str, int]:
+def convert_oasst(path: str | Path, out_dir: str | Path, lang: str = "en", eval_share: float = 0.15) -> dict[str, int]:
     """Convert Open Assistant (oasst1/oasst2) message trees into `ift.jsonl` and `eft_eval.jsonl`.
+
+    Each tree goes to one file only, so M1 never trains on the answers the judge is scored
+    against: a share `eval_share` of the trees, picked by a hash of message_tree_id (stable across
+    runs and machines), becomes EFT eval; the rest IFT. 0 makes IFT only (the train export),
+    1 EFT eval only (the validation export); the default 0.15 splits one file near the paper's
+    3,200 : ~540.
 
     Input: the "trees" JSONL export, one tree per line, as released (decompress `.jsonl.gz` first).
     Only first turns are used: the tree's prompter message and its direct assistant replies.
@@ -158,6 +165,8 @@ def convert_oasst(path: str | Path, out_dir: str | Path, lang: str = "en") -> di
       order carries meaning (pairwise accuracy and rank correlations read the order alone).
     Both files are written atomically. Returns counts: trees, skipped_state, skipped_lang, ift,
     no_rank0, eft_eval, too_few_ranked."""
+    if not 0 <= eval_share <= 1:
+        raise ValueError(f"eval_share must be in [0, 1], got {eval_share!r}")
     trees = read_jsonl(path)
     counts = Counter(trees=len(trees))
     ift, eft = [], []
@@ -172,14 +181,17 @@ def convert_oasst(path: str | Path, out_dir: str | Path, lang: str = "en") -> di
         replies = [r for r in prompt.get("replies") or []
                    if r.get("role") == "assistant" and _usable(r, lang)]
         tid = tree.get("message_tree_id")
+        to_eval = int.from_bytes(hashlib.sha256(str(tid).encode()).digest()[:8], "big") < eval_share * 2**64
         top = [r for r in replies if r.get("rank") == 0]
-        if top:
+        if not to_eval and top:
             ift.append({"messages": [{"role": "user", "content": prompt["text"]},
                                      {"role": "assistant", "content": top[0]["text"]}],
                         "source": "oasst", "message_tree_id": tid})
-        else:
+        elif not to_eval:
             counts["no_rank0"] += 1
         ranked = sorted((r for r in replies if isinstance(r.get("rank"), int)), key=lambda r: r["rank"])
+        if not to_eval:
+            continue
         if len(ranked) >= 2:
             eft.append({"instruction": prompt["text"], "responses": [r["text"] for r in ranked],
                         "scores": [max(0, MAX_SCORE - p) for p in range(len(ranked))],

@@ -147,16 +147,32 @@ def test_convert_oasst(tmp_path):
         tree("t7", "Gone?", [reply("del", 0, deleted=True), reply("ok", 1)]),
     ]
     src = write(tmp_path / "trees.jsonl", trees)
-    counts = convert_oasst(src, tmp_path / "out")
-    assert counts == {"trees": 7, "skipped_state": 1, "skipped_lang": 1, "no_rank0": 2,
-                      "too_few_ranked": 2, "ift": 3, "eft_eval": 3}
+    # the train export: IFT only; the validation export: EFT eval only
+    assert convert_oasst(src, tmp_path / "out", eval_share=0) == {
+        "trees": 7, "skipped_state": 1, "skipped_lang": 1, "no_rank0": 2, "too_few_ranked": 0, "ift": 3, "eft_eval": 0}
     ift = load_sft(tmp_path / "out" / "ift.jsonl")
+    assert convert_oasst(src, tmp_path / "out", eval_share=1) == {
+        "trees": 7, "skipped_state": 1, "skipped_lang": 1, "no_rank0": 0, "too_few_ranked": 2, "ift": 0, "eft_eval": 3}
     assert [r["messages"][1]["content"] for r in ift] == ["A", "only", "0"]
     assert ift[0]["messages"][0] == {"role": "user", "content": "How do magnets work?"}
     ev = load_eft_eval(tmp_path / "out" / "eft_eval.jsonl")
     assert ev[0]["responses"] == ["A", "B", "C"] and ev[0]["scores"] == [5, 4, 3]
     assert ev[1]["responses"] == ["first", "second"] and ev[1]["scores"] == [5, 4]  # renumbered
     assert ev[2]["scores"] == [5, 4, 3, 2, 1, 0, 0]
+
+
+def test_convert_oasst_never_evaluates_the_judge_on_what_sft_trained(tmp_path):
+    trees = [tree(f"t{i}", f"question {i}", [reply(f"best {i}", 0), reply(f"worse {i}", 1)]) for i in range(400)]
+    src = write(tmp_path / "trees.jsonl", trees)
+    counts = convert_oasst(src, tmp_path / "out")  # one file, the default split
+    ift = {r["messages"][0]["content"] for r in load_sft(tmp_path / "out" / "ift.jsonl")}
+    ev = {r["instruction"] for r in load_eft_eval(tmp_path / "out" / "eft_eval.jsonl")}
+    assert not ift & ev and len(ift | ev) == 400
+    assert 0.10 < counts["eft_eval"] / 400 < 0.20  # near the default share of 0.15
+    assert convert_oasst(src, tmp_path / "again") == counts  # the split is a pure function of the tree ids
+    assert (tmp_path / "again" / "eft_eval.jsonl").read_bytes() == (tmp_path / "out" / "eft_eval.jsonl").read_bytes()
+    with pytest.raises(ValueError, match="eval_share must be in"):
+        convert_oasst(src, tmp_path / "x", eval_share=1.5)
 
 
 def test_convert_oasst_broken_line(tmp_path):
