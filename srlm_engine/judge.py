@@ -202,22 +202,31 @@ def judge_samples(llm, instructions: Sequence[str], responses: Sequence[str], *,
     """Judge each (instruction, response) K times and average the parsed scores.
 
     All items go to the engine in one `generate` call; each item is ONE request with n=k, so the
-    K samples share the judge prompt's KV blocks. Returns one Judgment per item, in order; an
-    item whose judge prompt does not fit the engine's context gets k empty, unscored samples."""
+    K samples share the judge prompt's KV blocks. Each item gets its own seed, mixed from `seed`
+    and its index: one seed for all would give sample j of every item the same random draws, and
+    the K samples of near-identical answers would agree more often than independent ones. Returns
+    one Judgment per item, in order; an item whose judge prompt does not fit the engine's context
+    gets k empty, unscored samples."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     prompts = render_judge_prompts(llm.tokenizer, instructions, responses, template)
     if not prompts:
         return []
-    params = (params_factory or _default_params)(n=k, temperature=temperature, top_p=top_p,
-                                                 max_tokens=max_tokens, seed=seed)
+    make = params_factory or _default_params
     ids = encode_prompts(llm.tokenizer, prompts)
     out = [Judgment.from_texts([""] * k) for _ in ids]  # k unscored samples where nothing ran
     fit = fitting(llm, ids)
     if fit:
+        params = [make(n=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=item_seed(seed, i))
+                  for i in fit]
         for i, o in zip(fit, llm.generate([ids[i] for i in fit], params, use_tqdm=True)):
             out[i] = Judgment.from_texts([c.text for c in o.outputs])
     return out
+
+
+def item_seed(seed: int | None, i: int) -> int | None:
+    """Item i's seed of a call seeded with `seed` (None stays unseeded)."""
+    return None if seed is None else (seed * 0x9E3779B97F4A7C15 + (i + 1) * 0xD6E8FEB86659FD93) % 2**63
 
 
 def fitting(llm, ids: Sequence[list[int]]) -> list[int]:

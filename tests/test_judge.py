@@ -9,7 +9,7 @@ import torch
 
 from srlm_engine.io import DataError
 from srlm_engine.judge import (DEFAULT_TEMPLATE, Judgment, expected_score, fill_template,
-                               judge_expected, judge_samples, load_template, parse_score,
+                               item_seed, judge_expected, judge_samples, load_template, parse_score,
                                score_tokens)
 
 
@@ -194,10 +194,11 @@ class FakeLLM:
 
     def generate(self, prompts, params, use_tqdm=False):
         self.calls.append(("generate", self._text(prompts), params))
+        per_request = params if isinstance(params, list) else [params] * len(prompts)
         outs = []
-        for _ in prompts:
+        for p in per_request:
             outs.append(SimpleNamespace(outputs=[SimpleNamespace(text=self.texts.pop(0))
-                                                 for _ in range(params["n"])]))
+                                                 for _ in range(p["n"])]))
         return outs
 
     def next_token_logprobs(self, prompts):
@@ -221,7 +222,11 @@ def test_judge_samples_one_request_per_item_with_n_k():
                        params_factory=params)
     assert len(llm.calls) == 1
     _, prompts, p = llm.calls[0]
-    assert len(prompts) == 2 and p == dict(n=3, temperature=0.7, top_p=0.9, max_tokens=256, seed=7)
+    # one request per item, each with its own seed: sample j of two items must not share random draws
+    assert len(prompts) == 2 and p == [dict(n=3, temperature=0.7, top_p=0.9, max_tokens=256, seed=item_seed(7, i))
+                                       for i in range(2)]
+    assert len({item_seed(7, 0), item_seed(7, 1), item_seed(8, 0), item_seed(7, 0)}) == 3
+    assert item_seed(None, 3) is None and 0 <= item_seed(2**62, 10**6) < 2**63
     assert prompts[0].startswith("<user>") and prompts[0].endswith("</user><assistant>")
     assert "What is 2+2?" in prompts[0] and "[Answer]\n4" in prompts[0]
     assert js[0].scores == [4, 5, None] and js[0].mean == 4.5 and js[0].n_unscored == 1
@@ -334,7 +339,9 @@ class EncodingLLM:
         return ids
 
     def generate(self, prompts, params, use_tqdm=False):
-        return [SimpleNamespace(outputs=[SimpleNamespace(text="hi there")] * params["n"]) for _ in self._ids(prompts)]
+        per_request = params if isinstance(params, list) else [params] * len(prompts)
+        return [SimpleNamespace(outputs=[SimpleNamespace(text="hi there")] * p["n"])
+                for p, _ in zip(per_request, self._ids(prompts))]
 
     def next_token_logprobs(self, prompts):
         return torch.zeros(len(self._ids(prompts)), self.tokenizer.vocab_size)

@@ -460,3 +460,15 @@ def test_judge_eval_command_judges_as_the_loop_does(monkeypatch, capsys, tiny_mo
     assert dtypes == [LoopConfig().dtype, "float32"] and LoopConfig().dtype == "bfloat16"
     out = capsys.readouterr().out
     assert "sample mode: parse rate" in out and "expected mode: parse rate" in out
+
+
+def test_judge_samples_of_identical_items_are_drawn_independently(tiny_model):
+    # Two identical (instruction, answer) items in one seeded call: with one shared seed, sample j of both drew the
+    # same random numbers and wrote the same judgment; with a seed per item they are independent draws.
+    from srlm_engine.engine import LLM
+    from srlm_engine.judge import judge_samples
+    llm = LLM(tiny_model, dtype=torch.float32, kv_cache_tokens=4096)
+    a, b = judge_samples(llm, ["Name a river."] * 2, ["The Nile."] * 2, k=2, max_tokens=12, seed=3)
+    assert a.texts != b.texts
+    again = judge_samples(llm, ["Name a river."] * 2, ["The Nile."] * 2, k=2, max_tokens=12, seed=3)
+    assert [j.texts for j in again] == [a.texts, b.texts]  # still reproducible from the one seed
