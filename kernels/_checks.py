@@ -1,4 +1,6 @@
 """Input checks shared by the kernels' public functions: a clear ValueError before any kernel runs."""
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -11,6 +13,13 @@ def check_backend(backend, device):
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
     return backend
+
+
+def check_number(name, x, want="a finite number > 0", ok=lambda v: math.isfinite(v) and v > 0):
+    """A real number (not a bool or a string) that passes `ok`, as a float."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not ok(x):
+        raise ValueError(f"{name} must be {want}, got {x!r}")
+    return float(x)
 
 
 def check_float(name, x, ndim, dtype=None, device=None):

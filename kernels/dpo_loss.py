@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_backend, check_float
+from ._checks import check_backend, check_float, check_number
 
 LOSS_TYPES = {"sigmoid": 0, "robust": 1, "hinge": 2, "ipo": 3}
 # One program per BLOCK pairs, element-wise; read at launch and by tests/kernels/aot_compile.py.
@@ -192,12 +192,11 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
     Returns (losses [B], chosen_rewards [B], rejected_rewards [B]); the rewards carry no gradient.
     label_smoothing: in [0, 0.5) for 'sigmoid' and 'robust', 0 for 'hinge' and 'ipo'.
     """
-    if loss_type not in LOSS_TYPES:
+    if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {sorted(LOSS_TYPES)}, got {loss_type!r}")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if loss_type in ("sigmoid", "robust") and not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5) for {loss_type!r}, got {label_smoothing}")
+    check_number("beta", beta)  # finite and > 0: beta = inf gave NaN and infinite losses
+    if loss_type in ("sigmoid", "robust"):
+        check_number("label_smoothing", label_smoothing, f"in [0, 0.5) for {loss_type!r}", lambda v: 0 <= v < 0.5)
     if loss_type in ("hinge", "ipo") and label_smoothing != 0.0:
         raise ValueError(f"label_smoothing has no meaning for {loss_type!r}; pass 0.0")
     pc = check_float("policy_chosen", policy_chosen, 1)

@@ -19,7 +19,7 @@ def fused_linear_dpo(hidden, weight, targets, seq_ids, num_seqs, ref_chosen, ref
     seq_ids [N] in [0, num_seqs) with num_seqs = 2B; ref_chosen, ref_rejected [B] (precomputed with
     sequence_logprobs under no_grad). The policy log-probs keep their graph: detach them to log.
     """
-    if num_seqs % 2 or num_seqs <= 0:
+    if isinstance(num_seqs, bool) or not isinstance(num_seqs, int) or num_seqs % 2 or num_seqs <= 0:
         raise ValueError(f"num_seqs must be 2B > 0 (B chosen then B rejected), got {num_seqs}")
     b = num_seqs // 2
     for name, ref in (("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected)):

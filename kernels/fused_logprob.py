@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_backend, check_float, check_index
+from ._checks import check_backend, check_float, check_index, check_number
 from .fused_logprob_torch import torch_fused_linear_logprob, torch_fused_linear_logprob_backward
 
 # ------------------------------------------------------------------------------------ Triton
@@ -370,8 +370,7 @@ def fused_linear_logprob(hidden, weight, targets, ignore_index=-100, temperature
     weight = check_float("weight", weight, 2, hidden.dtype, hidden.device)
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"weight {tuple(weight.shape)} and hidden {tuple(hidden.shape)} differ in H")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_number("temperature", temperature)
     targets = check_index("targets", targets, hidden.shape[0], hidden.device, 0, weight.shape[0], ignore_index)
     backend = check_backend(backend, hidden.device)
     logp, _ = _op(hidden, weight, targets, int(ignore_index), float(temperature), backend)

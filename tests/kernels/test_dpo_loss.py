@@ -92,7 +92,11 @@ def test_bfloat16_inputs_are_upcast():
 
 @pytest.mark.parametrize("kw, match", [
     (dict(loss_type="kto"), "loss_type must be one of"),
-    (dict(beta=0.0), "beta must be > 0"),
+    (dict(beta=0.0), "beta must be a finite number > 0, got 0.0"),
+    (dict(beta=float("inf")), "beta must be a finite number > 0, got inf"),  # gave NaN and infinite losses
+    (dict(beta="0.1"), "beta must be a finite number > 0, got '0.1'"),
+    (dict(label_smoothing="0.1"), r"label_smoothing must be in \[0, 0.5\) for 'sigmoid', got '0.1'"),
+    (dict(loss_type=[]), r"loss_type must be one of .*, got \[\]"),
     (dict(label_smoothing=0.5), r"label_smoothing must be in \[0, 0.5\)"),
     (dict(label_smoothing=-0.1, loss_type="robust"), "label_smoothing must be in"),
     (dict(label_smoothing=0.1, loss_type="ipo"), "no meaning for 'ipo'"),

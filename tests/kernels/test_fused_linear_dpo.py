@@ -70,6 +70,8 @@ def test_bad_inputs():
     hidden, weight, targets, seq_ids, num_seqs, ref_c, ref_r = make_batch()
     with pytest.raises(ValueError, match="num_seqs must be 2B"):
         fused_linear_dpo(hidden, weight, targets, seq_ids, 3, ref_c, ref_r)
+    with pytest.raises(ValueError, match=r"num_seqs must be 2B > 0 .*got 4\.0"):  # a TypeError deep in torch before
+        fused_linear_dpo(hidden, weight, targets, seq_ids, float(num_seqs), ref_c, ref_r)
     with pytest.raises(ValueError, match=r"ref_rejected must have shape \(2,\)"):
         fused_linear_dpo(hidden, weight, targets, seq_ids, num_seqs, ref_c, ref_r[:1])
     bad_ids = seq_ids.clone()
