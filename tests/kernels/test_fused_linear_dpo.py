@@ -78,3 +78,18 @@ def test_bad_inputs():
     bad_ids[5] = num_seqs  # a scored token outside every sequence
     with pytest.raises(ValueError, match="seq_ids must be in"):
         fused_linear_dpo(hidden, weight, targets, bad_ids, num_seqs, ref_c, ref_r)
+
+
+def test_traces_under_torch_compile():
+    hidden, weight, targets, seq_ids, num_seqs, ref_c, ref_r = make_batch()
+
+    def loss(h, w):
+        return fused_linear_dpo(h, w, targets, seq_ids, num_seqs, ref_c, ref_r, backend="torch")[0]
+
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)(h, w)
+    compiled.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    eager = loss(h2, w2)
+    eager.backward()
+    assert torch.equal(compiled, eager) and torch.equal(h.grad, h2.grad) and torch.equal(w.grad, w2.grad)

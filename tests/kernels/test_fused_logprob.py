@@ -267,3 +267,12 @@ def test_bad_inputs(case, match):
             sequence_logprobs(hidden, weight, targets, torch.full((8,), 2), 2)
         else:
             fused_linear_logprob(**kw)
+
+
+def test_auto_backend_is_the_tiled_torch_path_on_cpu_and_triton_on_cuda():
+    from srlm_kernels._checks import check_backend
+    assert check_backend("auto", torch.device("cpu")) == "torch"
+    assert check_backend("auto", torch.device("cuda")) == "triton"
+    hidden, weight, targets, _ = make_inputs(9, 11, 37, torch.float32)
+    assert torch.equal(fused_linear_logprob(hidden, weight, targets),  # auto on CPU is the torch path
+                       fused_linear_logprob(hidden, weight, targets, backend="torch"))
