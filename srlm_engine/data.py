@@ -164,7 +164,7 @@ def convert_oasst(path: str | Path, out_dir: str | Path, lang: str = "en", eval_
       score = max(0, 5 - p): best 5, then 4, 3, ...; a sixth reply and beyond all get 0. Only the
       order carries meaning (pairwise accuracy and rank correlations read the order alone).
     Both files are written atomically. Returns counts: trees, skipped_state, skipped_lang, ift,
-    no_rank0, eft_eval, too_few_ranked."""
+    no_rank0 (of the IFT trees), eft_eval, too_few_ranked (of the eval trees)."""
     if not 0 <= eval_share <= 1:
         raise ValueError(f"eval_share must be in [0, 1], got {eval_share!r}")
     trees = read_jsonl(path)
@@ -182,16 +182,16 @@ def convert_oasst(path: str | Path, out_dir: str | Path, lang: str = "en", eval_
                    if r.get("role") == "assistant" and _usable(r, lang)]
         tid = tree.get("message_tree_id")
         to_eval = int.from_bytes(hashlib.sha256(str(tid).encode()).digest()[:8], "big") < eval_share * 2**64
-        top = [r for r in replies if r.get("rank") == 0]
-        if not to_eval and top:
-            ift.append({"messages": [{"role": "user", "content": prompt["text"]},
-                                     {"role": "assistant", "content": top[0]["text"]}],
-                        "source": "oasst", "message_tree_id": tid})
-        elif not to_eval:
-            counts["no_rank0"] += 1
-        ranked = sorted((r for r in replies if isinstance(r.get("rank"), int)), key=lambda r: r["rank"])
         if not to_eval:
+            top = [r for r in replies if r.get("rank") == 0]
+            if top:
+                ift.append({"messages": [{"role": "user", "content": prompt["text"]},
+                                         {"role": "assistant", "content": top[0]["text"]}],
+                            "source": "oasst", "message_tree_id": tid})
+            else:
+                counts["no_rank0"] += 1
             continue
+        ranked = sorted((r for r in replies if isinstance(r.get("rank"), int)), key=lambda r: r["rank"])
         if len(ranked) >= 2:
             eft.append({"instruction": prompt["text"], "responses": [r["text"] for r in ranked],
                         "scores": [max(0, MAX_SCORE - p) for p in range(len(ranked))],
