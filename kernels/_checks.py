@@ -37,8 +37,13 @@ def check_float(name, x, ndim, dtype=None, device=None):
     return x.contiguous()
 
 
-def check_index(name, x, n, device, low, high, ignore_index=None, valid=None):
-    """Integer tensor [n] with values in [low, high) (or == ignore_index; only at `valid` when given)."""
+def check_index(name, x, n, device, low, high, ignore_index=None, valid=None, values=True):
+    """Integer tensor [n] with values in [low, high) (or == ignore_index; only at `valid` when given).
+
+    The value check syncs the device and cannot be traced: torch.compile skips it here. A custom
+    op that takes the tensor runs it inside its own body instead (values=False here), where it
+    holds under torch.compile too.
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
@@ -48,15 +53,21 @@ def check_index(name, x, n, device, low, high, ignore_index=None, valid=None):
     if x.device != device:
         raise ValueError(f"{name} is on {x.device}, expected {device}")
     x = x.to(torch.int64).contiguous()
-    # A data-dependent check syncs the device and cannot be traced; torch.compile skips it.
-    if n and not torch.compiler.is_compiling():
-        ok = (x >= low) & (x < high)
-        if ignore_index is not None:
-            ok |= x == ignore_index
-        if valid is not None:
-            ok |= ~valid
-        if not bool(ok.all()):
-            bad = x[~ok][0].item()
-            extra = f" or == ignore_index ({ignore_index})" if ignore_index is not None else ""
-            raise ValueError(f"{name} must be in [{low}, {high}){extra}; found {bad}")
+    if values and not torch.compiler.is_compiling():
+        check_index_values(name, x, low, high, ignore_index, valid)
     return x
+
+
+def check_index_values(name, x, low, high, ignore_index=None, valid=None):
+    """Every value of integer tensor x in [low, high), or == ignore_index, or outside `valid`."""
+    if not x.numel():
+        return
+    ok = (x >= low) & (x < high)
+    if ignore_index is not None:
+        ok |= x == ignore_index
+    if valid is not None:
+        ok |= ~valid
+    if not bool(ok.all()):
+        bad = x[~ok][0].item()
+        extra = f" or == ignore_index ({ignore_index})" if ignore_index is not None else ""
+        raise ValueError(f"{name} must be in [{low}, {high}){extra}; found {bad}")

@@ -18,6 +18,8 @@ def fused_linear_dpo(hidden, weight, targets, seq_ids, num_seqs, ref_chosen, ref
     hidden [N, H], weight [V, H]; targets [N] (ignore_index at prompt and padding tokens);
     seq_ids [N] in [0, num_seqs) with num_seqs = 2B; ref_chosen, ref_rejected [B] (precomputed with
     sequence_logprobs under no_grad). The policy log-probs keep their graph: detach them to log.
+    A sequence with no scored token sums to 0 (the empty sum, as in the reference and TRL); the
+    trainer never builds one, since every reply keeps its end-of-turn token.
     """
     if isinstance(num_seqs, bool) or not isinstance(num_seqs, int) or num_seqs % 2 or num_seqs <= 0:
         raise ValueError(f"num_seqs must be 2B > 0 (B chosen then B rejected), got {num_seqs}")

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_backend, check_float, check_index, check_number
+from ._checks import check_backend, check_float, check_index, check_index_values, check_number
 from .fused_logprob_torch import torch_fused_linear_logprob, torch_fused_linear_logprob_backward
 
 # ------------------------------------------------------------------------------------ Triton
@@ -303,6 +303,9 @@ def _triton_fused_linear_logprob_backward(grad, hidden, weight, targets, lse, ig
 # ------------------------------------------------------------------------- op and autograd
 
 def _forward(hidden, weight, targets, ignore_index, temperature, backend):
+    # here, inside the op, the check runs under torch.compile too: an out-of-range target would
+    # match no vocabulary column and give a wrong number, not an error
+    check_index_values("targets", targets, 0, weight.shape[0], ignore_index)
     if backend == "triton":
         return _triton_fused_linear_logprob(hidden, weight, targets, ignore_index, temperature)
     return torch_fused_linear_logprob(hidden, weight, targets, ignore_index, temperature)
@@ -371,7 +374,8 @@ def fused_linear_logprob(hidden, weight, targets, ignore_index=-100, temperature
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"weight {tuple(weight.shape)} and hidden {tuple(hidden.shape)} differ in H")
     check_number("temperature", temperature)
-    targets = check_index("targets", targets, hidden.shape[0], hidden.device, 0, weight.shape[0], ignore_index)
+    targets = check_index("targets", targets, hidden.shape[0], hidden.device, 0, weight.shape[0], ignore_index,
+                          values=False)  # checked inside the op, compiled or not
     backend = check_backend(backend, hidden.device)
     logp, _ = _op(hidden, weight, targets, int(ignore_index), float(temperature), backend)
     return logp

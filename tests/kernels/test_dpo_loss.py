@@ -82,12 +82,29 @@ def test_gradcheck_cpu_path(loss_type, ls):
         lambda *a: dpo_loss(*a, beta=0.2, loss_type=loss_type, label_smoothing=ls, backend="torch")[0], xs)
 
 
-def test_bfloat16_inputs_are_upcast():
-    xs = make_logps(5, torch.bfloat16)
-    out = dpo_loss(*xs)
-    ref = dpo_loss_ref(*[x.double() for x in xs])
-    assert out[0].dtype == torch.float32
-    assert_close(out[0], ref[0], scale=0.1 * 100, what="losses")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type, ls", LOSSES)
+def test_bfloat16_inputs(backend, loss_type, ls):
+    """bf16 log-probs are upcast, computed in fp32 (losses and rewards come back fp32) and their
+    gradients rounded once to bf16: losses and rewards against the float64 reference on the same
+    bf16 values, gradients to the bf16 entry of the table against their own largest value."""
+    inputs = make_logps(9, torch.bfloat16)
+    upstream = torch.randn(9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    xs = [x.clone().requires_grad_() for x in inputs]
+    out = dpo_loss(*xs, beta=0.1, loss_type=loss_type, label_smoothing=ls, backend=backend)
+    assert [o.dtype for o in out] == [torch.float32] * 3
+    (out[0] * upstream.float()).sum().backward()
+    x64 = [x.double().requires_grad_() for x in inputs]
+    ref = dpo_loss_ref(*x64, beta=0.1, loss_type=loss_type, label_smoothing=ls)
+    (ref[0] * upstream).sum().backward()
+    big = max(x.abs().max().item() for x in x64)  # ~100: the terms the logits cancel
+    logits = ((x64[0] - x64[2]) - (x64[1] - x64[3])).abs().max().item()
+    assert_close(out[0], ref[0], scale=big * (0.1 if loss_type != "ipo" else 2 * (logits + 5)), what="losses")
+    assert_close(out[1], ref[1], scale=0.1 * big, what="chosen rewards")
+    assert_close(out[2], ref[2], scale=0.1 * big, what="rejected rewards")
+    for name, x, r in zip(("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected"), xs, x64):
+        assert x.grad.dtype == torch.bfloat16
+        assert_close(x.grad, r.grad, what=f"d {name}")
 
 
 @pytest.mark.parametrize("kw, match", [

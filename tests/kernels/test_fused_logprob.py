@@ -179,7 +179,7 @@ def test_gradient_of_one_input_only(backend, which):
     r = (hidden if which == "hidden" else weight).double().clone().requires_grad_()
     rargs = (r, weight.double()) if which == "hidden" else (hidden.double(), r)
     (fused_linear_logprob_ref(*rargs, targets) * upstream).sum().backward()
-    torch.testing.assert_close(x.grad.double(), r.grad, rtol=1e-4, atol=1e-5)
+    assert_close(x.grad, r.grad, what=f"d {which}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -217,6 +217,18 @@ def test_traces_under_torch_compile():
     eager = fused_linear_logprob(h2, weight, targets, backend="torch")
     eager.sum().backward()
     assert torch.equal(out, eager) and torch.equal(h.grad, h2.grad)
+
+
+def test_target_range_is_checked_under_torch_compile_too():
+    """The compiled graph cannot run a data-dependent check, so the op checks its targets inside
+    its own body: an out-of-range target is an error, compiled or not, never a number."""
+    hidden, weight, targets, _ = make_inputs(9, 11, 37, torch.float32)
+    fn = torch.compile(lambda a, t: fused_linear_logprob(a, weight, t, backend="torch"),
+                       backend="aot_eager", fullgraph=True)
+    fn(hidden, targets)  # in range: compiles and runs
+    for bad in (37, -1):
+        with pytest.raises(ValueError, match=rf"targets must be in \[0, 37\) or == ignore_index \(-100\); found {bad}"):
+            fn(hidden, targets.clone().index_fill_(0, torch.tensor([2]), bad))
 
 
 def test_non_contiguous_inputs_are_copied():
