@@ -99,6 +99,10 @@ def weight_files(path: Path) -> dict[str, Path]:
         if not isinstance(wm, dict):
             raise WeightsError(f"{index}: missing field 'weight_map'")
         for fname in set(wm.values()):
+            # a shard is a file of this folder: "../other/model.safetensors" would load another model's weights
+            if not isinstance(fname, str) or Path(fname).name != fname or fname in (".", ".."):
+                raise WeightsError(f"{index}: weight_map names {fname!r}; a shard must be a file name "
+                                   f"in the model folder, with no directory part")
             if not (path / fname).is_file():
                 raise WeightsError(f"{path / fname}: shard listed in {INDEX} is missing")
         return {k: path / v for k, v in wm.items()}
@@ -117,8 +121,12 @@ def load_state_dict(path: str | Path, cfg: ModelConfig, dtype: torch.dtype,
     expected = {k: tuple(v) for k, v in _shapes(cfg).items()}
     headers = {f: read_header(f) for f in set(files.values())}
     sd = {}
+    seen: dict[str, str] = {}  # our name -> the checkpoint's name for it
     for hf, file in files.items():
         name = our_name(hf)
+        if name is not None and seen.setdefault(name, hf) != hf:  # "model.norm.weight" and "norm.weight"
+            raise WeightsError(f"{file}: tensors {seen[name]!r} and {hf!r} are both {hf_name(name)!r}; "
+                               f"which one to load is a guess")
         if name is None or (name == "lm_head.weight" and cfg.tie_word_embeddings):
             continue
         if name not in expected:

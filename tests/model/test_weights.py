@@ -206,6 +206,28 @@ def test_missing_shard(tmp_path, tiny_writer):
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize("shard", ["../other/model.safetensors", "/abs/model.safetensors", "sub/x.safetensors", ".."])
+def test_shard_outside_the_model_folder_is_refused(tmp_path, tiny_writer, shard):
+    """The index's weight_map names files of the model folder only; '../other/model.safetensors'
+    was followed, and loaded another folder's weights (here: a whole valid model, nothing else wrong)."""
+    tiny_writer(tmp_path / "other", "mha_tied")
+    model = tmp_path / "m"
+    tiny_writer(model, "mha_tied", max_shard_bytes=20_000)
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: shard for k in index["weight_map"]}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(WeightsError, match=rf"index\.json: weight_map names '{re.escape(shard)}'; a shard must be a file"):
+        load_model(model)
+
+
+def test_two_names_for_one_tensor_are_refused(ckpt):
+    """'model.norm.weight' and 'norm.weight' both map to the final norm: the second one won, silently."""
+    _rewrite(ckpt, lambda sd: sd.update({"norm.weight": sd["model.norm.weight"] * 2}))
+    with pytest.raises(WeightsError, match=r"model\.safetensors: tensors '(model\.)?norm\.weight' and "
+                                           r"'(model\.)?norm\.weight' are both 'model\.norm\.weight'"):
+        load_model(ckpt)
+
+
 def test_save_roundtrip_single_and_sharded(tmp_path, tiny_config_of):
     model = Llama(tiny_config_of("mha_tied")).init_weights(3)
     for sub, shard in (("one", 10**9), ("many", 30_000)):
