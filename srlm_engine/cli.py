@@ -98,7 +98,7 @@ def _none_or(kind):
 
 
 _TRAIN_TYPES = {"max_steps": _none_or(int), "lr": _none_or(float), "min_lr": _none_or(float),
-                "max_grad_norm": _none_or(float)}
+                "max_grad_norm": _none_or(float), "grad_accum": _none_or(int), "global_batch_size": _none_or(int)}
 
 
 def _add_train_flags(q) -> None:

@@ -176,7 +176,10 @@ CHECKPOINTING = ("none", "selective", "full")  # activation checkpointing modes 
 @dataclass
 class TrainConfig:
     """Settings of one SFT or DPO run (train/trainer.py). The global batch is
-    processes x micro_batch_size x grad_accum sequences (SFT) or pairs (DPO).
+    processes x micro_batch_size x grad_accum sequences (SFT) or pairs (DPO), as in TRL. Give
+    `global_batch_size` instead of grad_accum to keep it the same however many processes train:
+    grad_accum is then global_batch_size / (processes x micro_batch_size), which must be whole.
+    With neither set, grad_accum is 4.
 
     lr / min_lr default to the paper's (SFT 5.5e-6 -> 1.1e-6, DPO 1e-6 -> 1e-7) when left None;
     they are given for a global batch of `lr_batch_size` (the paper's 16) and scaled by
@@ -184,7 +187,8 @@ class TrainConfig:
     """
     max_seq_len: int = 1024
     micro_batch_size: int = 4
-    grad_accum: int = 4
+    grad_accum: int | None = None  # micro-batches per process per step; None: from global_batch_size, else 4
+    global_batch_size: int | None = None  # sequences (pairs) per step over all processes
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs when set
     lr: float | None = None
@@ -213,11 +217,14 @@ class TrainConfig:
         if isinstance(self.activation_checkpointing, bool):  # a TOML `true` / `false`: whole blocks or none
             self.activation_checkpointing = "full" if self.activation_checkpointing else "none"
         _check_types(self)
-        for name in ("max_seq_len", "micro_batch_size", "grad_accum", "lr_batch_size", "save_every",
-                     "keep_last", "ref_batch_size"):
+        for name in ("max_seq_len", "micro_batch_size", "grad_accum", "global_batch_size", "lr_batch_size",
+                     "save_every", "keep_last", "ref_batch_size"):
             v = getattr(self, name)
-            if v <= 0:
+            if v is not None and v <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.grad_accum is not None and self.global_batch_size is not None:
+            raise ConfigError(f"set grad_accum ({self.grad_accum}) or global_batch_size ({self.global_batch_size}), "
+                              f"not both: one decides the other")
         if self.max_seq_len < 4:
             raise ConfigError(f"max_seq_len must be at least 4, got {self.max_seq_len}")
         if self.max_steps is not None and self.max_steps <= 0:
@@ -262,6 +269,16 @@ class TrainConfig:
             raise ConfigError("activation_checkpointing must be 'none', 'selective' or 'full', "
                               f"got {self.activation_checkpointing!r}")
         self.adam_betas = tuple(self.adam_betas)
+
+    def accum_steps(self, processes: int) -> int:
+        """Micro-batches each of `processes` runs per optimizer step."""
+        if self.global_batch_size is None:
+            return 4 if self.grad_accum is None else self.grad_accum
+        per_step = processes * self.micro_batch_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(f"global_batch_size {self.global_batch_size} is not a multiple of processes x "
+                              f"micro_batch_size = {processes} x {self.micro_batch_size}")
+        return self.global_batch_size // per_step
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
@@ -342,14 +359,16 @@ class LoopConfig:
         # The paper's numbers (Llama 2 70B there): ~4k pairs from M1, two iterations.
         "paper": dict(iterations=2, prompts=5000, n=4, judge_samples=3, max_new_tokens=1024,
                       judge_max_tokens=256, eval_prompts=253, eval_max_tokens=1024,
-                      sft=dict(lr=5.5e-6, min_lr=1.1e-6, micro_batch_size=4, grad_accum=4, epochs=1.0),
-                      dpo=dict(lr=1e-6, min_lr=1e-7, micro_batch_size=4, grad_accum=4, epochs=1.0, beta=0.1)),
+                      # batch 16 (PAPER_NOTES) whatever --nproc: grad_accum is derived from it
+                      sft=dict(lr=5.5e-6, min_lr=1.1e-6, micro_batch_size=4, global_batch_size=16, epochs=1.0),
+                      dpo=dict(lr=1e-6, min_lr=1e-7, micro_batch_size=4, global_batch_size=16, epochs=1.0,
+                               beta=0.1)),
         # M1 and one iteration of a 135M model on a 2-core CPU in well under 30 minutes.
         "quick": dict(iterations=1, prompts=24, n=4, judge_samples=2, judge_mode="expected",
                       max_new_tokens=96, judge_max_tokens=96, eval_prompts=24, eval_max_tokens=96,
-                      sft=dict(lr=3e-5, min_lr=6e-6, micro_batch_size=4, grad_accum=2, epochs=1.0,
+                      sft=dict(lr=3e-5, min_lr=6e-6, micro_batch_size=4, global_batch_size=8, epochs=1.0,
                                max_seq_len=512, warmup_steps=2, save_every=10),
-                      dpo=dict(lr=5e-6, min_lr=5e-7, micro_batch_size=2, grad_accum=2, epochs=2.0,
+                      dpo=dict(lr=5e-6, min_lr=5e-7, micro_batch_size=2, global_batch_size=4, epochs=2.0,
                                max_seq_len=384, beta=0.1, save_every=5)),
     }
 
@@ -367,7 +386,13 @@ class LoopConfig:
                     raise ConfigError(f"unknown loop setting {k!r}")
                 if k in ("sft", "dpo") and not isinstance(v, dict):
                     raise ConfigError(f"{k} must be a table of training settings, got {v!r}")
-                d[k] = {**d.get(k, {}), **v} if k in ("sft", "dpo") else v
+                if k in ("sft", "dpo"):
+                    lower = dict(d.get(k, {}))
+                    for a, b in (("grad_accum", "global_batch_size"), ("global_batch_size", "grad_accum")):
+                        if a in v:  # a later layer's batch setting replaces an earlier layer's other one
+                            lower.pop(b, None)
+                    v = {**lower, **v}
+                d[k] = v
         return cls(**d)
 
     def to_dict(self) -> dict:

@@ -13,6 +13,25 @@ def test_presets_and_defaults_are_valid():
         assert isinstance(cfg.sft, TrainConfig) and isinstance(cfg.dpo, TrainConfig)
 
 
+def test_paper_batch_of_16_holds_for_any_number_of_processes():
+    """`--preset paper --nproc 2` trained with batch 32 (grad_accum 4 per process, lr unscaled):
+    the preset now sets the global batch and each process's accumulation follows from it."""
+    cfg = LoopConfig.build("paper")
+    for t in (cfg.sft, cfg.dpo):
+        assert [t.micro_batch_size * w * t.accum_steps(w) for w in (1, 2, 4)] == [16, 16, 16]
+        with pytest.raises(ConfigError, match=r"global_batch_size 16 is not a multiple of processes x "
+                                              r"micro_batch_size = 3 x 4"):
+            t.accum_steps(3)
+    # a later layer's grad_accum replaces the preset's global batch (and the other way round)
+    cfg = LoopConfig.build("paper", {"sft": {"grad_accum": 2}}, dpo={"global_batch_size": 8})
+    assert (cfg.sft.grad_accum, cfg.sft.global_batch_size, cfg.sft.accum_steps(2)) == (2, None, 2)
+    cfg = LoopConfig.build(None, {"dpo": {"grad_accum": 2}}, dpo={"global_batch_size": 8})
+    assert (cfg.dpo.grad_accum, cfg.dpo.global_batch_size, cfg.dpo.accum_steps(1)) == (None, 8, 2)
+    assert TrainConfig().accum_steps(2) == 4  # neither set: 4 per process, as before
+    with pytest.raises(ConfigError, match=r"set grad_accum \(2\) or global_batch_size \(8\), not both"):
+        TrainConfig(grad_accum=2, global_batch_size=8)
+
+
 def test_toml_numbers_and_lists_are_read():
     # TOML gives an int where a float is meant (`temperature = 1`) and a list for the betas
     cfg = LoopConfig.build(None, {"temperature": 1, "length_control": True,

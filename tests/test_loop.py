@@ -262,13 +262,15 @@ def test_disk_full_while_writing_an_artifact(tmp_path, tiny_model, seeds, monkey
 @pytest.mark.slow  # starts 2 processes under torch.distributed.run: ~20 s
 def test_training_in_two_processes_matches_one(tmp_path, tiny_model, seeds):
     # `--nproc 2` goes through `srlm sft` with every TrainConfig field as a flag; a lost flag
-    # (lr, steps, seed, ...) would change the weights. Same global batch of 4 on both sides.
+    # (lr, steps, seed, ...) would change the weights. The one config, global batch 4, gives
+    # grad_accum 2 in one process and 1 in each of two (the paper preset sets its batch so).
     from srlm_engine.config import TrainConfig
     from srlm_engine.data import load_sft
     recs = load_sft(seeds / "ift.jsonl")
     common = dict(max_steps=3, micro_batch_size=2, max_seq_len=128, lr=1e-3, min_lr=1e-4, progress=False, seed=7)
-    one = loop._train("sft", tiny_model, recs, tmp_path / "one", TrainConfig(grad_accum=2, **common), nproc=1)
-    two = loop._train("sft", tiny_model, recs, tmp_path / "two", TrainConfig(grad_accum=1, **common), nproc=2)
+    cfg = TrainConfig(global_batch_size=4, **common)
+    one = loop._train("sft", tiny_model, recs, tmp_path / "one", cfg, nproc=1)
+    two = loop._train("sft", tiny_model, recs, tmp_path / "two", cfg, nproc=2)
     a, b = load_model(one).state_dict(), load_model(two).state_dict()
     base = load_model(tiny_model).state_dict()
     assert max((a[k] - base[k]).abs().max().item() for k in a) > 1e-3  # it trained

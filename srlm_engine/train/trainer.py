@@ -83,7 +83,8 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
     refs = torch.tensor([[r[k] for k in REF_FIELDS] for r in records], dtype=torch.float32) if dpo else None
     pad_id = tok.token_to_id(tok.pad_token or tok.eos_token or "") or 0
 
-    gb = d.world * cfg.micro_batch_size * cfg.grad_accum
+    accum = cfg.accum_steps(d.world)
+    gb = d.world * cfg.micro_batch_size * accum
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(records) / gb))
     lr, min_lr = resolve_lr(kind, cfg.lr, cfg.min_lr, gb, cfg.lr_batch_size, cfg.lr_scaling)
     meta = {"kind": kind, "base_model": base, "model_config": ckpt.fingerprint(mcfg.to_hf()),
@@ -141,7 +142,7 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
     for step in range(start, total):
         t0 = time.perf_counter()
         lr_now = sched.get_last_lr()[0]
-        micro = batches.micro_batches(enc, step, gb, d.world, d.rank, cfg.grad_accum, cfg.seed)
+        micro = batches.micro_batches(enc, step, gb, d.world, d.rank, accum, cfg.seed)
         sums = accumulate(root, enc, micro, pad_id, d, cfg, refs)
         norm = _grad_norm(params)
         tot = all_reduce_sum(sums, d)  # loss (the step's mean), tokens, pairs, correct, margin, chosen r, rejected r
