@@ -160,6 +160,13 @@ def _histogram(scores: list) -> dict[str, int]:
     return h
 
 
+def candidate_params(cfg: LoopConfig, count: int, seed: int) -> list[SamplingParams]:
+    """Sampling of the N candidates of each of `count` prompts: a seed per prompt, mixed from the
+    iteration's (one for the whole call gave candidate j of every prompt the same uniforms)."""
+    return [SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+                           seed=judge.item_seed(seed, i)) for i in range(count)]
+
+
 def _chat(llm, prompts: list[str], params) -> list:
     return llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=True)
 
@@ -314,9 +321,7 @@ def run(model_dir: str | Path, out: str | Path, cfg: LoopConfig, log: Callable[[
         prompts = [r["prompt"] for r in read_jsonl(it / "prompts.jsonl")]
 
         def make_candidates():
-            params = SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
-                                    max_tokens=cfg.max_new_tokens, seed=seed)
-            outs = _chat(engine(), prompts, params)
+            outs = _chat(engine(), prompts, candidate_params(cfg, len(prompts), seed))
             write_jsonl(it / "candidates.jsonl", [
                 {"prompt": p, "candidates": [c.text for c in o.outputs],
                  "finish_reasons": [c.finish_reason for c in o.outputs]} for p, o in zip(prompts, outs)])

@@ -211,7 +211,8 @@ def generate_prompts(llm, seed_prompts: Sequence[str], count: int, *, seed: int 
                      params_factory: Callable | None = None) -> tuple[list[str], dict[str, int]]:
     """Generate up to `count` new prompts that pass `prompt_filter` (default: PromptFilter over
     the seed prompts). Each round sends `batch_size` few-shot prompts, each with its own shots,
-    as one `generate` call with n=1 and a round seed drawn from `seed`. Stops when `count` are
+    as one `generate` call with n=1, each request with its own seed drawn from `seed` (one seed
+    for the round gave every request the same random draws). Stops when `count` are
     kept, or after `max_consecutive_rejections` candidates in a row were rejected.
 
     Returns (prompts, stats): stats counts every rejection by reason (REASONS), plus `attempts`,
@@ -225,8 +226,8 @@ def generate_prompts(llm, seed_prompts: Sequence[str], count: int, *, seed: int 
     attempts = streak = 0
     while len(kept) < count and streak < max_consecutive_rejections:
         prompts = [fewshot_prompt(pick_shots(rng, seed_prompts, kept)) for _ in range(batch_size)]
-        params = factory(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                         seed=rng.randrange(2**31), stop=["\nTask"])
+        params = [factory(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                          seed=rng.randrange(2**31), stop=["\nTask"]) for _ in prompts]
         for out in llm.generate(prompts, params, use_tqdm=True):
             if len(kept) >= count or streak >= max_consecutive_rejections:
                 break

@@ -91,6 +91,15 @@ def artifacts(run: Path) -> dict[str, bytes]:
     return out
 
 
+def test_each_prompts_candidates_draw_from_their_own_seed(seeds):
+    cfg = config(seeds)
+    ps = loop.candidate_params(cfg, 5, seed=1001)
+    assert [(p.n, p.temperature, p.top_p, p.max_tokens) for p in ps] == [(3, 0.7, 1.0, 8)] * 5
+    assert len({p.seed for p in ps}) == 5  # one seed for the call drew the same uniforms for every prompt
+    assert [p.seed for p in loop.candidate_params(cfg, 5, seed=1001)] == [p.seed for p in ps]  # reproducible
+    assert not {p.seed for p in ps} & {p.seed for p in loop.candidate_params(cfg, 5, seed=1002)}  # next iteration
+
+
 @pytest.mark.slow  # two full iterations (SFT, generation, judging, DPO, evaluation) in one process: ~1 min
 def test_two_iterations_end_to_end(tmp_path, tiny_model, seeds):
     run = tmp_path / "run"

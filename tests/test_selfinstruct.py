@@ -168,9 +168,16 @@ def test_generate_prompts_counts_every_rejection():
                    "Give a recipe for a quick vegetarian dinner for two people."]
     assert stats == {"empty": 0, "truncated": 1, "too_short": 1, "too_long": 0, "blocklist": 1,
                      "duplicate": 2, "similar": 0, "attempts": 8, "kept": 3, "stopped_early": 0}
-    prompts, p = llm.calls[0]
-    assert len(llm.calls) == 2 and len(prompts) == 4
-    assert p["n"] == 1 and p["temperature"] == 0.6 and p["top_p"] == 0.9 and p["stop"] == ["\nTask"]
+    prompts, ps = llm.calls[0]
+    assert len(llm.calls) == 2 and len(prompts) == 4 and len(ps) == 4
+    for p in ps:
+        assert p["n"] == 1 and p["temperature"] == 0.6 and p["top_p"] == 0.9 and p["stop"] == ["\nTask"]
+    # each request its own seed (one per round drew the same uniforms for all), the same on a rerun
+    seeds = [p["seed"] for _, ps in llm.calls for p in ps]
+    assert len(set(seeds)) == 8
+    again = FakeLLM(texts)
+    generate_prompts(again, SEEDS, count=3, batch_size=4, seed=5, params_factory=params)
+    assert [p["seed"] for _, ps in again.calls for p in ps] == seeds
     assert all(q.endswith("\nTask 9:") and q.count("\nTask ") == 9 for q in prompts)
     # the second round could use the generated prompts only once 2 were kept (after round one: 1)
     assert all("haiku" not in q for q in llm.calls[1][0])
