@@ -61,10 +61,14 @@ class Tokenizer:
     def _end_of_turn(self) -> int | None:
         """The special token right after an assistant reply in the template's rendering, or None."""
         reply = "srlm-reply-7f3a"
-        try:
-            text = self.apply_chat_template([{"role": "user", "content": "hi"},
-                                             {"role": "assistant", "content": reply}], add_generation_prompt=False)
-        except Exception:  # no template, or one that refuses this conversation: nothing to learn
+        turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]
+        for head in ([], [{"role": "system", "content": "You are a helpful assistant."}]):
+            try:  # some templates require a system turn first
+                text = self.apply_chat_template(head + turns, add_generation_prompt=False)
+                break
+            except Exception:  # no template, or one that refuses this conversation
+                continue
+        else:
             return None
         i = text.find(reply)
         ids = self.encode(text[i + len(reply):].lstrip(), add_special_tokens=False) if i >= 0 else []

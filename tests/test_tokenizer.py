@@ -51,6 +51,8 @@ def test_special_tokens(pair):
     ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|endoftext|>\n{% endfor %}", "<|endoftext|>"),
     ("{% for m in messages %}{{ m.content }} <|im_end|>{% endfor %}", "<|im_end|>"),
     ("{% for m in messages %}{{ m.content }}\n\n{% endfor %}", None),                  # no closing token
+    ("{% if messages[0].role != 'system' %}{{ raise_exception('system message required') }}{% endif %}"
+     "{% for m in messages %}{{ m.content }}<|endoftext|>{% endfor %}", "<|endoftext|>"),  # needs a system turn
     ("{{ raise_exception('system message required') }}", None)])                       # refuses to render
 def test_generation_stops_at_the_templates_end_of_turn(pair, template, end):
     ours, _ = pair
