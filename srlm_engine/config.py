@@ -207,6 +207,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 200
     keep_last: int = 2
+    keep_models: bool = False  # checkpoints removed past keep_last leave their weights in OUT/models
     dtype: str = "float32"  # dtype the weights are held (and saved) in
     mixed_precision: bool = False  # FSDP2: bf16 compute, fp32 gradient reduction
     activation_checkpointing: str = "none"  # 'none', 'selective' or 'full' (train/parallel.py)
@@ -316,6 +317,8 @@ class LoopConfig:
     judge_max_tokens: int = 160
     length_control: bool = False       # Meta-Rewarding's shortest-best / longest-worst choice
     eval_prompts: int = 32             # held-out prompts for the head-to-head win rate
+    select_checkpoints: bool = False   # M_{t+1} = the best DPO checkpoint (PAPER_NOTES), not the last
+    select_prompts: int = 253          # validation prompts of that selection: the first seed prompts
     eval_max_tokens: int = 256
     seed: int = 0
     seed_dir: str = str(SEED_DIR)
@@ -336,7 +339,7 @@ class LoopConfig:
             self.dpo = TrainConfig.from_dict(self.dpo, "dpo")
         _check_types(self)
         for name in ("iterations", "prompts", "n", "judge_samples", "max_new_tokens", "judge_max_tokens",
-                     "eval_prompts", "eval_max_tokens", "kv_cache_tokens", "max_num_seqs"):
+                     "eval_prompts", "eval_max_tokens", "kv_cache_tokens", "max_num_seqs", "select_prompts"):
             v = getattr(self, name)
             if v <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
@@ -358,7 +361,7 @@ class LoopConfig:
     PRESETS = {
         # The paper's numbers (Llama 2 70B there): ~4k pairs from M1, two iterations.
         "paper": dict(iterations=2, prompts=5000, n=4, judge_samples=3, max_new_tokens=1024,
-                      judge_max_tokens=256, eval_prompts=253, eval_max_tokens=1024,
+                      judge_max_tokens=256, eval_prompts=253, eval_max_tokens=1024, select_checkpoints=True,
                       # batch 16 (PAPER_NOTES) whatever --nproc: grad_accum is derived from it
                       sft=dict(lr=5.5e-6, min_lr=1.1e-6, micro_batch_size=4, global_batch_size=16, epochs=1.0),
                       dpo=dict(lr=1e-6, min_lr=1e-7, micro_batch_size=4, global_batch_size=16, epochs=1.0,

@@ -4,7 +4,9 @@
     for t in 1..T:
         (1) self-instruction creation with M_t: new prompts, N candidates each, K judgments each,
             (best, worst) pairs with ties dropped  -> AIFT(M_t)
-        (2) DPO from M_t (also the reference) on AIFT(M_t)  -> M_{t+1}
+        (2) DPO from M_t (also the reference) on AIFT(M_t)  -> M_{t+1}; with select_checkpoints,
+            M_{t+1} is the best of the DPO run's checkpoints (each against the best so far, on
+            validation prompts, by the fixed evaluation judge), else its final weights
 
 Every step writes its artifact into the run folder, whole or not at all, before the next step
 starts; a rerun of the same command skips what exists and resumes at the first missing artifact
@@ -16,12 +18,14 @@ hashes: a run folder made with another config is refused.
     RUN/eval/judge_m{t}.json                       M_t's judge against the human EFT-eval scores
     RUN/iter_{t}/prompts.jsonl candidates.jsonl judgments.jsonl pairs.jsonl pairs.ref.jsonl
     RUN/iter_{t}/model/                            M_{t+1}
+    RUN/iter_{t}/selection.json, selection/        checkpoint selection: every round, every answer
     RUN/iter_{t}/metrics.json                      counts, lengths, win rate of M_{t+1} over M_t
     RUN/iter_{t}/timings.json                      seconds per stage
     RUN/report.md, RUN/plots/*.png
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -40,6 +44,7 @@ from srlm_engine.config import LoopConfig
 from srlm_engine.engine import LLM, SamplingParams
 from srlm_engine.evaluate import judge_vs_human
 from srlm_engine.io import DataError, file_sha256, read_json, read_jsonl, write_json, write_jsonl
+from srlm_engine.train.checkpoint import saved_models
 from srlm_engine.train.refs import compute_reference_logps, policy_dtype
 from srlm_engine.train.trainer import train_dpo, train_sft
 
@@ -188,14 +193,76 @@ def head_to_head(cfg: LoopConfig, template: str, new: Path, old: Path, judge_dir
     del llm
     _free()
     n = len(prompts)
-    # A prompt where either answer went unscored is counted as such, not guessed into a result.
-    both = [(a["score"], b["score"]) for a, b in zip(recs[:n], recs[n:])
-            if a["score"] is not None and b["score"] is not None]
+    return {**compare([r["score"] for r in recs[:n]], [r["score"] for r in recs[n:]]),
+            "mean_len_new": _mean_words(answers["new"]), "mean_len_old": _mean_words(answers["old"])}
+
+
+def compare(new: list, old: list) -> dict:
+    """Prompt by prompt, the judge's scores of two models' answers: wins, ties, losses of `new`
+    and its win rate (a tie counts half). A prompt where either answer went unscored is counted as
+    such, not guessed into a result; the rate is None when no prompt is left."""
+    both = [(a, b) for a, b in zip(new, old) if a is not None and b is not None]
     wins = sum(a > b for a, b in both)
     ties = sum(a == b for a, b in both)
-    return {"wins": wins, "ties": ties, "losses": len(both) - wins - ties, "unscored": n - len(both),
-            "win_rate": (wins + 0.5 * ties) / len(both) if both else None,
-            "mean_len_new": _mean_words(answers["new"]), "mean_len_old": _mean_words(answers["old"])}
+    return {"wins": wins, "ties": ties, "losses": len(both) - wins - ties, "unscored": len(new) - len(both),
+            "win_rate": (wins + 0.5 * ties) / len(both) if both else None}
+
+
+def choose_checkpoint(scores: list[list]) -> tuple[int, list[dict]]:
+    """The paper's checkpoint selection: each checkpoint (oldest first) against the best so far,
+    which it replaces on a win rate above 1/2. -> (index of the chosen one, one record per round)."""
+    best, rounds = 0, []
+    for i in range(1, len(scores)):
+        r = {"candidate": i, "against": best, **compare(scores[i], scores[best])}
+        if r["win_rate"] is not None and r["win_rate"] > 0.5:
+            best = i
+        rounds.append({**r, "best": best})
+    return best, rounds
+
+
+def _greedy_scores(cfg: LoopConfig, template: str, model: Path, judge_dir: Path, prompts: list[str],
+                   seed: int) -> dict:
+    """`model`'s greedy answers to `prompts`, each scored by the judge in `judge_dir` (expected score)."""
+    llm = open_engine(model, cfg)
+    answers = [o.outputs[0].text for o in _chat(llm, prompts, SamplingParams(temperature=0.0,
+                                                                            max_tokens=cfg.eval_max_tokens))]
+    del llm
+    _free()
+    llm = open_engine(judge_dir, cfg)
+    recs = _judge(llm, cfg, template, prompts, answers, seed, mode="expected")
+    del llm
+    _free()
+    return {"answers": answers, "scores": [r["score"] for r in recs]}
+
+
+def select_checkpoint(run_: "Run", cfg: LoopConfig, template: str, train_dir: Path, judge_dir: Path,
+                      prompts: list[str], seed: int, out: Path) -> None:
+    """Write `out` (selection.json): the DPO run's saved models and final weights, each one's
+    greedy answers scored once (selection/step-N.json, kept so a rerun resumes), the rounds of
+    choose_checkpoint, and the chosen model's path (relative to the iteration folder). The loop
+    then moves that folder to M_{t+1}: a chosen checkpoint's model/ leaves its checkpoint, which
+    no resume needs any more (training has finished)."""
+    final_step = json.loads((train_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    found = {s: p for s, p in saved_models(train_dir) if s < final_step}
+    found[final_step] = train_dir / "model"
+    steps = sorted(found)
+    results = []
+    for s in steps:
+        f = out.parent / "selection" / f"step-{s:08d}.json"
+        run_.step(f, lambda s=s, f=f: write_json(f, {"step": s, **_greedy_scores(
+            cfg, template, found[s], judge_dir, prompts, seed)}), f"selection: step {s}")
+        results.append(read_json(f))
+    best, rounds = choose_checkpoint([r["scores"] for r in results])
+    means = [[x for x in r["scores"] if x is not None] for r in results]
+    rel = {s: os.path.relpath(found[s], out.parent) for s in steps}
+    write_json(out, {"prompts": len(prompts), "judge": str(judge_dir),
+                     "candidates": [{"step": s, "model": rel[s],
+                                     "mean_score": sum(m) / len(m) if m else None,
+                                     "mean_words": _mean_words(r["answers"])}
+                                    for s, r, m in zip(steps, results, means)],
+                     "rounds": [{**r, "candidate": steps[r["candidate"]], "against": steps[r["against"]],
+                                 "best": steps[r["best"]]} for r in rounds],
+                     "chosen_step": steps[best], "chosen": rel[steps[best]]})
 
 
 def _mean_words(texts: list[str]) -> float:
@@ -272,6 +339,9 @@ def run(model_dir: str | Path, out: str | Path, cfg: LoopConfig, log: Callable[[
     run_ = Run(root, cfg, model_dir, log)
     seed_prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in ift]
     held_out = [it["instruction"] for it in eft_eval][: cfg.eval_prompts]
+    # checkpoint selection's prompts: seed prompts, never DPO's (self-instruction filters them
+    # out) nor the held-out evaluation's (from the EFT eval trees)
+    validation = seed_prompts[: cfg.select_prompts]
     evals = root / "eval"
 
     # M1: SFT on instruction following (IFT) and evaluation fine-tuning (EFT) together.
@@ -356,9 +426,20 @@ def run(model_dir: str | Path, out: str | Path, cfg: LoopConfig, log: Callable[[
             model, data.load_pairs(it / "pairs.jsonl"), max_seq_len=cfg.dpo.max_seq_len,
             batch_size=cfg.dpo.ref_batch_size, out_path=it / "pairs.ref.jsonl", dtype=policy_dtype(cfg.dpo, nproc)),
             f"iter {t}: reference log-probs", tf)
-        run_.step(it / "model", lambda: _move(_train("dpo", model, read_jsonl(it / "pairs.ref.jsonl"),
-                                                     it / "train", cfg.dpo, nproc), it / "model"),
-                  f"iter {t}: DPO -> M{t + 1}", tf)
+        if not cfg.select_checkpoints:
+            run_.step(it / "model", lambda: _move(_train("dpo", model, read_jsonl(it / "pairs.ref.jsonl"),
+                                                         it / "train", cfg.dpo, nproc), it / "model"),
+                      f"iter {t}: DPO -> M{t + 1}", tf)
+        else:  # every checkpoint's weights kept; the best of them becomes M_{t+1}
+            if not (it / "model").exists():
+                run_.step(it / "train" / "model", lambda: _train(
+                    "dpo", model, read_jsonl(it / "pairs.ref.jsonl"), it / "train",
+                    dataclasses.replace(cfg.dpo, keep_models=True), nproc), f"iter {t}: DPO", tf)
+                run_.step(it / "selection.json", lambda: select_checkpoint(
+                    run_, cfg, template, it / "train", eval_judge, validation, seed, it / "selection.json"),
+                    f"iter {t}: checkpoint selection", tf)
+            run_.step(it / "model", lambda: _move(it / read_json(it / "selection.json")["chosen"], it / "model"),
+                      f"iter {t}: chosen checkpoint -> M{t + 1}", tf)
 
         def make_metrics():
             m = {"iteration": t, "prompts": len(prompts), "prompt_stats": read_json(it / "prompt_stats.json"),

@@ -14,7 +14,7 @@ from pathlib import Path
 from srlm_engine.evaluate import JudgeMetrics, format_table
 from srlm_engine.io import atomic_path, read_json, write_text
 
-GENERATION_STAGES = ("prompts", "candidates", "judgments")
+GENERATION_STAGES = ("prompts", "candidates", "judgments", "selection")
 
 
 def _models(root: Path) -> list[str]:
@@ -145,6 +145,13 @@ def write_report(root: Path, cfg) -> Path:
             lines.append(f"| {t} | {m['prompts']} | {c.get('pairs', 0)} | {c.get('ties', 0)} | "
                          f"{c.get('too_few_scored', 0)} | {m['candidate_mean_words']:.0f} | {h['mean_len_new']:.0f} | "
                          f"{_win_rate(h)} | {share} |")
+        chosen = {t: read_json(root / f"iter_{t}" / "selection.json") for t in iters
+                  if (root / f"iter_{t}" / "selection.json").is_file()}
+        if chosen:
+            lines += ["", "Checkpoint selection (each DPO checkpoint against the best so far on the validation "
+                      "prompts, by the fixed judge): " + "; ".join(
+                          f"iteration {t}: step {c['chosen_step']} of "
+                          f"{', '.join(str(x['step']) for x in c['candidates'])}" for t, c in chosen.items())]
         lines += ["", "Time per stage (seconds):", ""]
         for t in iters:
             tm = read_json(root / f"iter_{t}" / "timings.json")

@@ -201,6 +201,49 @@ def _run_until(cmd: list[str], ready, timeout: float = 300) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+def test_choose_checkpoint_keeps_the_best_so_far():
+    # 4 prompts; checkpoint 1 beats 0, 2 ties 1 (1/2 is no win), 3 loses to 1 though it beats 0
+    scores = [[1, 1, 1, 1], [3, 3, 1, None], [3, 3, 1, 5], [2, 2, 2, 2]]
+    best, rounds = loop.choose_checkpoint(scores)
+    assert best == 1
+    assert [(r["candidate"], r["against"], r["win_rate"], r["unscored"], r["best"]) for r in rounds] == [
+        (1, 0, 2.5 / 3, 1, 1), (2, 1, 0.5, 1, 1), (3, 1, 1 / 3, 1, 1)]
+    assert loop.choose_checkpoint([[None], [5.0]]) == (0, [dict(candidate=1, against=0, wins=0, ties=0, losses=0,
+                                                                unscored=1, win_rate=None, best=0)])
+    assert loop.choose_checkpoint([[2.0]]) == (0, [])
+
+
+@pytest.mark.slow  # one iteration whose DPO keeps 3 checkpoints' weights and scores each: ~40 s
+def test_checkpoint_selection_picks_m2_among_the_dpo_checkpoints(tmp_path, tiny_model, seeds):
+    cfg = config(seeds, iterations=1, select_checkpoints=True, select_prompts=3,
+                 dpo={**SETTINGS["dpo"], "max_steps": 3, "keep_last": 1})
+    run = tmp_path / "run"
+    logs = []
+    final = loop.run(tiny_model, run, cfg, log=logs.append)
+    it = run / "iter_1"
+    sel = json.loads((it / "selection.json").read_text())
+    assert [c["step"] for c in sel["candidates"]] == [1, 2, 3] and sel["prompts"] == 3
+    assert [(r["candidate"], r["against"]) for r in sel["rounds"]] == [(2, 1), (3, sel["rounds"][0]["best"])]
+    answers = {c["step"]: json.loads((it / "selection" / f"step-{c['step']:08d}.json").read_text()) for c in
+               sel["candidates"]}
+    scores = [answers[s]["scores"] for s in (1, 2, 3)]
+    assert loop.choose_checkpoint(scores)[0] + 1 == sel["chosen_step"]  # the rounds recomputed from the scores
+    assert all(len(a["answers"]) == 3 for a in answers.values())
+    # M2 is the chosen checkpoint's weights, moved into place; the others stay where they were
+    assert final == it / "model" and not (it / sel["chosen"]).exists()
+    steps_left = {c["step"] for c in sel["candidates"] if (it / c["model"]).exists()}
+    assert steps_left == {1, 2, 3} - {sel["chosen_step"]}
+    weights = {s: load_model(it / c["model"]).embed_tokens.weight for s, c in
+               ((c["step"], c) for c in sel["candidates"]) if s in steps_left}
+    chosen = load_model(final).embed_tokens.weight
+    assert all(not torch.equal(chosen, w) for w in weights.values())  # it is none of the others
+    assert "Checkpoint selection" in (run / "report.md").read_text()
+    # a rerun finds everything done
+    logs.clear()
+    loop.run(tiny_model, run, cfg, log=logs.append)
+    assert not any("running" in line for line in logs)
+
+
 @pytest.mark.slow  # three loop runs in subprocesses, two of them killed and resumed: ~2 min
 def test_killed_in_judging_and_in_dpo_resumes_to_identical_artifacts(tmp_path, tiny_model, seeds):
     cfg_file = _write_toml(tmp_path / "loop.toml", seeds)

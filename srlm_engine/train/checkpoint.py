@@ -9,13 +9,16 @@
 The model and optimizer state are gathered whole to rank 0 (get_model_state_dict /
 get_optimizer_state_dict with full_state_dict=True, cpu_offload=True), so a checkpoint does not
 depend on the number of processes that wrote it. Rank 0 writes everything into a temporary
-directory that is renamed into place (io.atomic_dir), then removes all but the last `keep_last`.
+directory that is renamed into place (io.atomic_dir), then removes all but the last `keep_last`
+(with keep_models, a removed checkpoint's model/ is first renamed to OUT/models/step-N: the
+weights of every checkpoint stay, for the loop's checkpoint selection, without their optimizer state).
 trainer.pt holds tensors and plain containers only and is read with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -101,8 +104,18 @@ def checkpoints(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP.match(p.name)[1]))
 
 
+def saved_models(out_dir: Path) -> list[tuple[int, Path]]:
+    """(step, model directory) of every checkpoint whose weights are on disk, oldest first: those
+    kept in OUT/models and those of the complete checkpoints still in OUT/checkpoints."""
+    kept = {int(_STEP.match(p.name)[1]): p for p in (Path(out_dir) / "models").glob("step-*")
+            if _STEP.match(p.name) and (p / "config.json").is_file()}
+    kept.update({int(_STEP.match(p.name)[1]): p / "model" for p in checkpoints(out_dir)})
+    return sorted(kept.items())
+
+
 def save_checkpoint(out_dir: Path, step: int, root: nn.Module, optimizer, scheduler, d: Dist,
-                    meta: dict, cfg: ModelConfig, tokenizer_src: Path, keep_last: int) -> Path | None:
+                    meta: dict, cfg: ModelConfig, tokenizer_src: Path, keep_last: int,
+                    keep_models: bool = False) -> Path | None:
     """Collective: every rank calls it; rank 0 writes. Returns the checkpoint path on rank 0."""
     model_sd = full_model_state(root, d)
     opt_sd = get_optimizer_state_dict(root, optimizer, options=StateDictOptions(
@@ -122,6 +135,9 @@ def save_checkpoint(out_dir: Path, step: int, root: nn.Module, optimizer, schedu
             torch.save(trainer, tmp / "trainer.pt")
             write_json(tmp / "state.json", {**meta, "step": step})
         for old in checkpoints(out_dir)[:-keep_last]:
+            if keep_models and (old / "model").is_dir():  # one rename: the weights are never half moved
+                (Path(out_dir) / "models").mkdir(exist_ok=True)
+                os.replace(old / "model", Path(out_dir) / "models" / old.name)
             shutil.rmtree(old, ignore_errors=True)
     barrier(d)
     return path

@@ -172,7 +172,8 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
             bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tot[1] / dt:.0f}")
             bar.update(1)
         if (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            ckpt.save_checkpoint(out_dir, step + 1, root, opt, sched, d, meta, mcfg, model_dir, cfg.keep_last)
+            ckpt.save_checkpoint(out_dir, step + 1, root, opt, sched, d, meta, mcfg, model_dir, cfg.keep_last,
+                                 cfg.keep_models)
     bar.close()
     return save_final(out_dir, root, d, mcfg, model_dir)
 

@@ -8,7 +8,7 @@ import torch
 
 from srlm_engine.config import TrainConfig
 from srlm_engine.model.weights import load_model
-from srlm_engine.train.checkpoint import CheckpointError, checkpoints
+from srlm_engine.train.checkpoint import CheckpointError, checkpoints, saved_models
 from srlm_engine.train.refs import compute_reference_logps
 from srlm_engine.train.trainer import train_dpo, train_sft
 from trainkit import make_model_dir
@@ -55,6 +55,20 @@ def test_keeps_last_k_complete_checkpoints(run):
     assert not list((out / "checkpoints").glob(".*"))  # no temporary directories left, ours or a killed run's
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 7
+
+
+def test_keep_models_keeps_every_checkpoints_weights(tiny_model, sft_records, tmp_path):
+    """keep_models: a checkpoint removed past keep_last leaves its model/ in OUT/models (the loop
+    picks M_{t+1} among them), without its optimizer state."""
+    train_sft(tiny_model, sft_records, tmp_path, cfg(max_steps=7, keep_last=1, keep_models=True))
+    assert [p.name for p in checkpoints(tmp_path)] == ["step-00000006"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["step-00000002", "step-00000004"]
+    found = saved_models(tmp_path)
+    assert [(s, p.relative_to(tmp_path).as_posix()) for s, p in found] == [
+        (2, "models/step-00000002"), (4, "models/step-00000004"), (6, "checkpoints/step-00000006/model")]
+    weights = [load_model(p).embed_tokens.weight for _, p in found]
+    assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
+    assert not list((tmp_path / "models").rglob("trainer.pt"))
 
 
 def test_resume_from_another_models_checkpoint_is_refused(run, tiny_model, sft_records, tmp_path):
