@@ -8,7 +8,10 @@
 N defaults to this batch's own count (its mean); the trainer passes the count of the whole
 accumulated step on all ranks, so each token (pair) of the step weighs the same whichever
 micro-batch holds it (HF's num_items_in_batch).
-DPO variants are the kernel's loss_type: sigmoid (DPO), ipo, hinge (SLiC), robust.
+DPO variants are the kernel's loss_type: sigmoid (DPO), ipo, hinge (SLiC), robust. For ipo, as
+TRL does, seq and the reference log-probs are per-token means (sums / trained tokens of the row):
+IPO regresses the log-ratio margin onto 1 / (2 beta), a target that a length-summed margin would
+overshoot by the length of the reply.
 Our Llama has no dropout (the paper used 0.1): policy and reference passes are deterministic, and
 so is training; nothing here switches train/eval behaviour.
 """
@@ -49,11 +52,18 @@ def sft_loss(logp: torch.Tensor, targets: torch.Tensor, num_items: int | None = 
 
 def dpo_batch_loss(logp: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
                    beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                   num_items: int | None = None):
-    """logp [2B, T] (chosen rows, then rejected), refs [B] -> (sum of the pair losses / num_items
-    (default B: their mean), chosen_rewards [B], rejected_rewards [B]); the rewards are detached."""
+                   num_items: int | None = None, targets: torch.Tensor | None = None):
+    """logp [2B, T] (chosen rows, then rejected), refs [B] (summed) -> (sum of the pair losses /
+    num_items (default B: their mean), chosen_rewards [B], rejected_rewards [B]); the rewards are
+    detached. targets [2B, T]: needed for ipo, whose log-probs are per-token means."""
     seq = logp.sum(-1)  # (2B,)
     b = seq.shape[0] // 2
+    if loss_type == "ipo":
+        if targets is None:
+            raise ValueError("loss_type 'ipo' averages the log-probs over each row's trained tokens: pass targets")
+        count = (targets != IGNORE).sum(-1).clamp(min=1).to(seq.dtype)  # (2B,)
+        seq = seq / count
+        ref_chosen, ref_rejected = ref_chosen / count[:b], ref_rejected / count[b:]
     losses, cr, rr = dpo_loss(seq[:b], seq[b:], ref_chosen.to(seq.dtype), ref_rejected.to(seq.dtype),
                               beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
     return losses.sum() / (b if num_items is None else num_items), cr, rr

@@ -197,7 +197,7 @@ def accumulate(root, enc: batches.Encoded, micro: list[list[int]], pad_id: int, 
         if dpo:
             r = refs[idx].to(d.device)
             loss, cr, rr = dpo_batch_loss(logp, r[:, 0], r[:, 1], cfg.beta, cfg.loss_type, cfg.label_smoothing,
-                                          num_items=n)
+                                          num_items=n, targets=tgt)
             sums[2:] = [sums[2] + len(idx), sums[3] + float((cr > rr).sum()), sums[4] + float((cr - rr).sum()),
                         sums[5] + float(cr.sum()), sums[6] + float(rr.sum())]
         else:

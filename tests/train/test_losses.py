@@ -43,6 +43,12 @@ def batch():
     return enc, ids, tgt
 
 
+def test_ipo_needs_the_targets_to_average(batch):
+    _, ids, tgt = batch
+    with pytest.raises(ValueError, match="ipo' averages the log-probs"):
+        dpo_batch_loss(torch.zeros(6, 4), torch.zeros(3), torch.zeros(3), loss_type="ipo")
+
+
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust"])
 def test_dpo_loss_and_grads_match_plain_pytorch(batch, loss_type):
     enc, ids, tgt = batch
@@ -53,7 +59,7 @@ def test_dpo_loss_and_grads_match_plain_pytorch(batch, loss_type):
     refs = sequence_logps(reference, enc, [0, 1, 2], pad_id=2, batch_size=2, device="cpu")
     rc = torch.tensor([refs[i][0] for i in range(3)], dtype=torch.float64)
     rr = torch.tensor([refs[i][1] for i in range(3)], dtype=torch.float64)
-    loss, cr, rrew = dpo_batch_loss(TokenLogprobs(policy)(ids, tgt), rc, rr, beta, loss_type)
+    loss, cr, rrew = dpo_batch_loss(TokenLogprobs(policy)(ids, tgt), rc, rr, beta, loss_type, targets=tgt)
     loss.backward()
     ours = {n: p.grad.clone() for n, p in policy.named_parameters()}
     policy.zero_grad()
@@ -61,8 +67,12 @@ def test_dpo_loss_and_grads_match_plain_pytorch(batch, loss_type):
     seq = plain_seq_logps(policy, ids, tgt)
     with torch.no_grad():
         ref_seq = plain_seq_logps(reference, ids, tgt)
+    torch.testing.assert_close(rc, ref_seq[:3], rtol=1e-12, atol=1e-10)
+    if loss_type == "ipo":  # TRL's IPO: per-token means of the log-probs, policy and reference alike
+        count = (tgt != -100).sum(-1).double()
+        assert len(set(count.tolist())) > 1  # rows of different lengths: a sum would differ
+        seq, ref_seq = seq / count, ref_seq / count
     pc, pr, prc, prr = seq[:3], seq[3:], ref_seq[:3], ref_seq[3:]
-    torch.testing.assert_close(rc, prc, rtol=1e-12, atol=1e-10)
     plain = plain_dpo(pc, pr, prc, prr, beta, loss_type).mean()
     plain.backward()
     torch.testing.assert_close(loss, plain, rtol=1e-12, atol=1e-12)
