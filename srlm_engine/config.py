@@ -316,6 +316,7 @@ class LoopConfig:
     judge_top_p: float = 0.9
     judge_max_tokens: int = 160
     length_control: bool = False       # Meta-Rewarding's shortest-best / longest-worst choice
+    min_margin: float = 0.0            # best - worst <= this is a tie, dropped (expected scores are continuous)
     eval_prompts: int = 32             # held-out prompts for the head-to-head win rate
     select_checkpoints: bool = False   # M_{t+1} = the best DPO checkpoint (PAPER_NOTES), not the last
     select_prompts: int = 253          # validation prompts of that selection: the first seed prompts
@@ -357,6 +358,8 @@ class LoopConfig:
         for name in ("top_p", "prompt_top_p", "judge_top_p"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
+        if not 0 <= self.min_margin < 5:
+            raise ConfigError(f"min_margin must be in [0, 5) (scores are 0 to 5), got {self.min_margin!r}")
 
     PRESETS = {
         # The paper's numbers (Llama 2 70B there): ~4k pairs from M1, two iterations.

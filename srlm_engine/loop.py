@@ -413,7 +413,7 @@ def run(model_dir: str | Path, out: str | Path, cfg: LoopConfig, log: Callable[[
         def make_pairs():
             got, counts = pairing.build_pairs([j["prompt"] for j in judged], [j["candidates"] for j in judged],
                                               [[r["score"] for r in j["judgments"]] for j in judged],
-                                              length_control=cfg.length_control)
+                                              length_control=cfg.length_control, min_margin=cfg.min_margin)
             write_json(it / "pair_counts.json", counts)
             if not got:
                 raise LoopStop(f"iteration {t}: no preference pairs ({counts}): every prompt's candidates "

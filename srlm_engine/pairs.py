@@ -2,7 +2,8 @@
 
 A candidate's score is its averaged judge score; None (or NaN) means the judge never produced a
 valid score for it, and such candidates take no part. A prompt gives no pair when fewer than 2
-candidates are scored, when the best and worst scores are equal (a tie), or when every candidate
+candidates are scored, when the best and worst scores are equal (a tie; with min_margin > 0, when
+they differ by min_margin or less: expected scores are continuous, so exact ties are rare), or when every candidate
 of the top score is the same text as every one of the bottom score (the same answer sampled twice
 and judged differently).
 """
@@ -21,13 +22,13 @@ def _scored(candidates: Sequence[str], scores: Sequence[float | None]) -> list[t
 
 
 def _select(prompt: str, candidates: Sequence[str], scores: Sequence[float | None],
-            length_control: bool) -> tuple[dict | None, str]:
+            length_control: bool, min_margin: float = 0.0) -> tuple[dict | None, str]:
     scored = _scored(candidates, scores)
     if len(scored) < 2:
         return None, "too_few_scored"
     hi = max(s for _, s in scored)
     lo = min(s for _, s in scored)
-    if hi == lo:
+    if hi - lo <= min_margin:
         return None, "ties"
     top = [i for i, s in scored if s == hi]
     bottom = [i for i, s in scored if s == lo]
@@ -59,7 +60,7 @@ def select_pairs(prompt: str, candidates: Sequence[str], scores: Sequence[float 
 
 def build_pairs(prompts: Sequence[str], candidates: Sequence[Sequence[str]],
                 scores: Sequence[Sequence[float | None]],
-                length_control: bool = False) -> tuple[list[dict], dict[str, int]]:
+                length_control: bool = False, min_margin: float = 0.0) -> tuple[list[dict], dict[str, int]]:
     """`select_pairs` over many prompts. Returns (pairs in prompt order, counts) where counts has
     one entry per outcome in OUTCOMES (pairs, ties, too_few_scored, identical); they sum to the
     number of prompts."""
@@ -68,7 +69,7 @@ def build_pairs(prompts: Sequence[str], candidates: Sequence[Sequence[str]],
                          f"{len(scores)} score lists: they must match")
     pairs, counts = [], dict.fromkeys(OUTCOMES, 0)
     for p, c, s in zip(prompts, candidates, scores):
-        rec, outcome = _select(p, c, s, length_control)
+        rec, outcome = _select(p, c, s, length_control, min_margin)
         counts[outcome] += 1
         if rec is not None:
             pairs.append(rec)

@@ -47,6 +47,7 @@ def test_toml_numbers_and_lists_are_read():
     ({"prompts": 2.5}, r"prompts must be an integer, got 2.5"),
     ({"n": True}, r"n must be an integer, got True"),
     ({"temperature": "0.7"}, r"temperature must be a number, got '0.7'"),
+    ({"min_margin": -0.1}, r"min_margin must be in \[0, 5\) \(scores are 0 to 5\), got -0.1"),
     ({"top_p": None}, r"top_p must be a number, got None"),
     ({"judge_temperature": False}, r"judge_temperature must be a number, got False"),
     ({"judge_template": 3}, r"judge_template must be a string or unset, got 3"),

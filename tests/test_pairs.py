@@ -63,3 +63,13 @@ def test_build_pairs_counts():
     assert sum(counts.values()) == len(prompts)
     with pytest.raises(ValueError, match="must match"):
         build_pairs(prompts, cands[:2], scores)
+
+
+def test_min_margin_drops_near_ties_of_continuous_scores():
+    # expected scores: a margin of 0.0003 is a tie for any judge, but not for ==
+    prompts, cands = ["p1", "p2", "p3"], [["a", "b"], ["a", "b"], ["a", "b"]]
+    scores = [[3.2001, 3.2004], [2.0, 3.0], [1.0, 1.25]]
+    assert build_pairs(prompts, cands, scores)[1]["pairs"] == 3
+    pairs, counts = build_pairs(prompts, cands, scores, min_margin=0.25)
+    assert [p["prompt"] for p in pairs] == ["p2"] and counts == {"pairs": 1, "ties": 2, "too_few_scored": 0,
+                                                                  "identical": 0}
