@@ -141,7 +141,7 @@ def _train_config(args):
                 raise ConfigError(f"{args.config}: put every training setting in the [train] table or none: "
                                   f"found [train] beside {sorted(k for k in d if k != 'train')}")
             d = d["train"]
-    d.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    d = TrainConfig.layer(d, {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
     return TrainConfig.from_dict(d, source=args.config or "flags")
 
 

@@ -281,6 +281,16 @@ class TrainConfig:
                               f"micro_batch_size = {processes} x {self.micro_batch_size}")
         return self.global_batch_size // per_step
 
+    @staticmethod
+    def layer(lower: dict, upper: dict) -> dict:
+        """Settings `upper` over `lower`, key by key; the batch is set one way or the other, so an
+        upper grad_accum drops a lower global_batch_size and the other way round."""
+        lower = dict(lower)
+        for a, b in (("grad_accum", "global_batch_size"), ("global_batch_size", "grad_accum")):
+            if a in upper:
+                lower.pop(b, None)
+        return {**lower, **upper}
+
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
         """Build from a TOML table (or any dict); unknown keys are errors that name the source."""
@@ -392,13 +402,7 @@ class LoopConfig:
                     raise ConfigError(f"unknown loop setting {k!r}")
                 if k in ("sft", "dpo") and not isinstance(v, dict):
                     raise ConfigError(f"{k} must be a table of training settings, got {v!r}")
-                if k in ("sft", "dpo"):
-                    lower = dict(d.get(k, {}))
-                    for a, b in (("grad_accum", "global_batch_size"), ("global_batch_size", "grad_accum")):
-                        if a in v:  # a later layer's batch setting replaces an earlier layer's other one
-                            lower.pop(b, None)
-                    v = {**lower, **v}
-                d[k] = v
+                d[k] = TrainConfig.layer(d.get(k, {}), v) if k in ("sft", "dpo") else v
         return cls(**d)
 
     def to_dict(self) -> dict:

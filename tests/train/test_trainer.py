@@ -46,6 +46,12 @@ def test_flags_override_toml(tmp_path):
                                "--lr", "3e-5", "--activation-checkpointing", "selective"])
     cfg = _train_config(args)
     assert (cfg.max_seq_len, cfg.lr, cfg.adam_betas, cfg.activation_checkpointing) == (128, 3e-5, (0.9, 0.95), "selective")
+    # The batch is set one way: a --grad-accum flag replaces the file's global_batch_size
+    toml2 = tmp_path / "b.toml"
+    toml2.write_text("global_batch_size = 8\n")
+    cfg = _train_config(build().parse_args(["sft", "--model", "m", "--data", "d", "--out", "o", "--config",
+                                            str(toml2), "--grad-accum", "2"]))
+    assert (cfg.grad_accum, cfg.global_batch_size) == (2, None)
     # A TOML boolean still reads: true is whole blocks.
     assert _train_config(build().parse_args(["sft", "--model", "m", "--data", "d", "--out", "o", "--config",
                                              str(toml)])).activation_checkpointing == "full"
