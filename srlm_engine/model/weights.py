@@ -3,7 +3,8 @@
 Loading checks every file's header against its size before reading, so a truncated file names
 the first tensor that does not fit; a missing, unexpected or wrongly shaped tensor names the
 tensor and the file. Saving writes the same layout (config.json, model.safetensors or shards +
-model.safetensors.index.json), each file atomically, so transformers and vLLM read what we save.
+model.safetensors.index.json), each file atomically and a re-save whole or not at all (see
+save_model), so transformers and vLLM read what we save.
 """
 from __future__ import annotations
 
@@ -187,8 +188,25 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
     return model.eval()
 
 
+def _indexed(path: Path) -> set:
+    """The file names the folder's index lists (none when there is no readable index)."""
+    try:
+        wm = read_json(path / INDEX).get("weight_map") if (path / INDEX).is_file() else None
+    except (DataError, AttributeError):
+        return set()
+    return set(wm.values()) if isinstance(wm, dict) else set()
+
+
+_LAYOUT = re.compile(r"model(-\d{5}-of-\d{5}(\.b)?)?\.safetensors")  # the names save_model writes
+
+
 def save_model(model: Llama, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write config.json and the weights in HF layout; shards + index above `max_shard_bytes`."""
+    """Write config.json and the weights in HF layout; shards + index above `max_shard_bytes`.
+
+    Over an earlier save, the weights switch whole or not at all: each file is written atomically,
+    and the new shards never take the names the current index lists (they alternate with
+    model-*-of-*.b.safetensors), so until the new index (or, unsharded, the removal of the old
+    index) commits them, the old set is what loads. Then the old layout's files go."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -209,7 +227,11 @@ def save_model(model: Llama, path: str | Path, max_shard_bytes: int = 5 * 2**30)
     if len(shards) == 1:
         names = [SINGLE]
     else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        live = _indexed(path)
+        for suffix in ("", ".b"):
+            names = [f"model-{i + 1:05d}-of-{len(shards):05d}{suffix}.safetensors" for i in range(len(shards))]
+            if not live & set(names):
+                break
     for name, shard in zip(names, shards):
         with atomic_path(path / name) as tmp:
             save_file(shard, str(tmp), metadata={"format": "pt"})
@@ -220,6 +242,6 @@ def save_model(model: Llama, path: str | Path, max_shard_bytes: int = 5 * 2**30)
     else:
         (path / INDEX).unlink(missing_ok=True)
     for stale in path.glob("model*.safetensors"):  # an earlier save's other layout; nothing else of the folder's
-        if stale.name not in names and re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", stale.name):
+        if stale.name not in names and _LAYOUT.fullmatch(stale.name):
             stale.unlink()
     write_json(path / "config.json", hf_cfg)

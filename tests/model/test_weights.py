@@ -252,6 +252,37 @@ def test_save_removes_only_its_own_stale_layout(tmp_path, tiny_config_of):
     assert not (tmp_path / "model.safetensors.index.json").exists()
 
 
+def test_a_save_killed_midway_leaves_the_old_weights_loading(tmp_path, tiny_config_of, monkeypatch):
+    """Re-saving a sharded model with the same shard count overwrote model-00001-of-0000N in place:
+    killed after the first shard, old and new shards loaded together, without an error. New shards
+    now take names the live index does not list, and the new index commits them."""
+    from srlm_engine.model import weights
+    old, new = (Llama(tiny_config_of("mha_tied")).init_weights(seed=s) for s in (0, 1))
+    save_model(old, tmp_path, max_shard_bytes=20_000)
+    first = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(first) > 2 and all(not n.endswith(".b.safetensors") for n in first)
+    real, calls = weights.save_file, []
+
+    def killed_after_one(*a, **kw):
+        if calls:
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return real(*a, **kw)
+    monkeypatch.setattr(weights, "save_file", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(new, tmp_path, max_shard_bytes=20_000)
+    sd, back = old.state_dict(), load_model(tmp_path).state_dict()
+    assert all(torch.equal(sd[k], back[k]) for k in sd)  # the old model, whole
+    monkeypatch.setattr(weights, "save_file", real)
+    for model, b_names in ((new, True), (old, False)):  # the names alternate
+        save_model(model, tmp_path, max_shard_bytes=20_000)
+        sd, back = model.state_dict(), load_model(tmp_path).state_dict()
+        assert all(torch.equal(sd[k], back[k]) for k in sd)
+        names = sorted(p.name for p in tmp_path.glob("model*.safetensors"))
+        assert len(names) == len(first) and all(n.endswith(".b.safetensors") == b_names for n in names)  # no stale
+        assert not list(tmp_path.glob(".*"))  # no temporary file either
+
+
 def test_saved_files_have_the_usual_mode(tmp_path, tiny_config_of):
     # safetensors' save_file writes 0600 files; ours must be readable as the JSON beside them
     import os
