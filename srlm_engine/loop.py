@@ -330,6 +330,8 @@ def run(model_dir: str | Path, out: str | Path, cfg: LoopConfig, log: Callable[[
     model_dir, root = Path(model_dir).expanduser(), Path(out)
     if not (model_dir / "config.json").is_file():
         raise DataError(f"{model_dir}: not a model directory (no config.json)")
+    for tcfg in (cfg.sft, cfg.dpo):  # a batch that nproc does not divide, now rather than hours into the run
+        tcfg.accum_steps(nproc)
     seed_dir = Path(cfg.seed_dir)
     template = judge.load_template(cfg.judge_template) if cfg.judge_template else judge.DEFAULT_TEMPLATE
     ift = data.load_ift(seed_dir / "ift.jsonl")  # each record holds a user turn: its seed prompt

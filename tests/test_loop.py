@@ -201,6 +201,16 @@ def _run_until(cmd: list[str], ready, timeout: float = 300) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+def test_a_batch_that_nproc_does_not_divide_is_refused_before_any_work(tmp_path, seeds):
+    cfg = LoopConfig.build("paper", {"seed_dir": str(seeds)})
+    (tmp_path / "m0").mkdir()
+    (tmp_path / "m0" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"global_batch_size 16 is not a multiple of processes x "
+                                          r"micro_batch_size = 3 x 4"):
+        loop.run(tmp_path / "m0", tmp_path / "run", cfg, log=lambda *_: None, nproc=3)
+    assert not (tmp_path / "run").exists()
+
+
 def test_choose_checkpoint_keeps_the_best_so_far():
     # 4 prompts; checkpoint 1 beats 0, 2 ties 1 (1/2 is no win), 3 loses to 1 though it beats 0
     scores = [[1, 1, 1, 1], [3, 3, 1, None], [3, 3, 1, 5], [2, 2, 2, 2]]

@@ -109,7 +109,9 @@ def saved_models(out_dir: Path) -> list[tuple[int, Path]]:
     kept in OUT/models and those of the complete checkpoints still in OUT/checkpoints."""
     kept = {int(_STEP.match(p.name)[1]): p for p in (Path(out_dir) / "models").glob("step-*")
             if _STEP.match(p.name) and (p / "config.json").is_file()}
-    kept.update({int(_STEP.match(p.name)[1]): p / "model" for p in checkpoints(out_dir)})
+    for p in checkpoints(out_dir):  # one killed between the rename and the removal has no model/ left
+        if (p / "model" / "config.json").is_file():
+            kept.setdefault(int(_STEP.match(p.name)[1]), p / "model")
     return sorted(kept.items())
 
 

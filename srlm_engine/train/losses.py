@@ -61,7 +61,7 @@ def dpo_batch_loss(logp: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: t
     if loss_type == "ipo":
         if targets is None:
             raise ValueError("loss_type 'ipo' averages the log-probs over each row's trained tokens: pass targets")
-        count = (targets != IGNORE).sum(-1).clamp(min=1).to(seq.dtype)  # (2B,)
+        count = (targets != IGNORE).sum(-1).clamp(min=1).to(seq)  # (2B,), on seq's device
         seq = seq / count
         ref_chosen, ref_rejected = ref_chosen / count[:b], ref_rejected / count[b:]
     losses, cr, rr = dpo_loss(seq[:b], seq[b:], ref_chosen.to(seq.dtype), ref_rejected.to(seq.dtype),

@@ -193,7 +193,8 @@ def accumulate(root, enc: batches.Encoded, micro: list[list[int]], pad_id: int, 
     n = int(all_reduce_sum([mine], d)[0])  # the step's trained tokens (SFT) or pairs (DPO), all ranks
     sums = [0.0] * 7
     for idx, ids, tgt in mbs:
-        logp = root(ids.to(d.device), tgt.to(d.device))  # (B, T), (2B, T) for DPO
+        ids, tgt = ids.to(d.device), tgt.to(d.device)
+        logp = root(ids, tgt)  # (B, T), (2B, T) for DPO
         if dpo:
             r = refs[idx].to(d.device)
             loss, cr, rr = dpo_batch_loss(logp, r[:, 0], r[:, 1], cfg.beta, cfg.loss_type, cfg.label_smoothing,
@@ -201,7 +202,7 @@ def accumulate(root, enc: batches.Encoded, micro: list[list[int]], pad_id: int, 
             sums[2:] = [sums[2] + len(idx), sums[3] + float((cr > rr).sum()), sums[4] + float((cr - rr).sum()),
                         sums[5] + float(cr.sum()), sums[6] + float(rr.sum())]
         else:
-            loss, _ = sft_loss(logp, tgt.to(d.device), num_items=n)
+            loss, _ = sft_loss(logp, tgt, num_items=n)
         (loss * d.world).backward()  # x W: FSDP2 divides the summed gradients by W (train/parallel.py)
         sums[0] += float(loss.detach())
         sums[1] += sum(len(enc.ids[i]) + (len(enc.rejected_ids[i]) if dpo else 0) for i in idx)

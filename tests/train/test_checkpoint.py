@@ -69,6 +69,13 @@ def test_keep_models_keeps_every_checkpoints_weights(tiny_model, sft_records, tm
     weights = [load_model(p).embed_tokens.weight for _, p in found]
     assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
     assert not list((tmp_path / "models").rglob("trainer.pt"))
+    # killed between moving a pruned checkpoint's model/ and removing the rest: the moved copy counts
+    (tmp_path / "models" / "step-00000004").rename(tmp_path / "models" / "x")
+    (tmp_path / "checkpoints" / "step-00000004").mkdir()
+    (tmp_path / "checkpoints" / "step-00000004" / "state.json").write_text("{}")
+    (tmp_path / "models" / "x").rename(tmp_path / "models" / "step-00000004")
+    assert [(s, p.relative_to(tmp_path).as_posix()) for s, p in saved_models(tmp_path)][1] == \
+        (4, "models/step-00000004")
 
 
 def test_resume_from_another_models_checkpoint_is_refused(run, tiny_model, sft_records, tmp_path):

@@ -39,6 +39,8 @@ RUNS = {  # name: (command, extra flags, device)
     "dpo-cpu": ("dpo", [], "cpu"),
     "dpo-cuda": ("dpo", [], "cuda"),
     "sft-cuda-bf16": ("sft", ["--dtype", "bfloat16"], "cuda"),
+    "dpo-ipo-cpu": ("dpo", ["--loss-type", "ipo"], "cpu"),
+    "dpo-ipo-cuda": ("dpo", ["--loss-type", "ipo"], "cuda"),  # its per-token counts on the device
 }
 FUSED_KERNELS = ("_fwd_kernel", "_bwd_dz_kernel")  # kernels/fused_logprob.py
 DPO_KERNELS = ("_dpo_fwd_kernel", "_dpo_bwd_kernel")  # kernels/dpo_loss.py
@@ -126,6 +128,15 @@ def test_dpo_on_cuda_matches_cpu(runs, tiny_model):
     assert_same_training(tiny_model, cpu, cuda)
     # Step 1: policy == reference, so every DPO margin is 0 and the sigmoid loss is log 2.
     assert losses(cuda)[0] == pytest.approx(0.6931472, abs=1e-5)
+
+
+def test_ipo_on_cuda_matches_cpu(runs, tiny_model):
+    """IPO averages each row's log-probs over its trained tokens (train/losses.py): the counts
+    were made on the CPU while the log-probs lay on the GPU, and the first step raised."""
+    cpu, cuda = done(runs, "dpo-ipo-cpu"), done(runs, "dpo-ipo-cuda")
+    assert_same_training(tiny_model, cpu, cuda)
+    # Step 1: policy == reference, margin 0, so the loss is (0 - 1 / (2 beta))^2 = 25 at beta 0.1.
+    assert losses(cuda)[0] == pytest.approx(25.0, rel=1e-6)
 
 
 def test_bf16_weights_train_on_cuda(runs, tiny_model):
