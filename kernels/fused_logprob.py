@@ -56,10 +56,12 @@ from .fused_logprob_torch import torch_fused_linear_logprob, torch_fused_linear_
 # 88a56fb) and the register use of the compiled kernels (tests/kernels/aot_compile.py, sm_90,
 # Triton 3.9; 3.6, the lent GPU image's compiler, gives the same verdicts with other byte counts:
 # 128 x 256 spills 1.6 KB in the bf16 backward and 1.9 KB in the fp32 forward, none in bf16 forward):
-# backward 128 x 128 fp32 accumulator tiles over 8 warps, 3-stage pipelined loads: the sweep's
-# fastest backward at the big shape (25.2 ms against 25.6 for 128 x 256, equal at the small one),
-# and it keeps dz in registers (128 per thread) where 128 x 256 spills 2.3 KB per thread.
-# Forward 128 x 256 over 8 warps: in that sweep, before the forward split the vocabulary, a row
+# backward 128 x 256 fp32 accumulator tiles over 8 warps, 3-stage pipelined loads, though they
+# spill (2.3 KB per thread with Triton 3.9, 1.6 KB with 3.6): with the vocabulary-chunked backward,
+# session 10's sweep on an H100 (Triton 3.6) timed it 17.9 ms at N=8192 H=2048 V=128256 against
+# 20.1 ms for 128 x 128, the tile before, which had won the older row-chunked backward (25.2 ms
+# against 25.6); fwd+bwd in bench_fused_logprob went from 36.6 to 33.7 ms there, 6.1 to 5.1 ms at
+# N=4096 H=576 V=49152. Forward 128 x 256 over 8 warps: in the first sweep, before the forward split the vocabulary, a row
 # block was one program (48 of them at the big shape's 6144 kept rows, on 132 SMs), and 128 x 256
 # did the most work per busy SM (4.8 TFLOP/s against 2.9 for 64 x 256, which won on time only by
 # filling twice as many SMs, and 14.1 ms against 17.9 for 128 x 128 on as many). fp32 inputs
@@ -67,7 +69,7 @@ from .fused_logprob_torch import torch_fused_linear_logprob, torch_fused_linear_
 # 64 x 128 over 8 warps is the largest swept tile that compiles without spilling in either pass
 # (not yet timed). Rerun the sweep on another card.
 GPU_FWD_BLOCKS = (128, 256, 64, 8, 3)
-GPU_BWD_BLOCKS = (128, 128, 64, 8, 3)
+GPU_BWD_BLOCKS = (128, 256, 64, 8, 3)
 GPU_FP32_BLOCKS = (64, 128, 64, 8, 3)
 INTERPRETER_BLOCKS = (16, 512, 64)
 # Forward programs per row block, each over a slice of the vocabulary, their partial log-sum-exps
