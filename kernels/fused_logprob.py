@@ -34,7 +34,8 @@ end. Adding into a 16-bit d hidden (one addmm per chunk, as Liger's d weight add
 chunks) would round the running sum after every chunk: at 32 chunks that gave 2x the median
 error and 3x the worst (CPU emulation at H=2048, V=128256). The fp32 sum costs 4 N H bytes and
 8 N H bytes of extra memory traffic per chunk (at N=8192, H=2048, 32 chunks: 64 MB, and 4.3 GB,
-about 1.5 ms of H100 bandwidth: an estimate, not yet measured).
+about 1.5 ms of H100 bandwidth: an estimate; the whole fwd+bwd took 33.7 ms on an H100, Liger's
+46.3 ms, bench/RESULTS.md).
 Ignored rows (prompt tokens) are dropped before any kernel on both paths.
 
 Dtypes: bfloat16/float16/float32 inputs are multiplied with float32 accumulation (the CPU path
@@ -52,22 +53,23 @@ from .fused_logprob_torch import torch_fused_linear_logprob, torch_fused_linear_
 
 # (BLOCK_N, BLOCK_V, BLOCK_H[, num_warps, num_stages]) per pass, read at launch. The interpreter
 # pays per operation, not per element, so big tiles make it fast; tl.dot needs every block >= 16.
-# GPU, 16-bit inputs, from bench/tune_fused_logprob.py's sweep on an H100 (bench/RESULTS.md,
-# 88a56fb) and the register use of the compiled kernels (tests/kernels/aot_compile.py, sm_90,
-# Triton 3.9; 3.6, the lent GPU image's compiler, gives the same verdicts with other byte counts:
-# 128 x 256 spills 1.6 KB in the bf16 backward and 1.9 KB in the fp32 forward, none in bf16 forward):
-# backward 128 x 256 fp32 accumulator tiles over 8 warps, 3-stage pipelined loads, though they
-# spill (2.3 KB per thread with Triton 3.9, 1.6 KB with 3.6): with the vocabulary-chunked backward,
-# session 10's sweep on an H100 (Triton 3.6) timed it 17.9 ms at N=8192 H=2048 V=128256 against
+# GPU, 16-bit inputs, from bench/tune_fused_logprob.py's sweeps on an H100 (bench/RESULTS.md) and
+# the register use of the compiled kernels (tests/kernels/aot_compile.py, sm_90; Triton 3.9 and
+# 3.6, the lent GPU image's compiler, give the same verdicts with other byte counts).
+# Backward 128 x 256 fp32 accumulator tiles over 8 warps, 3-stage pipelined loads, though they
+# spill (2.3 KB per thread with Triton 3.9, 1.6 KB with 3.6): with the vocabulary-chunked
+# backward, session 10's sweep (Triton 3.6) timed it 17.9 ms at N=8192 H=2048 V=128256 against
 # 20.1 ms for 128 x 128, the tile before, which had won the older row-chunked backward (25.2 ms
-# against 25.6); fwd+bwd in bench_fused_logprob went from 36.6 to 33.7 ms there, 6.1 to 5.1 ms at
-# N=4096 H=576 V=49152. Forward 128 x 256 over 8 warps: in the first sweep, before the forward split the vocabulary, a row
-# block was one program (48 of them at the big shape's 6144 kept rows, on 132 SMs), and 128 x 256
-# did the most work per busy SM (4.8 TFLOP/s against 2.9 for 64 x 256, which won on time only by
-# filling twice as many SMs, and 14.1 ms against 17.9 for 128 x 128 on as many). fp32 inputs
-# multiply on CUDA cores (IEEE, no TF32), where those tiles would spill 13-14 KB per thread:
-# 64 x 128 over 8 warps is the largest swept tile that compiles without spilling in either pass
-# (not yet timed). Rerun the sweep on another card.
+# against 25.6, 88a56fb). bench_fused_logprob's fwd+bwd went from 36.6 to 33.7 ms there, and
+# from 6.1 to 5.1 ms at N=4096 H=576 V=49152.
+# Forward 128 x 256 over 8 warps (no spill in bf16): in 88a56fb's sweep, before the forward split
+# the vocabulary, a row block was one program (48 of them at the big shape's 6144 kept rows, on
+# 132 SMs), and 128 x 256 did the most work per busy SM (4.8 TFLOP/s against 2.9 for 64 x 256,
+# which won on time only by filling twice as many SMs, and 14.1 ms against 17.9 for 128 x 128 on
+# as many); session 10's sweep with the split forward agrees (6.99 ms, the fastest auto split).
+# fp32 inputs multiply on CUDA cores (IEEE, no TF32), where those tiles would spill 13-14 KB per
+# thread: 64 x 128 over 8 warps is the largest swept tile that compiles without spilling in
+# either pass (not yet timed). Rerun the sweep on another card.
 GPU_FWD_BLOCKS = (128, 256, 64, 8, 3)
 GPU_BWD_BLOCKS = (128, 256, 64, 8, 3)
 GPU_FP32_BLOCKS = (64, 128, 64, 8, 3)
