@@ -181,20 +181,31 @@ def head_to_head(cfg: LoopConfig, template: str, new: Path, old: Path, judge_dir
     """Win rate of the model in `new` over the one in `old`: each answers the held-out prompts
     greedily, the fixed judge scores both answers; a tie counts half. Prompts where the judge left
     either answer unscored are counted apart and left out of the rate (None if none is left)."""
-    params = SamplingParams(temperature=0.0, max_tokens=cfg.eval_max_tokens)
-    answers = {}
-    for name, d in (("new", new), ("old", old)):
-        llm = open_engine(d, cfg)
-        answers[name] = [o.outputs[0].text for o in _chat(llm, prompts, params)]
-        del llm
-        _free()
-    llm = open_engine(judge_dir, cfg)
-    recs = _judge(llm, cfg, template, prompts * 2, answers["new"] + answers["old"], seed, mode="expected")
+    answers = {name: _greedy_answers(cfg, d, prompts) for name, d in (("new", new), ("old", old))}
+    scores = _expected_scores(cfg, template, judge_dir, prompts * 2, answers["new"] + answers["old"], seed)
+    n = len(prompts)
+    return {**compare(scores[:n], scores[n:]),
+            "mean_len_new": _mean_words(answers["new"]), "mean_len_old": _mean_words(answers["old"])}
+
+
+def _greedy_answers(cfg: LoopConfig, model: Path, prompts: list[str]) -> list[str]:
+    """`model`'s greedy answers to `prompts`; its engine is freed before this returns."""
+    llm = open_engine(model, cfg)
+    answers = [o.outputs[0].text for o in _chat(llm, prompts, SamplingParams(temperature=0.0,
+                                                                            max_tokens=cfg.eval_max_tokens))]
     del llm
     _free()
-    n = len(prompts)
-    return {**compare([r["score"] for r in recs[:n]], [r["score"] for r in recs[n:]]),
-            "mean_len_new": _mean_words(answers["new"]), "mean_len_old": _mean_words(answers["old"])}
+    return answers
+
+
+def _expected_scores(cfg: LoopConfig, template: str, judge_dir: Path, prompts: list[str], answers: list[str],
+                     seed: int) -> list:
+    """The fixed judge's expected score of each answer (None: unscored); its engine is freed after."""
+    llm = open_engine(judge_dir, cfg)
+    recs = _judge(llm, cfg, template, prompts, answers, seed, mode="expected")
+    del llm
+    _free()
+    return [r["score"] for r in recs]
 
 
 def compare(new: list, old: list) -> dict:
@@ -220,21 +231,6 @@ def choose_checkpoint(scores: list[list]) -> tuple[int, list[dict]]:
     return best, rounds
 
 
-def _greedy_scores(cfg: LoopConfig, template: str, model: Path, judge_dir: Path, prompts: list[str],
-                   seed: int) -> dict:
-    """`model`'s greedy answers to `prompts`, each scored by the judge in `judge_dir` (expected score)."""
-    llm = open_engine(model, cfg)
-    answers = [o.outputs[0].text for o in _chat(llm, prompts, SamplingParams(temperature=0.0,
-                                                                            max_tokens=cfg.eval_max_tokens))]
-    del llm
-    _free()
-    llm = open_engine(judge_dir, cfg)
-    recs = _judge(llm, cfg, template, prompts, answers, seed, mode="expected")
-    del llm
-    _free()
-    return {"answers": answers, "scores": [r["score"] for r in recs]}
-
-
 def select_checkpoint(run_: "Run", cfg: LoopConfig, template: str, train_dir: Path, judge_dir: Path,
                       prompts: list[str], seed: int, out: Path) -> None:
     """Write `out` (selection.json): the DPO run's saved models and final weights, each one's
@@ -249,8 +245,11 @@ def select_checkpoint(run_: "Run", cfg: LoopConfig, template: str, train_dir: Pa
     results = []
     for s in steps:
         f = out.parent / "selection" / f"step-{s:08d}.json"
-        run_.step(f, lambda s=s, f=f: write_json(f, {"step": s, **_greedy_scores(
-            cfg, template, found[s], judge_dir, prompts, seed)}), f"selection: step {s}")
+        def score(s=s, f=f):
+            answers = _greedy_answers(cfg, found[s], prompts)
+            write_json(f, {"step": s, "answers": answers,
+                           "scores": _expected_scores(cfg, template, judge_dir, prompts, answers, seed)})
+        run_.step(f, score, f"selection: step {s}")
         results.append(read_json(f))
     best, rounds = choose_checkpoint([r["scores"] for r in results])
     means = [[x for x in r["scores"] if x is not None] for r in results]
