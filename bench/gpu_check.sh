@@ -4,8 +4,8 @@
 #
 #   bash bench/gpu_check.sh   (from the repository root; OUT=dir keeps RESULTS.md and each part's log there)
 #
-# Nothing is installed: the checkout runs from PYTHONPATH (srlm_kernels is the folder kernels/,
-# exposed through a symlink); the C++ extension is not built (its ops are CPU-only). Optional
+# Nothing is installed: the checkout runs from PYTHONPATH (the root for srlm_engine, kernels/ for
+# srlm_kernels); the C++ extension is not built (its ops are CPU-only). Optional
 # inputs, present only when the caller carried them:
 #   .whl/*.whl      wheels to install into /tmp/site (Liger-Kernel, the fused-CE baseline);
 #   .gpu/smollm2/   SmolLM2-135M-Instruct's config and tokenizer files. The real weights cannot
@@ -25,8 +25,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-mkdir -p /tmp/srlm-pp && ln -sfn "$PWD/kernels" /tmp/srlm-pp/srlm_kernels
-export PYTHONPATH="$PWD:/tmp/srlm-pp${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" >/dev/null; then
     $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/site"

@@ -42,8 +42,8 @@ RUNS = {  # name: (command, extra flags, device)
     "dpo-ipo-cpu": ("dpo", ["--loss-type", "ipo"], "cpu"),
     "dpo-ipo-cuda": ("dpo", ["--loss-type", "ipo"], "cuda"),  # its per-token counts on the device
 }
-FUSED_KERNELS = ("_fwd_kernel", "_bwd_dz_kernel")  # kernels/fused_logprob.py
-DPO_KERNELS = ("_dpo_fwd_kernel", "_dpo_bwd_kernel")  # kernels/dpo_loss.py
+FUSED_KERNELS = ("_fwd_kernel", "_bwd_dz_kernel")  # kernels/srlm_kernels/fused_logprob.py
+DPO_KERNELS = ("_dpo_fwd_kernel", "_dpo_bwd_kernel")  # kernels/srlm_kernels/dpo_loss.py
 
 # fp32 on both devices, yet not bit-equal: cuBLAS, SDPA and the Triton kernel sum in other orders
 # than CPU torch (TF32 is off: torch.backends.cuda.matmul.allow_tf32 defaults to False, and the
