@@ -70,7 +70,9 @@ def cmd_judge_eval(args) -> int:
     from srlm_engine.evaluate import JudgeMetrics, format_table
     from srlm_engine.loop import judge_eval, open_engine
     cfg = LoopConfig.build(None, None, judge_samples=args.judge_samples, seed=args.seed, dtype=args.dtype)
+    from srlm_engine.device import default_device, describe
     items = data.load_eft_eval(args.data)
+    print(f"generation on {default_device()} in {describe(cfg.dtype, default_device())}")
     template = judge.load_template(args.template) if args.template else judge.DEFAULT_TEMPLATE
     t0 = time.perf_counter()
     res = judge_eval(open_engine(args.model, cfg), cfg, template, items, args.seed)
@@ -105,7 +107,7 @@ def _add_train_flags(q) -> None:
     """--model/--out/--nproc/--config and one flag per TrainConfig field; a flag left out stays
     out of the namespace, so the TOML file (or the default) decides it."""
     from dataclasses import fields
-    from srlm_engine.config import TrainConfig
+    from srlm_engine.config import MIXED_PRECISION, TrainConfig
     q.add_argument("--model", required=True, help="input model directory (HF layout)")
     q.add_argument("--out", required=True, help="output directory: checkpoints/, metrics.jsonl, model/")
     q.add_argument("--nproc", type=int, default=None,
@@ -113,7 +115,12 @@ def _add_train_flags(q) -> None:
     q.add_argument("--config", default=None, help="TOML file of training settings; flags override it")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
+        if f.name == "mixed_precision":  # a bare --mixed-precision is bf16, as when it was a switch
+            q.add_argument(flag, dest=f.name, nargs="?", const="bf16", choices=MIXED_PRECISION,
+                           default=argparse.SUPPRESS)
+            q.add_argument("--no-mixed-precision", dest=f.name, action="store_const", const="none",
+                           default=argparse.SUPPRESS)
+        elif isinstance(f.default, bool):
             q.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
         elif f.name == "adam_betas":
             q.add_argument(flag, dest=f.name, type=float, nargs=2, default=argparse.SUPPRESS)
@@ -255,8 +262,9 @@ def build() -> argparse.ArgumentParser:
     q.add_argument("--template", default=None, help="judge template file with {instruction} and {response}")
     q.add_argument("--judge-samples", type=int, default=3)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--dtype", default=None, help="generation dtype (default: the loop's, bfloat16), so the "
-                   "figures match the loop's eval/judge_m*.json")
+    q.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="generation dtype (default: the loop's, auto: bf16 where the device computes it natively), "
+                        "so the figures match the loop's eval/judge_m*.json")
     q.set_defaults(fn=cmd_judge_eval)
     q = sub.add_parser("data", help="convert public data sets")
     dsub = q.add_subparsers(dest="data_command", required=True)

@@ -171,6 +171,7 @@ class ModelConfig:
 
 
 CHECKPOINTING = ("none", "selective", "full")  # activation checkpointing modes (train/parallel.py)
+MIXED_PRECISION = ("auto", "bf16", "none")  # TrainConfig.mixed_precision
 
 
 @dataclass
@@ -209,7 +210,10 @@ class TrainConfig:
     keep_last: int = 2
     keep_models: bool = False  # checkpoints removed past keep_last leave their weights in OUT/models
     dtype: str = "float32"  # dtype the weights are held (and saved) in
-    mixed_precision: bool = False  # FSDP2: bf16 compute, fp32 gradient reduction
+    # bf16 compute over the fp32 weights: 'bf16', 'none', or 'auto' (bf16 where the device computes it
+    # natively: srlm_engine/device.py). FSDP2 (2+ processes) casts the gathered parameters and reduces
+    # gradients in fp32; one process runs the forward under torch.autocast. Ignored for bf16 weights.
+    mixed_precision: str = "auto"
     activation_checkpointing: str = "none"  # 'none', 'selective' or 'full' (train/parallel.py)
     ref_batch_size: int = 8
     progress: bool = True
@@ -217,6 +221,8 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.activation_checkpointing, bool):  # a TOML `true` / `false`: whole blocks or none
             self.activation_checkpointing = "full" if self.activation_checkpointing else "none"
+        if isinstance(self.mixed_precision, bool):  # a TOML `true` / `false`
+            self.mixed_precision = "bf16" if self.mixed_precision else "none"
         _check_types(self)
         for name in ("max_seq_len", "micro_batch_size", "grad_accum", "global_batch_size", "lr_batch_size",
                      "save_every", "keep_last", "ref_batch_size"):
@@ -266,6 +272,8 @@ class TrainConfig:
                               f"meaning there), got {self.label_smoothing!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"mixed_precision must be 'auto', 'bf16' or 'none', got {self.mixed_precision!r}")
         if self.activation_checkpointing not in CHECKPOINTING:
             raise ConfigError("activation_checkpointing must be 'none', 'selective' or 'full', "
                               f"got {self.activation_checkpointing!r}")
@@ -339,7 +347,7 @@ class LoopConfig:
     eval_judge: str | None = None      # fixed judge of the head-to-head; default: M1
     kv_cache_tokens: int = 65536
     max_num_seqs: int = 64
-    dtype: str = "bfloat16"            # generation and judging (bf16 matmuls: 1.8x fp32 on this CPU)
+    dtype: str = "auto"                # generation and judging; auto: bf16 where native (device.py)
     sft: TrainConfig = field(default_factory=TrainConfig)
     dpo: TrainConfig = field(default_factory=TrainConfig)
 
@@ -356,8 +364,8 @@ class LoopConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if self.n < 2:
             raise ConfigError(f"n must be at least 2 to form a pair, got {self.n}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.expected_after not in ("prefix", "judgment"):
             raise ConfigError(f"expected_after must be 'prefix' or 'judgment', got {self.expected_after!r}")
         if self.judge_mode not in ("sample", "expected"):

@@ -41,6 +41,7 @@ import torch
 
 from srlm_engine import data, judge, pairs as pairing, selfinstruct
 from srlm_engine.config import LoopConfig
+from srlm_engine.device import default_device, describe, resolve_dtype
 from srlm_engine.engine import LLM, SamplingParams
 from srlm_engine.evaluate import judge_vs_human
 from srlm_engine.io import DataError, file_sha256, read_json, read_jsonl, write_json, write_jsonl
@@ -107,10 +108,11 @@ def _changed(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def open_engine(model_dir: Path, cfg: LoopConfig) -> LLM:
-    """The generation engine every phase of the loop (and `srlm judge-eval`) uses: cfg's dtype, on
-    the GPU where there is one (the trainer's choice too), else on the CPU."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return LLM(str(model_dir), dtype=getattr(torch, cfg.dtype), device=device,
+    """The generation engine every phase of the loop (and `srlm judge-eval`) uses: cfg's dtype
+    ('auto': bf16 where the device computes it natively), on the GPU where there is one (the
+    trainer's choice too), else on the CPU."""
+    device = default_device()
+    return LLM(str(model_dir), dtype=resolve_dtype(cfg.dtype, device), device=str(device),
                kv_cache_tokens=cfg.kv_cache_tokens, max_num_seqs=cfg.max_num_seqs)
 
 
@@ -338,6 +340,7 @@ def run(model_dir: str | Path, out: str | Path, cfg: LoopConfig, log: Callable[[
     eft_eval = data.load_eft_eval(seed_dir / "eft_eval.jsonl")
     # Only inputs that passed their checks pin the run folder: fixing a bad line is no new run.
     run_ = Run(root, cfg, model_dir, log)
+    log(f"generation on {default_device()} in {describe(cfg.dtype, default_device())}")
     seed_prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in ift]
     held_out = [it["instruction"] for it in eft_eval][: cfg.eval_prompts]
     # checkpoint selection's prompts: seed prompts, never DPO's (self-instruction filters them
@@ -425,7 +428,7 @@ def run(model_dir: str | Path, out: str | Path, cfg: LoopConfig, log: Callable[[
         # (2) Instruction-following training: DPO from M_t, with M_t as the reference.
         run_.step(it / "pairs.ref.jsonl", lambda: compute_reference_logps(
             model, data.load_pairs(it / "pairs.jsonl"), max_seq_len=cfg.dpo.max_seq_len,
-            batch_size=cfg.dpo.ref_batch_size, out_path=it / "pairs.ref.jsonl", dtype=policy_dtype(cfg.dpo, nproc)),
+            batch_size=cfg.dpo.ref_batch_size, out_path=it / "pairs.ref.jsonl", dtype=policy_dtype(cfg.dpo, nproc, default_device())),
             f"iter {t}: reference log-probs", tf)
         if not cfg.select_checkpoints:
             run_.step(it / "model", lambda: _move(_train("dpo", model, read_jsonl(it / "pairs.ref.jsonl"),

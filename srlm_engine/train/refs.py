@@ -5,10 +5,11 @@
 computed with no grad by the fused kernel, over the same tokens (same truncation, same
 max_seq_len) that train_dpo trains on. Each record gains those two fields plus `ref_max_seq_len`
 and `ref_model` (a fingerprint of the reference's weights), which train_dpo checks, and
-`ref_dtype`. The pass should run in the dtype the policy computes in (TrainConfig.dtype, or
-bfloat16 under FSDP2 mixed precision), as TRL's reference model shares the policy's: then at
-step 0 policy and reference give the same log-probs and the implicit rewards start at 0, not at
-the rounding difference of bf16 against fp32 summed over each response.
+`ref_dtype`. The pass should run in the precision the policy computes in (`policy_dtype`: its
+weights' dtype, bfloat16 under FSDP2 mixed precision, or one process's bf16 autocast), as TRL's
+reference model shares the policy's: then at step 0 policy and reference give the same log-probs
+and the implicit rewards start at 0, not at the rounding difference of bf16 against fp32 summed
+over each response.
 Under torchrun each rank scores every W-th pair with a full copy of the model, and rank 0
 gathers them; call it before the model is sharded.
 """
@@ -26,7 +27,9 @@ from srlm_engine.tokenizer import Tokenizer
 from srlm_engine.train import batches
 from srlm_engine.train.checkpoint import model_fingerprint
 from srlm_engine.train.losses import TokenLogprobs
-from srlm_engine.train.parallel import setup
+from srlm_engine.train.parallel import bf16_compute, setup
+
+AUTOCAST = "bfloat16-autocast"  # float32 weights, the forward under torch.autocast(bfloat16)
 
 
 @torch.no_grad()
@@ -51,24 +54,27 @@ def compute_reference_logps(model_dir: str | Path, pairs: list[dict], max_seq_le
     """-> copies of `pairs` with ref_chosen_logp, ref_rejected_logp, ref_max_seq_len, ref_model,
     ref_dtype. Written atomically to `out_path` (JSONL, by rank 0) when given. `model`: an already
     loaded M_t, scored in its own dtype; else it is loaded from `model_dir` in `dtype` ('float32',
-    'bfloat16': the policy's compute dtype)."""
+    'bfloat16'), or in float32 and scored under bf16 autocast ('bfloat16-autocast'): the policy's
+    compute precision, `policy_dtype`."""
     model_dir = Path(model_dir)
     if not pairs:
         raise DataError("no preference pairs to score")
     d = setup()
     tok = Tokenizer.from_pretrained(model_dir)
     enc = batches.encode_pairs(tok, pairs, max_seq_len)
+    autocast = dtype == AUTOCAST
     if model is None:
-        model = load_model(model_dir, dtype=getattr(torch, dtype), device=d.device)
+        model = load_model(model_dir, dtype=torch.float32 if autocast else getattr(torch, dtype), device=d.device)
     pad_id = tok.token_to_id(tok.pad_token or tok.eos_token or "") or 0
-    mine = sequence_logps(model, enc, list(range(d.rank, len(pairs), d.world)), pad_id, batch_size, d.device)
+    with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=autocast):
+        mine = sequence_logps(model, enc, list(range(d.rank, len(pairs), d.world)), pad_id, batch_size, d.device)
     if d.distributed:
         parts = [None] * d.world
         dist.all_gather_object(parts, mine)
         mine = {k: v for p in parts for k, v in p.items()}
     fp = model_fingerprint(model_dir)
     out = [{**p, "ref_chosen_logp": mine[i][0], "ref_rejected_logp": mine[i][1],
-            "ref_max_seq_len": max_seq_len, "ref_model": fp, "ref_dtype": dtype_name(model)}
+            "ref_max_seq_len": max_seq_len, "ref_model": fp, "ref_dtype": AUTOCAST if autocast else dtype_name(model)}
            for i, p in enumerate(pairs)]
     if out_path is not None and d.main:
         write_jsonl(out_path, out)
@@ -101,10 +107,14 @@ def cached_reference_logps(model_dir: str | Path, pairs: list[dict], path: str |
     return compute_reference_logps(model_dir, pairs, max_seq_len, batch_size, out_path=path, dtype=dtype)
 
 
-def policy_dtype(cfg, world: int) -> str:
-    """The dtype the policy computes in when training with TrainConfig `cfg` on `world` processes:
-    bfloat16 under FSDP2 mixed precision (2+ processes), else cfg.dtype. Score the reference in it."""
-    return "bfloat16" if cfg.mixed_precision and world > 1 else cfg.dtype
+def policy_dtype(cfg, world: int, device: torch.device | None = None) -> str:
+    """The precision the policy computes in when training with TrainConfig `cfg` on `world`
+    processes on `device` (default: this process's): 'bfloat16' for bf16 weights or FSDP2 mixed
+    precision, 'bfloat16-autocast' for one process's autocast over fp32 weights, else cfg.dtype.
+    Score the reference in it."""
+    if not bf16_compute(cfg, device if device is not None else setup().device):
+        return cfg.dtype
+    return "bfloat16" if world > 1 else AUTOCAST
 
 
 def dtype_name(model: torch.nn.Module) -> str:

@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from srlm_engine.config import TrainConfig
+from srlm_engine.device import auto_dtype
 from srlm_engine.io import DataError, atomic_dir, to_json, write_text
 from srlm_engine.model.weights import load_config, load_model
 from srlm_engine.tokenizer import Tokenizer
@@ -37,7 +38,7 @@ from srlm_engine.train import batches, checkpoint as ckpt
 from srlm_engine.train.cpu_allocator import use_caching_cpu_allocator
 from srlm_engine.train.losses import TokenLogprobs, dpo_batch_loss, sft_loss
 from srlm_engine.train.optim import build_optimizer, resolve_lr
-from srlm_engine.train.parallel import Dist, all_reduce_sum, barrier, parallelize, setup
+from srlm_engine.train.parallel import Dist, all_reduce_sum, barrier, bf16_compute, parallelize, setup
 from srlm_engine.train.refs import policy_dtype
 
 REF_FIELDS = ("ref_chosen_logp", "ref_rejected_logp")
@@ -103,7 +104,8 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     model = load_model(src, dtype=dtype, device=d.device)
     lost = bf16_lost_share(model, lr) if d.main and dtype == torch.bfloat16 else 0.0
-    root = parallelize(TokenLogprobs(model), model.layers, d, cfg.mixed_precision, cfg.activation_checkpointing)
+    mixed = bf16_compute(cfg, d.device)
+    root = parallelize(TokenLogprobs(model), model.layers, d, mixed, cfg.activation_checkpointing)
     root.train()
     opt, sched = build_optimizer(root, lr, min_lr, total, cfg.warmup_steps, cfg.schedule, cfg.weight_decay,
                                  cfg.adam_betas, cfg.adam_eps)
@@ -122,14 +124,12 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
         print(f"srlm {kind}: {len(records)} records ({enc.truncated} truncated to {cfg.max_seq_len} tokens), "
               f"{d.world} process(es), global batch {gb}, {total} steps, lr {lr:.3g} -> {min_lr:.3g}"
               + (f", resuming at step {start}" if start else ""), flush=True)
-        if cfg.mixed_precision and not d.distributed:
-            print(f"srlm {kind}: mixed_precision applies under FSDP2 (2+ processes); one process computes "
-                  f"in {cfg.dtype} (use --dtype bfloat16 for bf16 weights)", flush=True)
+        print(f"srlm {kind}: {_precision(cfg, d, mixed)}", flush=True)
         if lost > 0.5:
             print(f"srlm {kind}: weights are held in bfloat16, where {lost:.0%} of them are too large for an AdamW "
                   f"step of lr {lr:.3g} to change (it is below half their bf16 spacing): most updates round away. "
-                  f"Hold them in float32 (--dtype float32; --mixed-precision computes in bf16 under FSDP2)", flush=True)
-        policy = policy_dtype(cfg, d.world)
+                  f"Hold them in float32 (--dtype float32; --mixed-precision bf16 computes in bf16)", flush=True)
+        policy = policy_dtype(cfg, d.world, d.device)
         ref = sorted({r.get("ref_dtype", "float32") for r in records}) if dpo else [policy]
         if ref != [policy]:
             print(f"srlm dpo: reference log-probs were computed in {'/'.join(ref)}, the policy computes in {policy}: "
@@ -143,7 +143,8 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
         t0 = time.perf_counter()
         lr_now = sched.get_last_lr()[0]
         micro = batches.micro_batches(enc, step, gb, d.world, d.rank, accum, cfg.seed)
-        sums = accumulate(root, enc, micro, pad_id, d, cfg, refs)
+        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=mixed and not d.distributed):
+            sums = accumulate(root, enc, micro, pad_id, d, cfg, refs)
         norm = _grad_norm(params)
         tot = all_reduce_sum(sums, d)  # loss (the step's mean), tokens, pairs, correct, margin, chosen r, rejected r
         loss_val = tot[0]
@@ -224,6 +225,17 @@ def bf16_lost_share(model: torch.nn.Module, lr: float) -> float:
         lost += share * flat.numel()
         total += flat.numel()
     return lost / max(total, 1)
+
+
+def _precision(cfg: TrainConfig, d: Dist, mixed: bool) -> str:
+    """The line a run prints about its precision, and why."""
+    if not mixed:
+        why = "" if cfg.dtype != "float32" or cfg.mixed_precision == "none" else \
+            f" (mixed_precision auto: {auto_dtype(d.device)[1]})"
+        return f"weights and compute in {cfg.dtype}{why}"
+    how = "FSDP2 casts the gathered weights" if d.distributed else "the forward under torch.autocast"
+    why = f"auto: {auto_dtype(d.device)[1]}" if cfg.mixed_precision == "auto" else "mixed_precision bf16"
+    return f"float32 weights, bf16 compute ({how}; {why})"
 
 
 def save_final(out_dir: Path, root, d: Dist, mcfg, tokenizer_src: Path) -> Path:

@@ -164,9 +164,12 @@ def test_srlm_dpo_scores_the_reference_in_the_policys_dtype(tiny_model, tmp_path
     # The paper's DPO lr of 1e-6 is far below half the bf16 spacing of weights of size ~0.02: said aloud.
     assert re.search(r"held in bfloat16, where \d+% of them are too large for an AdamW step of lr 1e-06",
                      capsys.readouterr().out)
-    # FSDP2 mixed precision computes in bf16 on 2+ processes only
+    # mixed precision: FSDP2 casts the weights to bf16 on 2+ processes, one process autocasts fp32 weights
     mixed = TrainConfig(mixed_precision=True)
-    assert (policy_dtype(mixed, 1), policy_dtype(mixed, 2)) == ("float32", "bfloat16")
+    cpu = torch.device("cpu")
+    assert (policy_dtype(mixed, 1, cpu), policy_dtype(mixed, 2, cpu)) == ("bfloat16-autocast", "bfloat16")
+    assert policy_dtype(TrainConfig(), 1, cpu) == "float32"  # auto, on a CPU the suite pins to fp32
+    assert policy_dtype(TrainConfig(), 2, torch.device("cuda")) == "bfloat16"  # auto on CUDA
 
 
 def test_bf16_lost_share_counts_weights_an_lr_sized_step_cannot_move():
@@ -215,3 +218,48 @@ def test_reference_in_the_policys_dtype(tiny_model, pair_records, tmp_path, caps
     assert first["bfloat16"]["chosen_reward"] == first["bfloat16"]["rejected_reward"] == 0.0
     assert first["bfloat16"]["loss"] == pytest.approx(0.6931471805599453, abs=1e-7)
     assert abs(first["float32"]["chosen_reward"]) + abs(first["float32"]["rejected_reward"]) > 1e-6
+
+
+def test_one_process_mixed_precision_autocasts_over_fp32_weights(tiny_model, pair_records, tmp_path, capsys):
+    """mixed_precision bf16 in one process: the forward runs under bf16 autocast (the matmuls and
+    the fused log-prob in bf16), the weights, their gradients and AdamW stay fp32, and a reference
+    scored the same way starts DPO from rewards 0. Its losses follow the fp32 run's to bf16 rounding."""
+    cfg = dict(max_seq_len=64, micro_batch_size=2, grad_accum=2, max_steps=3, lr=1e-3, progress=False)
+    runs = {}
+    for mp in ("none", "bf16"):
+        tcfg = TrainConfig(mixed_precision=mp, **cfg)
+        dtype = policy_dtype_of(tcfg)
+        refs = cached_reference_logps(tiny_model, pair_records[:8], tmp_path / f"refs-{mp}.jsonl", 64, dtype=dtype)
+        assert {r["ref_dtype"] for r in refs} == {dtype}
+        out = train_dpo(tiny_model, refs, tmp_path / mp, tcfg)
+        runs[mp] = [json.loads(x) for x in (tmp_path / mp / "metrics.jsonl").read_text().splitlines()]
+        assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
+    printed = capsys.readouterr().out
+    assert "float32 weights, bf16 compute (the forward under torch.autocast; mixed_precision bf16)" in printed
+    assert "weights and compute in float32" in printed
+    bf16, fp32 = runs["bf16"], runs["none"]
+    assert bf16[0]["chosen_reward"] == bf16[0]["rejected_reward"] == 0.0  # the reference in the same precision
+    assert bf16[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-7)
+    for a, b in zip(bf16, fp32):
+        assert a["loss"] == pytest.approx(b["loss"], abs=0.02) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=0.1)
+    assert any(a["loss"] != b["loss"] for a, b in zip(bf16[1:], fp32[1:]))  # bf16 did compute something
+
+
+def test_autocast_reaches_the_fused_log_prob(tiny_model):
+    """Under autocast the lm_head product runs in bf16 (autocast does not cast custom ops itself),
+    and the gradient still arrives in fp32 on the fp32 weight."""
+    model = load_model(tiny_model, dtype=torch.float32)
+    root = TokenLogprobs(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    want = root(ids, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = root(ids, ids)
+    got.sum().backward()
+    assert got.dtype == torch.float32 and model.lm_head.weight.grad.dtype == torch.float32
+    assert not torch.equal(got, want)  # computed in bf16, so not bit-equal to fp32 ...
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)  # ... but within its rounding
+
+
+def policy_dtype_of(cfg):
+    from srlm_engine.train.refs import policy_dtype
+    return policy_dtype(cfg, 1, torch.device("cpu"))
