@@ -10,6 +10,7 @@ import time
 from jinja2.exceptions import TemplateError
 
 from srlm_engine.config import SEED_DIR
+from srlm_engine.launch import in_torchrun, torchrun
 
 
 def cmd_model_pull(args) -> int:
@@ -42,6 +43,7 @@ def cmd_loop(args) -> int:
     from srlm_engine import loop
     from srlm_engine.config import ConfigError, LoopConfig
     from srlm_engine.report import summary_table
+    from srlm_engine.train.parallel import teardown
     toml = None
     if args.config:
         import tomllib
@@ -53,12 +55,23 @@ def cmd_loop(args) -> int:
     cfg = LoopConfig.build(args.preset, toml, iterations=args.iterations, prompts=args.prompts, n=args.n,
                            judge_samples=args.judge_samples, judge_mode=args.judge_mode,
                            eval_judge=args.eval_judge, prompt_writer=args.prompt_writer, seed=args.seed)
+    nproc = args.nproc or 1
+    for tcfg in (cfg.sft, cfg.dpo):  # a batch that nproc does not divide, now rather than hours into the run
+        tcfg.accum_steps(int(os.environ.get("WORLD_SIZE", nproc)))
+    if nproc > 1 and not in_torchrun():
+        if nproc % args.tp:
+            raise ConfigError(f"--tp {args.tp} must divide --nproc {nproc}")
+        return torchrun(nproc, args.argv)
     t0 = time.perf_counter()
     try:
-        final = loop.run(args.model, args.out, cfg, nproc=args.nproc)
+        final = loop.run(args.model, args.out, cfg, tp=args.tp)
     except loop.LoopStop as e:
         print(f"srlm loop: stopped: {e}", file=sys.stderr)
         return 3
+    finally:
+        teardown()
+    if int(os.environ.get("RANK", "0")):
+        return 0  # rank 0 prints the summary
     print("\n" + summary_table(Path(args.out)))
     print(f"final model: {final}\nreport: {Path(args.out) / 'report.md'}  ({time.perf_counter() - t0:.0f}s)")
     return 0
@@ -67,8 +80,8 @@ def cmd_loop(args) -> int:
 def cmd_judge_eval(args) -> int:
     from srlm_engine import data, judge
     from srlm_engine.config import LoopConfig
-    from srlm_engine.evaluate import JudgeMetrics, format_table
-    from srlm_engine.loop import judge_eval, open_engine
+    from srlm_engine.evaluate import JudgeMetrics, format_table, judge_eval
+    from srlm_engine.runtime import open_engine
     cfg = LoopConfig.build(None, None, judge_samples=args.judge_samples, seed=args.seed, dtype=args.dtype)
     from srlm_engine.device import default_device, describe
     items = data.load_eft_eval(args.data)
@@ -152,30 +165,6 @@ def _train_config(args):
     return TrainConfig.from_dict(d, source=args.config or "flags")
 
 
-def _relaunch(args, data_flag: str) -> int:
-    """Run this same command in args.nproc local processes under torch.distributed.run."""
-    import socket
-    import subprocess
-    from dataclasses import fields
-    from srlm_engine.config import TrainConfig
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "srlm_engine.cli", args.command,
-           "--model", args.model, data_flag, getattr(args, data_flag[2:]), "--out", args.out]
-    if args.config:
-        cmd += ["--config", args.config]
-    for f in fields(TrainConfig):
-        if hasattr(args, f.name):
-            v, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
-            if isinstance(v, bool):
-                cmd.append(flag if v else "--no-" + f.name.replace("_", "-"))
-            else:
-                cmd += [flag, *map(repr, v)] if isinstance(v, (list, tuple)) else [flag, repr(v) if isinstance(v, float) else str(v)]
-    return subprocess.call(cmd)
-
-
 def _load_records(path, kind: str) -> list:
     from srlm_engine.io import DataError, read_jsonl
     try:
@@ -190,8 +179,8 @@ def _load_records(path, kind: str) -> list:
 
 def cmd_sft(args) -> int:
     cfg = _train_config(args)  # a bad setting fails here, before any process starts
-    if args.nproc:
-        return _relaunch(args, "--data")
+    if args.nproc and args.nproc > 1 and not in_torchrun():
+        return torchrun(args.nproc, args.argv)
     from srlm_engine.train.parallel import teardown
     from srlm_engine.train.trainer import train_sft
     try:
@@ -203,8 +192,8 @@ def cmd_sft(args) -> int:
 
 def cmd_dpo(args) -> int:
     cfg = _train_config(args)
-    if args.nproc:
-        return _relaunch(args, "--pairs")
+    if args.nproc and args.nproc > 1 and not in_torchrun():
+        return torchrun(args.nproc, args.argv)
     from pathlib import Path
     from srlm_engine.train.parallel import teardown
     from srlm_engine.train.refs import cached_reference_logps, policy_dtype
@@ -232,7 +221,11 @@ def _add_loop_flags(q, preset: str | None, out: str | None) -> None:
     q.add_argument("--eval-judge", help="fixed judge model for the head-to-head (default: M1)")
     q.add_argument("--prompt-writer", help="model that writes new prompts (default: M_t)")
     q.add_argument("--seed", type=int)
-    q.add_argument("--nproc", type=int, default=1, help="processes for SFT/DPO (FSDP2 over torchrun)")
+    q.add_argument("--nproc", type=int, default=1,
+                   help="local processes, one SPMD job under torchrun: generation data-parallel (tensor-parallel "
+                        "with --tp), training FSDP2")
+    q.add_argument("--tp", type=int, default=1, help="tensor-parallel size of each generation engine (divides "
+                   "the number of processes)")
 
 
 def build() -> argparse.ArgumentParser:
@@ -288,7 +281,9 @@ def build() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build().parse_args(argv)
+    args.argv = argv  # `--nproc N` runs this same command line under torchrun (launch.py)
     try:
         return args.fn(args)
     except (ValueError, RuntimeError, OSError, TemplateError) as e:  # a template's raise_exception

@@ -1,4 +1,5 @@
-"""Judge against human scores on the EFT eval set: the paper's reward-modelling table.
+"""Judge against human scores on the EFT eval set: the paper's reward-modelling table, and
+`judge_eval`, which runs a model's judge over that set in both modes.
 
 Inputs are per instruction: the human scores of its responses (ints 0..5, the EFT-eval `scores`)
 and the judge's scores of the same responses (averaged K-sample means, expected scores, or ints;
@@ -22,6 +23,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from srlm_engine import judge
 
 UNSCORED = -1.0
 
@@ -160,4 +163,49 @@ def format_table(rows: Mapping[str, JudgeMetrics]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["JudgeMetrics", "format_table", "judge_vs_human", "kendall_tau_b", "rankdata", "spearman"]
+# --------------------------------------------------------------------------- running the judge
+
+def judge_items(llm, cfg, template: str, instructions: list[str], responses: list[str],
+                seed: int, mode: str | None = None) -> list[dict]:
+    """One record per (instruction, response) in the loop's judge mode (LoopConfig `cfg`, or
+    `mode`): the mean score (None = unscored), the K scores and the judge's texts."""
+    mode = mode or cfg.judge_mode
+    if mode == "expected":
+        scores = judge.judge_expected(llm, instructions, responses, template=template, after=cfg.expected_after,
+                                      max_tokens=cfg.judge_max_tokens, seed=seed)
+        return [{"score": s, "scores": [s], "texts": []} for s in scores]
+    js = judge.judge_samples(llm, instructions, responses, template=template, k=cfg.judge_samples,
+                             temperature=cfg.judge_temperature, top_p=cfg.judge_top_p,
+                             max_tokens=cfg.judge_max_tokens, seed=seed)
+    return [{"score": j.mean, "scores": j.scores, "texts": j.texts} for j in js]
+
+
+def judge_eval(llm, cfg, template: str, items: list[dict], seed: int) -> dict:
+    """M_t's judge against the human scores of the EFT-eval set, in both modes: the paper's
+    reward-modelling table, the judge's score distribution and its parse rate."""
+    flat_i = [it["instruction"] for it in items for _ in it["responses"]]
+    flat_r = [r for it in items for r in it["responses"]]
+    out = {}
+    for mode in ("sample", "expected"):
+        recs = judge_items(llm, cfg, template, flat_i, flat_r, seed, mode=mode)
+        scores, k = [], 0
+        for it in items:
+            scores.append([recs[k + j]["score"] for j in range(len(it["responses"]))])
+            k += len(it["responses"])
+        raw = [s for r in recs for s in r["scores"]]
+        out[mode] = {"metrics": judge_vs_human([it["scores"] for it in items], scores).__dict__,
+                     "judge_scores": scores, "parse_rate": sum(s is not None for s in raw) / max(len(raw), 1),
+                     "distribution": histogram(raw)}
+    return out
+
+
+def histogram(scores: list) -> dict[str, int]:
+    """Judge scores by rounded value, and how many went unscored."""
+    h = {"unscored": 0, **{str(s): 0 for s in range(6)}}
+    for s in scores:
+        h["unscored" if s is None else str(min(5, max(0, round(s))))] += 1
+    return h
+
+
+__all__ = ["JudgeMetrics", "format_table", "histogram", "judge_eval", "judge_items", "judge_vs_human",
+           "kendall_tau_b", "rankdata", "spearman"]

@@ -319,8 +319,8 @@ def judge_expected(llm, instructions: Sequence[str], responses: Sequence[str], *
     fit = fitting(llm, ids)
     scores = [None] * len(instructions)
     if fit:
-        logprobs = llm.next_token_logprobs([ids[j] for j in fit])  # [B, V]
-        for j, x in zip(fit, expected_score(logprobs[:, digit_ids]).tolist()):
+        logprobs = llm.next_token_logprobs([ids[j] for j in fit], token_ids=digit_ids)  # [B, 6]
+        for j, x in zip(fit, expected_score(logprobs).tolist()):
             scores[keep[j]] = None if math.isnan(x) else x
     return scores
 

@@ -201,12 +201,12 @@ class FakeLLM:
                                                  for _ in range(p["n"])]))
         return outs
 
-    def next_token_logprobs(self, prompts):
+    def next_token_logprobs(self, prompts, token_ids=None):
         self.calls.append(("logprobs", self._text(prompts)))
         lp = torch.full((len(prompts), self.vocab), -20.0)
         for tid, v in self.digit_logprobs.items():
             lp[:, tid] = v
-        return lp
+        return lp if token_ids is None else lp[:, token_ids]
 
 
 def params(**kw):
@@ -332,8 +332,7 @@ class EncodingLLM:
 
     def _ids(self, prompts):
         from srlm_engine.engine.llm import LLM
-        engine = SimpleNamespace(tokenizer=self.tokenizer,
-                                 model=SimpleNamespace(config=SimpleNamespace(vocab_size=self.tokenizer.vocab_size)))
+        engine = SimpleNamespace(tokenizer=self.tokenizer, config=SimpleNamespace(vocab_size=self.tokenizer.vocab_size))
         ids = LLM._encode_all(engine, prompts)
         self.seen += ids
         return ids
@@ -343,8 +342,9 @@ class EncodingLLM:
         return [SimpleNamespace(outputs=[SimpleNamespace(text="hi there")] * p["n"])
                 for p, _ in zip(per_request, self._ids(prompts))]
 
-    def next_token_logprobs(self, prompts):
-        return torch.zeros(len(self._ids(prompts)), self.tokenizer.vocab_size)
+    def next_token_logprobs(self, prompts, token_ids=None):
+        lp = torch.zeros(len(self._ids(prompts)), self.tokenizer.vocab_size)
+        return lp if token_ids is None else lp[:, token_ids]
 
 
 def test_judge_prompts_carry_one_bos():
@@ -377,9 +377,9 @@ class ShortContextLLM(FakeLLM):
         assert all(len(p) < self.max_model_len for p in prompts), "sent a prompt that does not fit"
         return super().generate(prompts, params, use_tqdm)
 
-    def next_token_logprobs(self, prompts):
+    def next_token_logprobs(self, prompts, token_ids=None):
         assert all(len(p) < self.max_model_len for p in prompts), "sent a prompt that does not fit"
-        return super().next_token_logprobs(prompts)
+        return super().next_token_logprobs(prompts, token_ids)
 
 
 def test_an_answer_too_long_for_the_judge_is_unscored_not_a_failed_batch():

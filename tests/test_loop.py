@@ -6,6 +6,7 @@ mechanics, not the quality. Judging uses the expected-score mode, which never le
 candidate unscored, so pairs exist."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -21,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from srlm_engine import loop
+from srlm_engine import loop, runfolder, runtime, selection
 from srlm_engine.config import SEED_DIR, ConfigError, LoopConfig, ModelConfig
 from srlm_engine.io import DataError, read_jsonl
 from srlm_engine.model.llama import Llama
@@ -201,26 +202,28 @@ def _run_until(cmd: list[str], ready, timeout: float = 300) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-def test_a_batch_that_nproc_does_not_divide_is_refused_before_any_work(tmp_path, seeds):
-    cfg = LoopConfig.build("paper", {"seed_dir": str(seeds)})
+def test_a_batch_that_nproc_does_not_divide_is_refused_before_any_work(tmp_path, seeds, capsys):
+    from srlm_engine.cli import main
     (tmp_path / "m0").mkdir()
     (tmp_path / "m0" / "config.json").write_text("{}")
-    with pytest.raises(ConfigError, match=r"global_batch_size 16 is not a multiple of processes x "
-                                          r"micro_batch_size = 3 x 4"):
-        loop.run(tmp_path / "m0", tmp_path / "run", cfg, log=lambda *_: None, nproc=3)
+    # refused by `srlm loop --nproc 3` itself, before torchrun starts any process
+    assert main(["loop", "--model", tmp_path / "m0", "--out", tmp_path / "run", "--preset", "paper",
+                 "--nproc", "3"]) == 2
+    assert ("global_batch_size 16 is not a multiple of processes x micro_batch_size = 3 x 4"
+            in capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
 
 
 def test_choose_checkpoint_keeps_the_best_so_far():
     # 4 prompts; checkpoint 1 beats 0, 2 ties 1 (1/2 is no win), 3 loses to 1 though it beats 0
     scores = [[1, 1, 1, 1], [3, 3, 1, None], [3, 3, 1, 5], [2, 2, 2, 2]]
-    best, rounds = loop.choose_checkpoint(scores)
+    best, rounds = selection.choose_checkpoint(scores)
     assert best == 1
     assert [(r["candidate"], r["against"], r["win_rate"], r["unscored"], r["best"]) for r in rounds] == [
         (1, 0, 2.5 / 3, 1, 1), (2, 1, 0.5, 1, 1), (3, 1, 1 / 3, 1, 1)]
-    assert loop.choose_checkpoint([[None], [5.0]]) == (0, [dict(candidate=1, against=0, wins=0, ties=0, losses=0,
+    assert selection.choose_checkpoint([[None], [5.0]]) == (0, [dict(candidate=1, against=0, wins=0, ties=0, losses=0,
                                                                 unscored=1, win_rate=None, best=0)])
-    assert loop.choose_checkpoint([[2.0]]) == (0, [])
+    assert selection.choose_checkpoint([[2.0]]) == (0, [])
 
 
 @pytest.mark.slow  # one iteration whose DPO keeps 3 checkpoints' weights and scores each: ~40 s
@@ -237,7 +240,7 @@ def test_checkpoint_selection_picks_m2_among_the_dpo_checkpoints(tmp_path, tiny_
     answers = {c["step"]: json.loads((it / "selection" / f"step-{c['step']:08d}.json").read_text()) for c in
                sel["candidates"]}
     scores = [answers[s]["scores"] for s in (1, 2, 3)]
-    assert loop.choose_checkpoint(scores)[0] + 1 == sel["chosen_step"]  # the rounds recomputed from the scores
+    assert selection.choose_checkpoint(scores)[0] + 1 == sel["chosen_step"]  # the rounds recomputed from the scores
     assert all(len(a["answers"]) == 3 for a in answers.values())
     # M2 is the chosen checkpoint's weights, moved into place; the others stay where they were
     assert final == it / "model" and not (it / sel["chosen"]).exists()
@@ -321,24 +324,6 @@ def test_disk_full_while_writing_an_artifact(tmp_path, tiny_model, seeds, monkey
     assert (it / "prompts.jsonl").read_bytes() == before and (it / "metrics.json").is_file()
 
 
-@pytest.mark.slow  # starts 2 processes under torch.distributed.run: ~20 s
-def test_training_in_two_processes_matches_one(tmp_path, tiny_model, seeds):
-    # `--nproc 2` goes through `srlm sft` with every TrainConfig field as a flag; a lost flag
-    # (lr, steps, seed, ...) would change the weights. The one config, global batch 4, gives
-    # grad_accum 2 in one process and 1 in each of two (the paper preset sets its batch so).
-    from srlm_engine.config import TrainConfig
-    from srlm_engine.data import load_sft
-    recs = load_sft(seeds / "ift.jsonl")
-    common = dict(max_steps=3, micro_batch_size=2, max_seq_len=128, lr=1e-3, min_lr=1e-4, progress=False, seed=7)
-    cfg = TrainConfig(global_batch_size=4, **common)
-    one = loop._train("sft", tiny_model, recs, tmp_path / "one", cfg, nproc=1)
-    two = loop._train("sft", tiny_model, recs, tmp_path / "two", cfg, nproc=2)
-    a, b = load_model(one).state_dict(), load_model(two).state_dict()
-    base = load_model(tiny_model).state_dict()
-    assert max((a[k] - base[k]).abs().max().item() for k in a) > 1e-3  # it trained
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-
-
 def test_seed_ift_record_without_user_turn_is_a_data_error(tmp_path, seeds):
     # Each seed IFT record's first user turn is a seed prompt: a record without one is named by
     # file and line before any work starts (it was a bare StopIteration).
@@ -381,13 +366,30 @@ class FakeEngine:
         return [SimpleNamespace(outputs=[SimpleNamespace(text="x")]) for _ in msgs]
 
 
+class FakeEngines:
+    """An `engine(model_dir)` context-manager factory, as RunFolder.engine, of FakeEngines; it
+    records, at each engine opened, how many are open."""
+
+    def __init__(self):
+        self.open, self.open_at_start = 0, []
+
+    @contextlib.contextmanager
+    def __call__(self, model_dir):
+        self.open_at_start.append(self.open)
+        self.open += 1
+        try:
+            yield FakeEngine
+        finally:
+            self.open -= 1
+
+
 @pytest.mark.parametrize("cuda", [False, True], ids=["cpu", "cuda"])
 def test_engines_run_on_the_gpu_where_there_is_one(monkeypatch, cuda):
     # as the trainer does: generation on a GPU machine ran on its CPU before
     made = []
-    monkeypatch.setattr(loop, "LLM", lambda path, **kw: made.append((path, kw)))
+    monkeypatch.setattr(runtime, "LLM", lambda path, **kw: made.append((path, kw)))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    loop.open_engine(Path("m1"), LoopConfig(dtype="bfloat16", kv_cache_tokens=4096, max_num_seqs=8))
+    runtime.open_engine(Path("m1"), LoopConfig(dtype="bfloat16", kv_cache_tokens=4096, max_num_seqs=8))
     assert made == [("m1", dict(dtype=torch.bfloat16, device="cuda:0" if cuda else "cpu", kv_cache_tokens=4096,
                                 max_num_seqs=8))]
 
@@ -399,12 +401,12 @@ def test_one_iteration_on_the_gpu(tmp_path, tiny_model, seeds, monkeypatch):
     decode), SFT and DPO on CUDA (the Triton fused log-prob), each engine freed before the next."""
     devices = []
 
-    def recording(d, cfg):
-        llm = real(d, cfg)
+    def recording(d, cfg, *a, **kw):
+        llm = real(d, cfg, *a, **kw)
         devices.append(llm.device.type)
         return llm
-    real = loop.open_engine
-    monkeypatch.setattr(loop, "open_engine", recording)
+    real = runfolder.open_engine
+    monkeypatch.setattr(runfolder, "open_engine", recording)
     run = tmp_path / "run"
     assert loop.run(tiny_model, run, config(seeds, iterations=1), log=lambda *_: None) == run / "iter_1" / "model"
     assert len(devices) >= 4 and set(devices) == {"cuda"}
@@ -418,75 +420,50 @@ def test_one_iteration_on_the_gpu(tmp_path, tiny_model, seeds, monkeypatch):
         assert e["expected"]["parse_rate"] == 1.0
 
 
-def track_engines(monkeypatch, make=lambda d, cfg: FakeEngine()):
-    """Patch loop.open_engine to record, at each engine made, how many earlier ones are still alive. Each
-    engine is given a reference to itself, as real engines hold reference cycles, so only the
-    collector frees one, and only once nobody refers to it. No collection happens here: an engine
-    still alive is one its caller did not let go of before `_free()`, and its weights and KV pool
-    would sit beside the new one's."""
-    live, alive_at_start = weakref.WeakSet(), []
-
-    def tracked(d, cfg):
-        alive_at_start.append(len(live))
-        llm = make(d, cfg)
-        llm.me = llm
-        live.add(llm)
-        return llm
-    monkeypatch.setattr(loop, "open_engine", tracked)
-    return live, alive_at_start
-
-
-def test_head_to_head_frees_each_engine_before_the_next(monkeypatch, tmp_path):
-    live, alive_at_start = track_engines(monkeypatch)
-    monkeypatch.setattr(loop, "_judge", lambda llm, cfg, t, i, r, seed, mode=None: [{"score": 1.0} for _ in i])
-    h = loop.head_to_head(LoopConfig(), "", Path("new"), Path("old"), Path("judge"), ["p", "q"], 0)
-    assert alive_at_start == [0, 0, 0] and len(live) == 0
+def test_head_to_head_frees_each_engine_before_the_next(monkeypatch):
+    engines = FakeEngines()
+    monkeypatch.setattr(selection, "judge_items", lambda llm, cfg, t, i, r, seed, mode=None: [{"score": 1.0} for _ in i])
+    h = selection.head_to_head(engines, LoopConfig(), "", Path("new"), Path("old"), Path("judge"), ["p", "q"], 0)
+    assert engines.open_at_start == [0, 0, 0] and engines.open == 0
     assert (h["wins"], h["ties"], h["losses"], h["unscored"], h["win_rate"]) == (0, 2, 0, 0, 0.5)
-
-    monkeypatch.setattr(loop, "judge_eval", lambda llm, cfg, t, items, seed: {})
-    loop._judge_file(Path("m"), LoopConfig(), "", [], tmp_path / "judge.json")
-    loop._judge_file(Path("m"), LoopConfig(), "", [], tmp_path / "judge.json")
-    assert alive_at_start == [0] * 5 and len(live) == 0
 
 
 def test_head_to_head_counts_unscored_apart(monkeypatch):
-    track_engines(monkeypatch)
     # new, then old answers' scores for 4 prompts: a win, a loss, and two where the judge gave no score
     scores = iter([4.0, 1.0, None, 3.0, 2.0, 3.0, 2.0, None])
-    monkeypatch.setattr(loop, "_judge", lambda llm, cfg, t, i, r, seed, mode=None: [{"score": next(scores)} for _ in i])
-    h = loop.head_to_head(LoopConfig(), "", Path("new"), Path("old"), Path("judge"), ["a", "b", "c", "d"], 0)
+    monkeypatch.setattr(selection, "judge_items",
+                        lambda llm, cfg, t, i, r, seed, mode=None: [{"score": next(scores)} for _ in i])
+    h = selection.head_to_head(FakeEngines(), LoopConfig(), "", Path("new"), Path("old"), Path("judge"),
+                               ["a", "b", "c", "d"], 0)
     assert (h["wins"], h["ties"], h["losses"], h["unscored"], h["win_rate"]) == (1, 0, 1, 2, 0.5)
     scores = iter([None] * 4)
-    h = loop.head_to_head(LoopConfig(), "", Path("new"), Path("old"), Path("judge"), ["a", "b"], 0)
+    h = selection.head_to_head(FakeEngines(), LoopConfig(), "", Path("new"), Path("old"), Path("judge"), ["a", "b"], 0)
     assert (h["wins"], h["ties"], h["losses"], h["unscored"], h["win_rate"]) == (0, 0, 0, 2, None)
 
 
 def test_one_engine_alive_at_a_time_in_a_run(monkeypatch, tmp_path, tiny_model, seeds):
     # The judge evaluations of M0 and M1, then M_t's engine for the iteration's generation: each
-    # is freed before the next is made, and M_t's before pairs and training.
-    live, alive_at_start = track_engines(monkeypatch, make=loop.open_engine)
-    alive_at_pairs = []
-    real_pairs = loop.pairing.build_pairs
+    # is freed before the next is made, and M_t's before pairs and training. An engine is given a
+    # reference to itself, as real ones hold reference cycles: only the collector frees it, and only
+    # once nobody refers to it any more.
+    live, alive_at_start, alive_at_pairs = weakref.WeakSet(), [], []
+    real_open, real_pairs = runfolder.open_engine, loop.pairing.build_pairs
+
+    def tracked(*a, **kw):
+        alive_at_start.append(len(live))
+        llm = real_open(*a, **kw)
+        llm.me = llm
+        live.add(llm)
+        return llm
 
     def build_pairs(*a, **kw):
         alive_at_pairs.append(len(live))
         return real_pairs(*a, **kw)
+    monkeypatch.setattr(runfolder, "open_engine", tracked)
     monkeypatch.setattr(loop.pairing, "build_pairs", build_pairs)
     with pytest.raises(loop.LoopStop, match="no preference pairs"):  # sampled judging of a random model
         loop.run(tiny_model, tmp_path / "run", config(seeds, judge_mode="sample", iterations=1), log=lambda *_: None)
     assert alive_at_start == [0, 0, 0] and alive_at_pairs == [0]
-
-
-def test_train_flags_give_the_child_process_the_same_config():
-    # `srlm sft|dpo --nproc N` gets the loop's TrainConfig through flags: every field, None included
-    from srlm_engine.cli import _train_config, build
-    from srlm_engine.config import TrainConfig
-
-    cfg = TrainConfig(max_grad_norm=None, lr=3e-6, max_steps=7, adam_betas=(0.8, 0.95), mixed_precision=True,
-                      beta=0.2, loss_type="ipo", dtype="bfloat16")
-    for kind, data in (("sft", "--data"), ("dpo", "--pairs")):
-        args = build().parse_args([kind, "--model", "m", data, "d", "--out", "o", *loop.train_flags(cfg)])
-        assert _train_config(args) == cfg
 
 
 def test_a_finished_training_is_not_run_again(tmp_path, monkeypatch):
@@ -495,7 +472,7 @@ def test_a_finished_training_is_not_run_again(tmp_path, monkeypatch):
     done.mkdir(parents=True)
     (done / "config.json").write_text("{}")
     monkeypatch.setattr(loop, "train_dpo", lambda *a: pytest.fail("trained again"))
-    assert loop._train("dpo", tmp_path / "m", [], tmp_path / "train", None, 1) == done
+    assert loop.train("dpo", tmp_path / "m", [], tmp_path / "train", None) == done
 
 
 def test_new_prompts_are_filtered_against_earlier_iterations(tmp_path):
@@ -513,12 +490,12 @@ def test_judge_eval_command_judges_as_the_loop_does(monkeypatch, capsys, tiny_mo
     # `srlm judge-eval` opened its engine in float32 while the loop judges in cfg.dtype (bfloat16):
     # its figures did not match eval/judge_m*.json
     from srlm_engine.cli import main
-    dtypes, real = [], loop.open_engine
+    dtypes, real = [], runtime.open_engine
 
     def opened(d, cfg):
         dtypes.append(cfg.dtype)
         return real(d, cfg)
-    monkeypatch.setattr(loop, "open_engine", opened)
+    monkeypatch.setattr(runtime, "open_engine", opened)
     args = ["judge-eval", "--model", str(tiny_model), "--data", str(seeds / "eft_eval.jsonl"), "--judge-samples", "1"]
     assert main(args) == 0 and main(args + ["--dtype", "float32"]) == 0
     assert dtypes == [LoopConfig().dtype, "float32"] and LoopConfig().dtype == "auto"

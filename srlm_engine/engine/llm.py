@@ -17,6 +17,13 @@ Contracts:
 - Devices: on CPU with srlm_engine._C built, the C++ paged attention and small-batch linear
   (engine/linear.py); on CUDA, the Triton paged attention, one SDPA call for a step's prefills,
   and CUDA graphs for decode steps (engine/cuda_graph.py; enforce_eager=True turns them off).
+- Tensor parallelism (tensor_parallel_size=k > 1, engine/tensor_parallel.py): inside an initialized
+  torch.distributed process group of k ranks (tp_group, default the whole default group), every
+  rank builds an LLM with the same arguments and calls generate with the same requests; each holds
+  and reads from disk only its slice of the weights and nkv/k heads of the KV cache. The logits are
+  all-gathered, so all ranks sample the same tokens and return the same outputs. Several groups
+  (dist.new_group) serve as data-parallel replicas, each with its own requests. CUDA graphs are
+  off under tensor parallelism: captured collectives are untested here.
 """
 from __future__ import annotations
 
@@ -26,12 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from srlm_engine.engine.attention import KVCache, PagedAttention, StepMetadata, select_backend
 from srlm_engine.engine.blocks import BlockPool
 from srlm_engine.engine.sampler import Sampler, SamplingParams, check_stop, make_generator, top_logprobs
 from srlm_engine.engine.scheduler import Scheduled, Scheduler, Sequence
 from srlm_engine.model.llama import Llama
+from srlm_engine.model.weights import load_config
 from srlm_engine.tokenizer import Tokenizer
 
 
@@ -57,18 +66,33 @@ class LLM:
     def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  block_size: int = 16, max_num_seqs: int = 128, kv_cache_tokens: int = 32768,
                  max_num_batched_tokens: int = 2048, attention_backend: str | None = None,
-                 num_threads: int | None = None, seed: int = 0, enforce_eager: bool = False):
+                 num_threads: int | None = None, seed: int = 0, enforce_eager: bool = False,
+                 tensor_parallel_size: int = 1, tp_group=None):
+        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+            raise ValueError(f"LLM: tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
         if torch.device(device).type == "cpu":
-            # one thread per core this process may use; more only adds contention
-            torch.set_num_threads(num_threads or len(os.sched_getaffinity(0)))
+            # one thread per core this process may use, shared by the group's ranks (on one
+            # machine, the usual CPU case); more only adds contention
+            cores = len(os.sched_getaffinity(0))
+            torch.set_num_threads(num_threads or max(1, cores // tensor_parallel_size))
         for name, v in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                         ("kv_cache_tokens", kv_cache_tokens),
                         ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"LLM: {name} must be a positive integer, got {v!r}")
-        self.model = Llama.from_pretrained(model_dir, dtype=dtype, device=device)
+        self.tp_group = None
+        if tensor_parallel_size == 1 and tp_group is None:
+            self.model = Llama.from_pretrained(model_dir, dtype=dtype, device=device)
+            self.config = self.model.config
+        else:
+            from srlm_engine.engine import tensor_parallel as tp
+            self.config = load_config(model_dir)
+            tp.check_divides(self.config, tensor_parallel_size)
+            self.tp_group = tp.process_group(tensor_parallel_size, tp_group)
+            self.model = tp.load_tensor_parallel(model_dir, self.config, self.tp_group, dtype, device)
+            seed = tp.broadcast_int(seed, self.tp_group)  # the unseeded requests' seeds agree too
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
-        cfg = self.model.config
+        cfg = self.model.config  # this rank's: its kv heads size the KV cache
         self.max_model_len = cfg.max_position_embeddings
         self.device = torch.device(device)
         num_blocks = -(-kv_cache_tokens // block_size)
@@ -82,7 +106,8 @@ class LLM:
             use_small_batch_linear(self.model)
         # CUDA graphs for decode steps (vLLM's default; enforce_eager=True turns them off)
         self.graphs = None
-        if self.device.type == "cuda" and not enforce_eager and self.backend.name == "triton":
+        if (self.device.type == "cuda" and not enforce_eager and self.backend.name == "triton"
+                and self.tp_group is None):
             from srlm_engine.engine.cuda_graph import DecodeGraphs
             self.graphs = DecodeGraphs(self.model, self.backend, self.cache, self.scale, max_num_seqs,
                                        -(-self.max_model_len // block_size))
@@ -96,21 +121,16 @@ class LLM:
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """One RequestOutput per prompt, in order; each holds params.n CompletionOutputs."""
-        prompts = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)
-        params = sampling_params if sampling_params is not None else SamplingParams()
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
+        prompts, params = as_requests(prompts, sampling_params)
         ids = self._encode_all(prompts)
         seqs = []
         for r, (toks, p) in enumerate(zip(ids, params)):
             if not isinstance(p, SamplingParams):
                 raise ValueError(f"request {r}: sampling_params must be SamplingParams, got {type(p).__name__}")
             max_tokens = self._check_lengths(r, toks, p.max_tokens)
-            if p.logprobs is not None and p.logprobs > self.model.config.vocab_size:
+            if p.logprobs is not None and p.logprobs > self.config.vocab_size:
                 raise ValueError(f"request {r}: SamplingParams.logprobs = {p.logprobs} exceeds the vocabulary "
-                                 f"of {self.model.config.vocab_size} tokens")
+                                 f"of {self.config.vocab_size} tokens")
             for i in range(p.n):
                 seed = p.seed if p.seed is not None else int(torch.randint(2**62, (1,), generator=self._rng))
                 seqs.append(Sequence(r, i, list(toks), p, max_tokens, make_generator(seed, i)))
@@ -132,8 +152,9 @@ class LLM:
         return self.generate(ids, sampling_params, use_tqdm)
 
     @torch.inference_mode()
-    def next_token_logprobs(self, prompts) -> torch.Tensor:
-        """[B, V] fp32 log-softmax of the next token after each prompt (prefix cache reused)."""
+    def next_token_logprobs(self, prompts, token_ids: list[int] | None = None) -> torch.Tensor:
+        """[B, V] fp32 log-softmax of the next token after each prompt (prefix cache reused);
+        [B, len(token_ids)], those columns only, when `token_ids` is given."""
         prompts = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)
         ids = self._encode_all(prompts)
         p = SamplingParams(temperature=0, max_tokens=1)
@@ -142,7 +163,8 @@ class LLM:
             self._check_lengths(r, toks, 1)
             seqs.append(Sequence(r, 0, list(toks), p, 1, None, keep_logprobs=True))
         self._run(seqs, use_tqdm=False)
-        return torch.stack([s.full_logprobs for s in seqs]).cpu()
+        out = torch.stack([s.full_logprobs for s in seqs])
+        return (out if token_ids is None else out[:, torch.tensor(token_ids, device=out.device)]).cpu()
 
     def stats(self) -> dict:
         return {"allocated_blocks": self.pool.allocated, "prefix_hit_tokens": self.pool.hit_tokens,
@@ -158,10 +180,10 @@ class LLM:
                 toks = self.tokenizer.encode(p, add_special_tokens=True)
             elif isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
                 toks = [int(t) for t in p]
-                bad = [t for t in toks if not 0 <= t < self.model.config.vocab_size]
+                bad = [t for t in toks if not 0 <= t < self.config.vocab_size]
                 if bad:
                     raise ValueError(f"request {r}: token id {bad[0]} outside the vocabulary "
-                                     f"(0..{self.model.config.vocab_size - 1})")
+                                     f"(0..{self.config.vocab_size - 1})")
             else:
                 raise ValueError(f"request {r}: a prompt must be a string or a list of token ids, "
                                  f"got {type(p).__name__}")
@@ -185,6 +207,12 @@ class LLM:
 
     # ------------------------------------------------------------------ the loop
     def _run(self, seqs: list[Sequence], use_tqdm: bool) -> None:
+        if self.tp_group is not None:
+            from srlm_engine.engine.tensor_parallel import check_same_everywhere
+            seeds = [s.generator.initial_seed() if s.generator is not None else None for s in seqs]
+            check_same_everywhere(repr([(s.request, s.token_ids, s.params, s.max_tokens, g)
+                                        for s, g in zip(seqs, seeds)]), self.tp_group)
+            use_tqdm = use_tqdm and dist.get_rank(self.tp_group) == 0  # one bar per group
         for s in seqs:
             self.scheduler.add(s)
         bar = None
@@ -306,6 +334,18 @@ class LLM:
         text = s.text if s.stop_text_end is not None else self.tokenizer.decode(ids)
         return CompletionOutput(s.index, text, list(s.output_ids), s.finish_reason,
                                 s.cumulative_logprob, s.logprobs)
+
+
+def as_requests(prompts, sampling_params=None) -> tuple[list, list]:
+    """generate()'s arguments as two lists of one length: the prompts (texts or token-id lists)
+    and one SamplingParams per prompt (a single one, or None for the defaults, serves them all)."""
+    prompts = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)
+    params = sampling_params if sampling_params is not None else SamplingParams()
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    if len(params) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
+    return prompts, list(params)
 
 
 def _is_ids(p) -> bool:

@@ -117,9 +117,23 @@ def weight_files(path: Path) -> dict[str, Path]:
 
 def load_state_dict(path: str | Path, cfg: ModelConfig, dtype: torch.dtype,
                     device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    return load_state_dict_slices(path, cfg, {}, dtype, device)
+
+
+def load_state_dict_slices(path: str | Path, cfg: ModelConfig, slices: dict[str, tuple[slice, ...]],
+                           dtype: torch.dtype, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """load_state_dict, with each tensor named in `slices` (our names) read as tensor[slices[name]].
+
+    A slice is read through safetensors' get_slice and only its elements are copied out of the
+    memory-mapped file, so a tensor-parallel rank never holds a whole tensor it keeps a slice of. The checks are the same,
+    against the full shapes config.json implies. A tied lm_head.weight found in the file is read
+    with the embedding's slice, to compare with it."""
     path = Path(path)
     files = weight_files(path)
     expected = {k: tuple(v) for k, v in _shapes(cfg).items()}
+    unknown = sorted(set(slices) - set(expected))
+    if unknown:
+        raise ValueError(f"slices name tensor(s) this config does not have: {', '.join(unknown)}")
     headers = {f: read_header(f) for f in set(files.values())}
     sd = {}
     seen: dict[str, str] = {}  # our name -> the checkpoint's name for it
@@ -150,9 +164,9 @@ def load_state_dict(path: str | Path, cfg: ModelConfig, dtype: torch.dtype,
                 for hf in names:
                     name = our_name(hf)
                     if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                        tied_head = (file, f.get_tensor(hf))
+                        tied_head = (file, _read(f, hf, slices.get("embed_tokens.weight"), dtype, device))
                     elif name is not None:
-                        sd[name] = f.get_tensor(hf).to(device=device, dtype=dtype)
+                        sd[name] = _read(f, hf, slices.get(name), dtype, device)
         except SafetensorError as e:  # what read_header's checks let through; its text names no file
             raise WeightsError(f"{file}: corrupt safetensors file: {e}") from None
     emb = sd.get("embed_tokens.weight")
@@ -164,6 +178,15 @@ def load_state_dict(path: str | Path, cfg: ModelConfig, dtype: torch.dtype,
         raise WeightsError(f"{path}: missing tensor(s) {', '.join(missing[:5])}"
                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     return sd
+
+
+def _read(f, hf: str, index: tuple[slice, ...] | None, dtype: torch.dtype, device) -> torch.Tensor:
+    if index is None:
+        return f.get_tensor(hf).to(device=device, dtype=dtype)
+    # get_slice's result is a view into the whole tensor's (memory-mapped) bytes: copy the slice
+    # out, so that the whole tensor is never kept
+    part = f.get_slice(hf)[index]
+    return torch.empty(part.shape, dtype=dtype, device=device).copy_(part)
 
 
 def _shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
@@ -178,7 +201,12 @@ def _shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> Llama:
     cfg = load_config(path)
-    sd = load_state_dict(path, cfg, dtype, device)
+    return model_from_state_dict(cfg, load_state_dict(path, cfg, dtype, device), device)
+
+
+def model_from_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor],
+                          device: str | torch.device = "cpu") -> Llama:
+    """A Llama of `cfg` holding the tensors of `sd` themselves (no copy), in eval mode."""
     with torch.device("meta"):
         model = Llama(cfg)
     model.load_state_dict(sd, strict=False, assign=True)

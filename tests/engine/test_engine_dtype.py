@@ -7,7 +7,7 @@ from srlm_engine.config import LoopConfig
 
 def test_the_loops_engine_takes_the_auto_dtype_and_the_run_says_so(tiny_dir, tmp_path, monkeypatch, capsys):
     from srlm_engine.cli import main
-    from srlm_engine.loop import open_engine
+    from srlm_engine.runtime import open_engine
 
     monkeypatch.delenv("SRLM_CPU_BF16")
     cfg = LoopConfig(kv_cache_tokens=256, max_num_seqs=4)
