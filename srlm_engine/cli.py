@@ -80,19 +80,40 @@ def cmd_loop(args) -> int:
 def cmd_judge_eval(args) -> int:
     from srlm_engine import data, judge
     from srlm_engine.config import LoopConfig
-    from srlm_engine.evaluate import JudgeMetrics, format_table, judge_eval
+    from srlm_engine.device import default_device, describe
+    from srlm_engine.evaluate import JudgeMetrics, format_table, judge_eval, length_rule
     from srlm_engine.runtime import open_engine
     cfg = LoopConfig.build(None, None, judge_samples=args.judge_samples, seed=args.seed, dtype=args.dtype)
-    from srlm_engine.device import default_device, describe
-    items = data.load_eft_eval(args.data)
+    sets = {"EFT-eval": data.load_eft_eval(args.data)}
+    if args.lengthfree and os.path.isfile(args.lengthfree):
+        sets["length-free"] = data.load_eft_eval(args.lengthfree)
     print(f"generation on {default_device()} in {describe(cfg.dtype, default_device())}")
     template = judge.load_template(args.template) if args.template else judge.DEFAULT_TEMPLATE
     t0 = time.perf_counter()
-    res = judge_eval(open_engine(args.model, cfg), cfg, template, items, args.seed)
-    for mode, r in res.items():
-        print(f"\n{mode} mode: parse rate {100 * r['parse_rate']:.1f}%, scores {r['distribution']}")
-        print(format_table({args.model: JudgeMetrics(**r["metrics"])}))
-    print(f"({len(items)} instructions, {time.perf_counter() - t0:.0f}s)")
+    llm = open_engine(args.model, cfg)
+    for name, items in sets.items():
+        rule = length_rule(items)
+        for mode, r in judge_eval(llm, cfg, template, items, args.seed).items():
+            if mode == "length_rule":
+                continue
+            m = JudgeMetrics(**r["metrics"])
+            print(f"\n{name}, {mode} mode: parse rate {100 * r['parse_rate']:.1f}%, scores {r['distribution']}")
+            print(format_table({args.model: m, "longer is better": rule}))
+            beats = m.pairwise_accuracy > rule.pairwise_accuracy  # False for n/a (NaN)
+            print(f"the judge {'beats' if beats else 'does not beat'} the length rule on {name} "
+                  f"({_pct(m.pairwise_accuracy)} against {_pct(rule.pairwise_accuracy)} pairwise)")
+    print(f"({', '.join(f'{len(v)} {k} instructions' for k, v in sets.items())}, {time.perf_counter() - t0:.0f}s)")
+    return 0
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x != x else f"{100 * x:.1f}%"
+
+
+def cmd_data_eft_augment(args) -> int:
+    from srlm_engine.augment import write_eft_augment
+    counts = write_eft_augment(args.file, args.out, seed=args.seed, per_record=args.per_record)
+    print(f"{sum(counts.values())} EFT records -> {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
 
@@ -252,6 +273,8 @@ def build() -> argparse.ArgumentParser:
     q = sub.add_parser("judge-eval", help="a model's judge against human scores (EFT-eval), both modes")
     q.add_argument("--model", required=True)
     q.add_argument("--data", default=str(SEED_DIR / "eft_eval.jsonl"))
+    q.add_argument("--lengthfree", default=str(SEED_DIR / "eft_eval_lengthfree.jsonl"),
+                   help="a second set, where the longer answer is not the better one; skipped if absent")
     q.add_argument("--template", default=None, help="judge template file with {instruction} and {response}")
     q.add_argument("--judge-samples", type=int, default=3)
     q.add_argument("--seed", type=int, default=0)
@@ -268,6 +291,12 @@ def build() -> argparse.ArgumentParser:
                    help="share of the trees that go to eft_eval.jsonl instead of ift.jsonl (each tree goes to one "
                         "file only): 0 for the train export, 1 for the validation export")
     q.set_defaults(fn=cmd_data_oasst)
+    q = dsub.add_parser("eft-augment", help="graded EFT examples derived from IFT records (rules: srlm_engine/augment.py)")
+    q.add_argument("file", help="IFT JSONL: the first user turn and the assistant reply after it")
+    q.add_argument("--out", required=True, help="EFT JSONL to write")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--per-record", type=int, default=4, help="graded variants kept per IFT record")
+    q.set_defaults(fn=cmd_data_eft_augment)
 
     q = sub.add_parser("sft", help="supervised fine-tuning on chat records (loss on assistant turns)")
     q.add_argument("--data", required=True, help='JSONL of {"messages": [{"role", "content"}, ...]}')

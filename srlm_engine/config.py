@@ -325,6 +325,7 @@ class LoopConfig:
     judge_samples: int = 3             # K
     judge_mode: str = "sample"         # 'sample' (K texts, parsed, averaged) or 'expected'
     expected_after: str = "prefix"     # expected mode reads the digit at once, or after a justification
+    judge_eval_modes: str = "both"     # judge evaluations (eval/judge_m*.json): 'both' modes, or the 'loop' one
     temperature: float = 0.7
     top_p: float = 0.9
     max_new_tokens: int = 256
@@ -368,6 +369,8 @@ class LoopConfig:
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.expected_after not in ("prefix", "judgment"):
             raise ConfigError(f"expected_after must be 'prefix' or 'judgment', got {self.expected_after!r}")
+        if self.judge_eval_modes not in ("both", "loop"):
+            raise ConfigError(f"judge_eval_modes must be 'both' or 'loop', got {self.judge_eval_modes!r}")
         if self.judge_mode not in ("sample", "expected"):
             raise ConfigError(f"judge_mode must be 'sample' or 'expected', got {self.judge_mode!r}")
         for name in ("temperature", "prompt_temperature", "judge_temperature"):
@@ -388,7 +391,7 @@ class LoopConfig:
                       dpo=dict(lr=1e-6, min_lr=1e-7, micro_batch_size=4, global_batch_size=16, epochs=1.0,
                                beta=0.1)),
         # M1 and one iteration of a 135M model on a 2-core CPU in well under 30 minutes.
-        "quick": dict(iterations=1, prompts=24, n=4, judge_samples=2, judge_mode="expected",
+        "quick": dict(iterations=1, prompts=24, n=4, judge_samples=2, judge_mode="expected", judge_eval_modes="loop",
                       max_new_tokens=96, judge_max_tokens=96, eval_prompts=24, eval_max_tokens=96,
                       sft=dict(lr=3e-5, min_lr=6e-6, micro_batch_size=4, global_batch_size=8, epochs=1.0,
                                max_seq_len=512, warmup_steps=2, save_every=10),

@@ -6,6 +6,9 @@ and the judge's scores of the same responses (averaged K-sample means, expected 
 None or NaN where the judge produced no score). An unscored response ranks below every scored
 one (as if it scored -1): a judge that fails to answer is wrong, not excused.
 
+A judge that scored nothing (every response unscored) has every metric NaN: nothing was measured,
+and a table shows n/a, not 0.
+
 Definitions (fractions in the dataclass; `format_table` prints percentages like the paper):
 - pairwise accuracy: over all response pairs of one instruction whose human scores differ, pooled
   over instructions, the fraction the judge orders the same way; a judge tie counts as wrong.
@@ -129,6 +132,9 @@ def judge_vs_human(human: Sequence[Sequence[int]], judge: Sequence[Sequence[floa
             rhos.append(rho)
             taus.append(tau)
     n = len(human)
+    if unscored == sum(len(h) for h in human):  # a judge that scored nothing has nothing to measure
+        return JudgeMetrics(math.nan, math.nan, math.nan, math.nan, math.nan, n_instructions=n, n_pairs=n_pairs,
+                            n_correlated=0, n_constant=n, n_unscored=unscored)
     mean = lambda v: sum(v) / len(v) if v else math.nan  # noqa: E731
     return JudgeMetrics(pairwise_accuracy=agree / n_pairs if n_pairs else math.nan,
                         five_best=best5 / n if n else math.nan,
@@ -180,13 +186,21 @@ def judge_items(llm, cfg, template: str, instructions: list[str], responses: lis
     return [{"score": j.mean, "scores": j.scores, "texts": j.texts} for j in js]
 
 
-def judge_eval(llm, cfg, template: str, items: list[dict], seed: int) -> dict:
-    """M_t's judge against the human scores of the EFT-eval set, in both modes: the paper's
-    reward-modelling table, the judge's score distribution and its parse rate."""
+def length_rule(items: list[dict]) -> JudgeMetrics:
+    """The "longer is better" rule as a judge: each response scored by its length in characters.
+    A judge that does not beat it on a set could be reading length, not content."""
+    return judge_vs_human([it["scores"] for it in items], [[len(r) for r in it["responses"]] for it in items])
+
+
+def judge_eval(llm, cfg, template: str, items: list[dict], seed: int,
+               modes: tuple[str, ...] = ("sample", "expected")) -> dict:
+    """A judge against the human scores of an eval set (EFT-eval items), in each of `modes`: the
+    paper's reward-modelling table, the judge's score distribution and its parse rate, and the
+    length rule's metrics on the same items."""
     flat_i = [it["instruction"] for it in items for _ in it["responses"]]
     flat_r = [r for it in items for r in it["responses"]]
-    out = {}
-    for mode in ("sample", "expected"):
+    out = {"length_rule": length_rule(items).__dict__}
+    for mode in modes:
         recs = judge_items(llm, cfg, template, flat_i, flat_r, seed, mode=mode)
         scores, k = [], 0
         for it in items:
@@ -208,4 +222,4 @@ def histogram(scores: list) -> dict[str, int]:
 
 
 __all__ = ["JudgeMetrics", "format_table", "histogram", "judge_eval", "judge_items", "judge_vs_human",
-           "kendall_tau_b", "rankdata", "spearman"]
+           "kendall_tau_b", "length_rule", "rankdata", "spearman"]

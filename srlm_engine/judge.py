@@ -87,12 +87,13 @@ def fill_template(template: str, instruction: str, response: str) -> str:
 
 # --------------------------------------------------------------------------- parsing
 
-# A score line starts (after markdown: **, #, >, -, `) with "Score", optionally "Final/Total",
-# then ":" or "="; the rest of the line is what it states. Text is NFKC-normalised first
-# (fullwidth "Ｓｃｏｒｅ：４" -> "Score:4"); `\d` then matches any Unicode decimal digit
-# (Arabic-Indic "٣" too) and int() reads it, so such digits parse.
+# A score statement starts a line (after markdown: **, #, >, -, `) or a sentence on it (after
+# ". ", "! ", "? ") with "Score", optionally "Final/Total/Overall", then ":" or "="; the rest of
+# the line is what it states. Text is NFKC-normalised first (fullwidth "Ｓｃｏｒｅ：４" ->
+# "Score:4"); `\d` then matches any Unicode decimal digit (Arabic-Indic "٣" too) and int() reads
+# it, so such digits parse.
 _SCORE_LINE_RE = re.compile(
-    r"^[ \t>#*_`\-]*(?:final[ \t]+|total[ \t]+|overall[ \t]+)?score[ \t*_`]*[:=](?P<rest>.*)$",
+    r"(?:^[ \t>#*_`\-]*|(?<=[.!?])[ \t]+[*_`]*)(?:final[ \t]+|total[ \t]+|overall[ \t]+)?score[ \t*_`]*[:=]",
     re.IGNORECASE | re.MULTILINE,
 )
 # The number a score line states, with its markdown, brackets and "/5" or "out of 5".
@@ -117,10 +118,11 @@ def has_score_line(text: str) -> bool:
 def parse_score(text: str) -> int | None:
     """The score of a judgment: what its LAST score line states, or None (unscored).
 
-    A score line is a line that begins with "Score:" (case-insensitive, markdown allowed, e.g.
-    "**Score:** 3", "### Final score: 3"); "Score" mentioned in the middle of a sentence ("I'd
-    give it a score of 4") is not one. The judge states its score at the end, so only the last
-    score line counts: if it holds no valid score ("Score: N/A", "Score: 9"), the judgment is
+    A score line is a line, or a sentence on a line, that begins with "Score:" (case-insensitive,
+    markdown allowed, e.g. "**Score:** 3", "### Final score: 3", "... so it earns 4 points.
+    Score: 4"); "score" in the middle of a sentence ("I'd give it a score of 4", "it gets a
+    score: 4") is not one. The judge states its score at the end, so only the last score
+    statement counts: if it holds no valid score ("Score: N/A", "Score: 9"), the judgment is
     unscored even when an earlier line held one. Rules for what the line states:
     - an integer 0..5 -> that integer; out of range ("Score: 7", "-1") -> None;
     - "4/5" or "4 out of 5" -> 4; any other denominator ("8/10") -> None (not our scale);
@@ -137,7 +139,8 @@ def parse_score(text: str) -> int | None:
         pass
     if last is None:
         return None
-    stated = last["rest"].rpartition("=")[2]  # a sum's result; the whole line if there is no "="
+    rest = text[last.end():].partition("\n")[0]
+    stated = rest.rpartition("=")[2]  # a sum's result; the whole rest of the line if there is no "="
     m = _NUMBER_RE.match(stated)
     if m is None or m["tail"][:1].isdigit() or _CONTINUED_RE.match(_LABEL_RE.sub("", m["tail"], count=1)):
         return None

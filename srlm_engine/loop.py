@@ -48,11 +48,13 @@ from srlm_engine.io import DataError, read_json, read_jsonl
 from srlm_engine.runfolder import LoopStop, RunFolder
 from srlm_engine.runlock import RunLock, RunLocked
 from srlm_engine.runtime import Runtime
-from srlm_engine.selection import head_to_head, mean_words, select_checkpoint
+from srlm_engine.selection import chat_fitting, head_to_head, mean_words, select_checkpoint
 from srlm_engine.train.refs import compute_reference_logps, policy_dtype
 from srlm_engine.train.trainer import train_dpo, train_sft
 
 __all__ = ["LoopStop", "run"]
+
+LENGTHFREE = "eft_eval_lengthfree.jsonl"
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Inputs:
     ift: list[dict]
     eft: list[dict]
     eft_eval: list[dict]
+    lengthfree: list[dict] | None  # a second judge eval set where length says nothing, where the seeds have one
     seed_prompts: list[str]  # each IFT record's user turn
     held_out: list[str]      # the head-to-head's prompts: from the EFT-eval trees, never trained on
     validation: list[str]    # checkpoint selection's: seed prompts, which self-instruction filters out
@@ -71,9 +74,11 @@ class Inputs:
         seed_dir = Path(cfg.seed_dir)
         ift = data.load_ift(seed_dir / "ift.jsonl")
         eft_eval = data.load_eft_eval(seed_dir / "eft_eval.jsonl")
+        lengthfree = seed_dir / LENGTHFREE
         seed_prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in ift]
         return cls(judge.load_template(cfg.judge_template) if cfg.judge_template else judge.DEFAULT_TEMPLATE,
-                   ift, data.load_eft_train(seed_dir / "eft_train.jsonl"), eft_eval, seed_prompts,
+                   ift, data.load_eft_train(seed_dir / "eft_train.jsonl"), eft_eval,
+                   data.load_eft_eval(lengthfree) if lengthfree.is_file() else None, seed_prompts,
                    [it["instruction"] for it in eft_eval][: cfg.eval_prompts], seed_prompts[: cfg.select_prompts])
 
 
@@ -146,12 +151,19 @@ def train_m1(folder: RunFolder, m0: Path, inputs: Inputs) -> Path:
 
 
 def evaluate_judge(folder: RunFolder, name: str, model: Path, inputs: Inputs) -> None:
-    """eval/judge_{name}.json: the model's judge against the human scores of the EFT-eval set."""
+    """eval/judge_{name}.json: the model's judge against the human scores of the EFT-eval set, and
+    of the length-free set under "lengthfree" (report.py)."""
     out = folder.root / "eval" / f"judge_{name}.json"
+    cfg = folder.cfg
+
+    modes = ("sample", "expected") if cfg.judge_eval_modes == "both" else (cfg.judge_mode,)
 
     def make():
         with folder.engine(model) as llm:
-            folder.write_json(out, judge_eval(llm(), folder.cfg, inputs.template, inputs.eft_eval, folder.cfg.seed))
+            result = judge_eval(llm(), cfg, inputs.template, inputs.eft_eval, cfg.seed, modes)
+            if inputs.lengthfree:
+                result["lengthfree"] = judge_eval(llm(), cfg, inputs.template, inputs.lengthfree, cfg.seed, modes)
+        folder.write_json(out, result)
     folder.step(out, make, f"judge eval {name.upper()}", out.parent / "timings.json")
 
 
@@ -184,11 +196,13 @@ def create_prompts(folder: RunFolder, it: Path, t: int, llm, inputs: Inputs, see
 
 
 def sample_candidates(folder: RunFolder, it: Path, t: int, llm, prompts: list[str], seed: int) -> list[dict]:
-    """candidates.jsonl: N sampled answers of M_t to each prompt."""
+    """candidates.jsonl: N sampled answers of M_t to each prompt; none for a prompt too long for
+    the model's context, which is marked skipped (and makes no pair)."""
     def make():
-        outs = llm().chat([[{"role": "user", "content": p}] for p in prompts],
-                          candidate_params(folder.cfg, len(prompts), seed), use_tqdm=True)
+        outs = chat_fitting(llm(), prompts, candidate_params(folder.cfg, len(prompts), seed))
         folder.write_jsonl(it / "candidates.jsonl", [
+            {"prompt": p, "candidates": [], "finish_reasons": [], "skipped": "the prompt does not fit the context"}
+            if o is None else
             {"prompt": p, "candidates": [c.text for c in o.outputs],
              "finish_reasons": [c.finish_reason for c in o.outputs]} for p, o in zip(prompts, outs)])
     folder.step(it / "candidates.jsonl", make, f"iter {t}: candidates", it / "timings.json")
@@ -258,6 +272,7 @@ def evaluate_iteration(folder: RunFolder, it: Path, t: int, new: Path, old: Path
         folder.write_json(it / "metrics.json", {
             "iteration": t, "prompts": len(cands), "prompt_stats": read_json(it / "prompt_stats.json"),
             "pair_counts": read_json(it / "pair_counts.json"),
+            "skipped_candidate_prompts": sum("skipped" in c for c in cands),
             "candidate_mean_words": mean_words([r for c in cands for r in c["candidates"]]),
             "judge_distribution": histogram([s for j in judged for r in j["judgments"] for s in r["scores"]]),
             "head_to_head": head_to_head(folder.engine, folder.cfg, inputs.template, new, old, judge_dir,

@@ -45,6 +45,10 @@ def _plots(root: Path, evals: dict, iters: dict) -> list[str]:
             ax.plot([n.upper() for n in names], [y if y is not None else math.nan for y in ys], "o-", label=label)
         ax.set_title(f"judge vs human ({mode} mode)")
         ax.axhline(0, color="grey", lw=0.5)
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="chance (pairwise)")
+        rule = next((evals[n]["length_rule"]["pairwise_accuracy"] for n in names if "length_rule" in evals[n]), None)
+        if rule is not None:
+            ax.axhline(rule, color="tab:red", lw=0.8, ls="--", label="longer is better (pairwise)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, out / "judge_vs_human.png")
@@ -54,11 +58,14 @@ def _plots(root: Path, evals: dict, iters: dict) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 3.4))
     keys = ["unscored", "0", "1", "2", "3", "4", "5"]
     width = 0.8 / max(len(evals), 1)
+    mode = "sample" if all("sample" in e for e in evals.values()) else "expected"  # a run may judge in one mode
     for i, (n, e) in enumerate(evals.items()):
-        d = e["sample"]["distribution"]
+        if mode not in e:
+            continue
+        d = e[mode]["distribution"]
         ax.bar([k + i * width for k in range(len(keys))], [d[k] for k in keys], width, label=n.upper())
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))], keys)
-    ax.set_title("judge score distribution on EFT-eval (sample mode)")
+    ax.set_title(f"judge score distribution on EFT-eval ({mode} mode)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, out / "score_distribution.png")
@@ -104,18 +111,56 @@ def _metrics(d: dict) -> JudgeMetrics:
     return JudgeMetrics(**{k: math.nan if v is None else v for k, v in d.items()})  # null: not measurable
 
 
+SETS = {"": "EFT-eval", "lengthfree": "the length-free set"}  # eval/judge_m*.json: key -> what it is
+
+
+def _set(e: dict, key: str) -> dict | None:
+    """One eval set's results in a judge_m*.json: the EFT-eval set at its top level, others under their key."""
+    return e if key == "" else e.get(key)
+
+
 def summary_table(root: Path) -> str:
-    """The paper's reward-modelling table (sample mode and expected mode) for every model judged."""
+    """The paper's reward-modelling table (sample mode and expected mode) for every model judged,
+    on each eval set, beside the "longer is better" rule on the same items, and whether each
+    judge beats that rule."""
     evals = {n: read_json(root / "eval" / f"judge_{n}.json") for n in _models(root)}
     parts = []
-    for mode in ("sample", "expected"):
-        rows = {("M0 (no EFT)" if n == "m0" else n.upper()): _metrics(e[mode]["metrics"])
-                for n, e in evals.items() if mode in e}
-        if rows:
-            parse = " / ".join(f"{n.upper()} {100 * e[mode]['parse_rate']:.0f}%" for n, e in evals.items())
-            parts.append(f"Judge vs human scores on EFT-eval, {mode} mode (parse rate: {parse}):\n\n"
-                         + format_table(rows))
+    for key, name in SETS.items():
+        sets = {n: _set(e, key) for n, e in evals.items() if _set(e, key)}
+        rule = next((x["length_rule"] for x in sets.values() if "length_rule" in x), None)
+        for mode in ("sample", "expected"):
+            rows = {("M0 (no EFT)" if n == "m0" else n.upper()): _metrics(x[mode]["metrics"])
+                    for n, x in sets.items() if mode in x}
+            if not rows:
+                continue
+            if rule is not None:
+                rows["longer is better"] = _metrics(rule)
+            parse = " / ".join(f"{n.upper()} {100 * x[mode]['parse_rate']:.0f}%" for n, x in sets.items() if mode in x)
+            parts.append(f"Judge vs human scores on {name}, {mode} mode (parse rate: {parse}):\n\n"
+                         + format_table(rows) + _against_length(sets, mode, rule))
     return "\n".join(parts)
+
+
+def _against_length(sets: dict, mode: str, rule: dict | None) -> str:
+    """Each judge's pairwise accuracy against the length rule's, in words."""
+    if rule is None:
+        return ""
+    base = _metrics(rule).pairwise_accuracy
+    if math.isnan(base):
+        return "\nThe length rule has nothing to measure on these items.\n"
+    said = []
+    for n, x in sets.items():
+        if mode not in x:
+            continue
+        acc = _metrics(x[mode]["metrics"]).pairwise_accuracy
+        if math.isnan(acc):
+            said.append(f"{n.upper()} cannot be compared (it scored nothing)")
+        elif acc > base:
+            said.append(f"{n.upper()} beats it ({100 * acc:.1f}%)")
+        else:
+            said.append(f"{n.upper()} does not beat it ({100 * acc:.1f}%): it is no better than counting characters")
+    return f"\nThe rule \"the longer answer is better\" orders {100 * base:.1f}% of the pairs right. " + \
+        "; ".join(said) + ".\n"
 
 
 def write_report(root: Path, cfg) -> Path:

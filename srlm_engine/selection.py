@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from srlm_engine import judge
 from srlm_engine.engine import SamplingParams
 from srlm_engine.evaluate import judge_items
 from srlm_engine.io import read_json
@@ -31,19 +32,41 @@ def compare(new: list, old: list) -> dict:
             "win_rate": (wins + 0.5 * ties) / len(both) if both else None}
 
 
-def greedy_answers(engine, cfg, model: Path, prompts: list[str]) -> list[str]:
-    """`model`'s greedy answers to `prompts`; its engine is freed before this returns."""
+def chat_fitting(llm, prompts: list[str], params) -> list:
+    """llm.chat over single-turn `prompts`, one output each, None for a prompt whose rendered chat
+    leaves the model's context no room for one token: it is skipped, so that one long prompt does
+    not stop a whole phase (the engine refuses such a request)."""
+    tok = llm.tokenizer
+    ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
+           for p in prompts]
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    fit = judge.fitting(llm, ids)
+    out = [None] * len(prompts)
+    if fit:
+        for i, o in zip(fit, llm.generate([ids[i] for i in fit], [params[i] for i in fit], use_tqdm=True)):
+            out[i] = o
+    return out
+
+
+def greedy_answers(engine, cfg, model: Path, prompts: list[str]) -> list[str | None]:
+    """`model`'s greedy answers to `prompts` (None: the prompt does not fit its context); its
+    engine is freed before this returns."""
     with engine(model) as llm:
-        outs = llm().chat([[{"role": "user", "content": p}] for p in prompts],
-                          SamplingParams(temperature=0.0, max_tokens=cfg.eval_max_tokens), use_tqdm=True)
-    return [o.outputs[0].text for o in outs]
+        outs = chat_fitting(llm(), prompts, SamplingParams(temperature=0.0, max_tokens=cfg.eval_max_tokens))
+    return [None if o is None else o.outputs[0].text for o in outs]
 
 
-def expected_scores(engine, cfg, template: str, judge_dir: Path, prompts: list[str], answers: list[str],
+def expected_scores(engine, cfg, template: str, judge_dir: Path, prompts: list[str], answers: list[str | None],
                     seed: int) -> list:
-    """The fixed judge's expected score of each answer (None: unscored)."""
+    """The fixed judge's expected score of each answer (None: unscored, and for a missing answer)."""
+    keep = [i for i, a in enumerate(answers) if a is not None]
+    scores = [None] * len(answers)
     with engine(judge_dir) as llm:
-        return [r["score"] for r in judge_items(llm(), cfg, template, prompts, answers, seed, mode="expected")]
+        recs = judge_items(llm(), cfg, template, [prompts[i] for i in keep], [answers[i] for i in keep], seed,
+                           mode="expected") if keep else []
+    for i, r in zip(keep, recs):
+        scores[i] = r["score"]
+    return scores
 
 
 def head_to_head(engine, cfg, template: str, new: Path, old: Path, judge_dir: Path, prompts: list[str],
@@ -53,7 +76,8 @@ def head_to_head(engine, cfg, template: str, new: Path, old: Path, judge_dir: Pa
     scores = expected_scores(engine, cfg, template, judge_dir, prompts * 2, answers["new"] + answers["old"], seed)
     n = len(prompts)
     return {**compare(scores[:n], scores[n:]),
-            "mean_len_new": mean_words(answers["new"]), "mean_len_old": mean_words(answers["old"])}
+            "mean_len_new": mean_words(answers["new"]), "mean_len_old": mean_words(answers["old"]),
+            "skipped": sum(a is None or b is None for a, b in zip(answers["new"], answers["old"]))}
 
 
 def choose_checkpoint(scores: list[list]) -> tuple[int, list[dict]]:
@@ -100,9 +124,10 @@ def select_checkpoint(run_, cfg, template: str, train_dir: Path, judge_dir: Path
                           "chosen_step": steps[best], "chosen": rel[steps[best]]})
 
 
-def mean_words(texts: list[str]) -> float:
+def mean_words(texts: list[str | None]) -> float:
+    texts = [t for t in texts if t is not None]
     return sum(len(t.split()) for t in texts) / max(len(texts), 1)
 
 
-__all__ = ["choose_checkpoint", "compare", "expected_scores", "greedy_answers", "head_to_head", "mean_words",
-           "select_checkpoint"]
+__all__ = ["chat_fitting", "choose_checkpoint", "compare", "expected_scores", "greedy_answers", "head_to_head",
+           "mean_words", "select_checkpoint"]

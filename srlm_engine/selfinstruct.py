@@ -215,19 +215,35 @@ def generate_prompts(llm, seed_prompts: Sequence[str], count: int, *, seed: int 
     for the round gave every request the same random draws). Stops when `count` are
     kept, or after `max_consecutive_rejections` candidates in a row were rejected.
 
+    A few-shot prompt too long for the engine's context (`llm.max_model_len`, where it states one)
+    drops its last shots until it fits, down to one; one that does not fit even so is not sent.
+
     Returns (prompts, stats): stats counts every rejection by reason (REASONS), plus `attempts`,
-    `kept` and `stopped_early` (1 if it stopped on rejections before reaching `count`)."""
+    `kept`, `stopped_early` (1 if it stopped on rejections before reaching `count`), `shots_dropped`
+    and `unsent` (requests that did not fit with one shot)."""
     if not seed_prompts:
         raise ValueError("self-instruction needs at least one seed prompt")
     rng = random.Random(seed)
     filt = prompt_filter if prompt_filter is not None else PromptFilter(seed_prompts)
     factory = params_factory or _default_params
     kept: list[str] = []
-    attempts = streak = 0
+    attempts = streak = dropped = unsent = 0
     while len(kept) < count and streak < max_consecutive_rejections:
-        prompts = [fewshot_prompt(pick_shots(rng, seed_prompts, kept)) for _ in range(batch_size)]
-        params = [factory(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                          seed=rng.randrange(2**31), stop=["\nTask"]) for _ in prompts]
+        shot_lists = [pick_shots(rng, seed_prompts, kept) for _ in range(batch_size)]
+        seeds = [rng.randrange(2**31) for _ in shot_lists]  # drawn for every request, sent or not
+        prompts, params = [], []
+        for shots, seed_r in zip(shot_lists, seeds):
+            prompt, cut = _fitting_prompt(llm, shots)
+            dropped += cut
+            if prompt is None:
+                unsent += 1
+                streak += 1
+                continue
+            prompts.append(prompt)
+            params.append(factory(n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                  seed=seed_r, stop=["\nTask"]))
+        if not prompts:
+            continue
         for out in llm.generate(prompts, params, use_tqdm=True):
             if len(kept) >= count or streak >= max_consecutive_rejections:
                 break
@@ -242,8 +258,20 @@ def generate_prompts(llm, seed_prompts: Sequence[str], count: int, *, seed: int 
             else:
                 streak += 1
     stats = {r: int(filt.stats[r]) for r in REASONS}
-    stats.update(attempts=attempts, kept=len(kept), stopped_early=int(len(kept) < count))
+    stats.update(attempts=attempts, kept=len(kept), stopped_early=int(len(kept) < count), shots_dropped=dropped,
+                 unsent=unsent)
     return kept, stats
+
+
+def _fitting_prompt(llm, shots: list[str]) -> tuple[str | None, int]:
+    """(the few-shot prompt with as many of `shots` as leave the engine's context room for one token,
+    or None if one shot is too many; the number of shots dropped)."""
+    limit = getattr(llm, "max_model_len", None)
+    for n in range(len(shots), 0, -1):
+        prompt = fewshot_prompt(shots[:n])
+        if limit is None or len(llm.tokenizer.encode(prompt, add_special_tokens=True)) < limit:
+            return prompt, len(shots) - n
+    return None, len(shots)
 
 
 __all__ = ["BLOCKLIST", "PromptFilter", "fewshot_prompt", "generate_prompts", "lcs_length",

@@ -99,3 +99,26 @@ def test_format_table():
     assert "| Spearman | -1.000 | 1.000 |" in lines
     assert "| Kendall tau | -1.000 | 1.000 |" in lines
     assert "| instructions | 1 | 1 |" in lines
+
+
+def test_a_judge_that_scored_nothing_measures_nothing():
+    # a raw model's sampled judge, 0% of its answers parsed: n/a everywhere, never "pairwise accuracy 0.0"
+    m = judge_vs_human([[5, 4, 3], [2, 1]], [[None, None, None], [None, None]])
+    assert all(math.isnan(getattr(m, k)) for k in ("pairwise_accuracy", "five_best", "exact_match", "spearman",
+                                                       "kendall_tau"))
+    assert (m.n_unscored, m.n_instructions, m.n_pairs) == (5, 2, 4)
+    assert "| pairwise accuracy | n/a |" in format_table({"M0": m})
+    # one scored response is something to measure: the unscored rank below it
+    assert judge_vs_human([[5, 4]], [[None, 2.0]]).pairwise_accuracy == 0.0
+
+
+def test_length_rule_against_a_hand_computed_value():
+    from srlm_engine.evaluate import length_rule
+    items = [{"instruction": "q1", "responses": ["a" * 50, "a" * 10, "a" * 30], "scores": [5, 1, 3]},
+             {"instruction": "q2", "responses": ["bb", "b" * 40, "b" * 40], "scores": [4, 0, 2]}]
+    m = length_rule(items)
+    # q1: lengths order the scores exactly -> 3 of 3 pairs; q2: (0,1) longer is worse: wrong,
+    # (0,2) wrong, (1,2) a length tie on different scores: wrong -> 0 of 3. Pooled: 3 / 6.
+    assert m.n_pairs == 6 and m.pairwise_accuracy == 0.5
+    assert m.spearman == pytest.approx((1.0 + -0.8660254037844387) / 2)
+    assert m.exact_match == 0.5 and m.n_unscored == 0

@@ -75,6 +75,15 @@ from srlm_engine.judge import (DEFAULT_TEMPLATE, Judgment, expected_score, fill_
     ("score: 4 points.", 4),
     ("Score: [5]", 5),
     ("Score:\n4", None),
+    # a score statement that begins a sentence after the justification, on the same line
+    ("It covers every part of the question, so it earns 4 points. Score: 4", 4),
+    ("Relevant and clear! **Score:** 5", 5),
+    ("Is it useful? Score: 2", 2),
+    ("Short. Score: 3-4", None),  # the same rules for what it states
+    ("Score: 2\nOn reflection it is complete. Score: 4", 4),  # the last statement wins
+    ("Score: 4. Score: 9", None),
+    ("It gets a score: 4 from me.", None),  # mid-sentence, after no sentence end
+    ("I'd give it a score of 4. It is fine.", None),
 ])
 def test_parse_score(text, want):
     assert parse_score(text) == want

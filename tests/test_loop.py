@@ -69,7 +69,7 @@ def tiny_model(tmp_path_factory, smollm2_dir):
 def seeds(tmp_path_factory):
     """A small slice of the shipped seed data, and a prompt pool."""
     d = tmp_path_factory.mktemp("seed")
-    for name, n in (("ift.jsonl", 8), ("eft_train.jsonl", 6), ("eft_eval.jsonl", 3)):
+    for name, n in (("ift.jsonl", 8), ("eft_train.jsonl", 6), ("eft_eval.jsonl", 3), ("eft_eval_lengthfree.jsonl", 2)):
         lines = (SEED_DIR / name).read_text().splitlines()[:n]
         (d / name).write_text("\n".join(lines) + "\n")
     (d / "pool.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in POOL))
@@ -128,9 +128,12 @@ def test_two_iterations_end_to_end(tmp_path, tiny_model, seeds):
     assert not p1 & {r["prompt"] for r in read_jsonl(run / "iter_2" / "prompts.jsonl")}
     for name in ("m0", "m1", "m2", "m3"):
         e = json.loads((run / "eval" / f"judge_{name}.json").read_text())
-        assert set(e) == {"sample", "expected"} and e["expected"]["parse_rate"] == 1.0
+        assert set(e) == {"sample", "expected", "length_rule", "lengthfree"} and e["expected"]["parse_rate"] == 1.0
+        assert set(e["lengthfree"]) == {"sample", "expected", "length_rule"}  # the second set, judged alike
     report = (run / "report.md").read_text()
     assert "pairwise accuracy" in report and "win rate" in report
+    assert "Judge vs human scores on the length-free set, expected mode" in report
+    assert 'The rule "the longer answer is better" orders' in report
     assert all((run / "plots" / p).stat().st_size > 1000 for p in ("judge_vs_human.png", "iterations.png"))
 
     # A rerun resumes at the first missing artifact: here there is none, so nothing changes.
@@ -360,10 +363,13 @@ def test_a_run_stopped_by_bad_seed_data_resumes_once_the_data_is_fixed(tmp_path,
 
 
 class FakeEngine:
-    """Answers every prompt with "x"."""
+    """Answers every prompt with "x"; a context of 100 tokens, one per character."""
+    max_model_len = 100
+    tokenizer = SimpleNamespace(apply_chat_template=lambda msgs: msgs[0]["content"],
+                                encode=lambda text, add_special_tokens=False: [0] * len(text))
 
-    def chat(self, msgs, params, use_tqdm=True):
-        return [SimpleNamespace(outputs=[SimpleNamespace(text="x")]) for _ in msgs]
+    def generate(self, ids, params, use_tqdm=True):
+        return [SimpleNamespace(outputs=[SimpleNamespace(text="x")]) for _ in ids]
 
 
 class FakeEngines:
@@ -428,6 +434,22 @@ def test_head_to_head_frees_each_engine_before_the_next(monkeypatch):
     assert (h["wins"], h["ties"], h["losses"], h["unscored"], h["win_rate"]) == (0, 2, 0, 0, 0.5)
 
 
+def test_a_prompt_too_long_for_the_context_is_skipped_and_counted_not_fatal(monkeypatch):
+    # one held-out prompt longer than the model's context: it is left out of the head-to-head as
+    # unscored, and the others are compared (the engine would refuse it, stopping the iteration)
+    judged = []
+
+    def judge_items(llm, cfg, t, i, r, seed, mode=None):
+        judged.extend(i)
+        return [{"score": 3.0} for _ in i]
+    monkeypatch.setattr(selection, "judge_items", judge_items)
+    prompts = ["short", "y" * 150, "also short"]
+    h = selection.head_to_head(FakeEngines(), LoopConfig(), "", Path("new"), Path("old"), Path("judge"), prompts, 0)
+    assert (h["ties"], h["unscored"], h["skipped"], h["win_rate"]) == (2, 1, 1, 0.5)
+    assert "y" * 150 not in judged
+    assert selection.chat_fitting(FakeEngine(), prompts, None)[1] is None
+
+
 def test_head_to_head_counts_unscored_apart(monkeypatch):
     # new, then old answers' scores for 4 prompts: a win, a loss, and two where the judge gave no score
     scores = iter([4.0, 1.0, None, 3.0, 2.0, 3.0, 2.0, None])
@@ -486,7 +508,7 @@ def test_new_prompts_are_filtered_against_earlier_iterations(tmp_path):
     assert loop.prompt_filter(seeds, tmp_path, 2).check(seeds[0]) == "duplicate"
 
 
-def test_judge_eval_command_judges_as_the_loop_does(monkeypatch, capsys, tiny_model, seeds):
+def test_judge_eval_command_judges_as_the_loop_does(monkeypatch, capsys, tiny_model, seeds, tmp_path):
     # `srlm judge-eval` opened its engine in float32 while the loop judges in cfg.dtype (bfloat16):
     # its figures did not match eval/judge_m*.json
     from srlm_engine.cli import main
@@ -496,11 +518,17 @@ def test_judge_eval_command_judges_as_the_loop_does(monkeypatch, capsys, tiny_mo
         dtypes.append(cfg.dtype)
         return real(d, cfg)
     monkeypatch.setattr(runtime, "open_engine", opened)
-    args = ["judge-eval", "--model", str(tiny_model), "--data", str(seeds / "eft_eval.jsonl"), "--judge-samples", "1"]
+    lengthfree = tmp_path / "lengthfree.jsonl"  # two items of the shipped set keep it short
+    lengthfree.write_text("".join((SEED_DIR / "eft_eval_lengthfree.jsonl").read_text().splitlines(True)[:2]))
+    args = ["judge-eval", "--model", str(tiny_model), "--data", str(seeds / "eft_eval.jsonl"), "--judge-samples", "1",
+            "--lengthfree", str(lengthfree)]
     assert main(args) == 0 and main(args + ["--dtype", "float32"]) == 0
     assert dtypes == [LoopConfig().dtype, "float32"] and LoopConfig().dtype == "auto"
     out = capsys.readouterr().out
-    assert "sample mode: parse rate" in out and "expected mode: parse rate" in out
+    for name in ("EFT-eval", "length-free"):  # both sets, each beside the length rule
+        assert f"{name}, sample mode: parse rate" in out and f"{name}, expected mode: parse rate" in out
+        assert f"the length rule on {name} (" in out
+    assert "| | " + str(tiny_model) + " | longer is better |" in out
 
 
 def test_judge_samples_of_identical_items_are_drawn_independently(tiny_model):

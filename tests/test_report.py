@@ -85,3 +85,27 @@ def test_summary_table_reads_unmeasurable_metrics_written_as_null(tmp_path):
     table = summary_table(tmp_path)
     row = next(x for x in table.splitlines() if x.startswith("| pairwise"))
     assert row.endswith("| n/a |")
+
+
+def test_every_judge_table_has_the_length_rule_beside_it_and_says_who_beats_it(tmp_path):
+    from dataclasses import asdict
+
+    from srlm_engine.evaluate import judge_vs_human, length_rule
+    from srlm_engine.io import write_json
+    from srlm_engine.report import summary_table
+
+    items = [{"instruction": "q", "responses": ["a" * 9, "a" * 5, "a" * 1], "scores": [5, 3, 0]},
+             {"instruction": "r", "responses": ["b" * 2, "b" * 7, "b" * 4], "scores": [4, 1, 2]}]
+    rule = asdict(length_rule(items))  # q: 3 of 3 pairs, r: 0 of 3 -> 50%
+    good = asdict(judge_vs_human([it["scores"] for it in items], [[5, 3, 0], [4, 1, 2]]))  # 100%
+    mute = asdict(judge_vs_human([it["scores"] for it in items], [[None] * 3, [None] * 3]))  # scored nothing
+    for name, m in (("m0", mute), ("m1", good)):
+        result = {mode: {"metrics": m, "parse_rate": 0.0 if m is mute else 1.0} for mode in ("sample", "expected")}
+        write_json(tmp_path / "eval" / f"judge_{name}.json",
+                   {**result, "length_rule": rule, "lengthfree": {**result, "length_rule": rule}})
+    table = summary_table(tmp_path)
+    assert table.count("| | M0 (no EFT) | M1 | longer is better |") == 4  # 2 sets x 2 modes
+    assert "Judge vs human scores on the length-free set, expected mode" in table
+    assert "| pairwise accuracy | n/a | 100.0 | 50.0 |" in table  # nothing parsed: n/a, not 0.0
+    assert table.count('The rule "the longer answer is better" orders 50.0% of the pairs right. '
+                       'M0 cannot be compared (it scored nothing); M1 beats it (100.0%).') == 4

@@ -167,7 +167,8 @@ def test_generate_prompts_counts_every_rejection():
                    "Name three rivers in South America and their lengths.",
                    "Give a recipe for a quick vegetarian dinner for two people."]
     assert stats == {"empty": 0, "truncated": 1, "too_short": 1, "too_long": 0, "blocklist": 1,
-                     "duplicate": 2, "similar": 0, "attempts": 8, "kept": 3, "stopped_early": 0}
+                     "duplicate": 2, "similar": 0, "attempts": 8, "kept": 3, "stopped_early": 0,
+                     "shots_dropped": 0, "unsent": 0}
     prompts, ps = llm.calls[0]
     assert len(llm.calls) == 2 and len(prompts) == 4 and len(ps) == 4
     for p in ps:
@@ -194,3 +195,30 @@ def test_generate_prompts_uses_generated_shots_and_stops_on_rejections():
     assert all("robot chef" in q and "South America" in q for q in later)
     with pytest.raises(ValueError):
         generate_prompts(llm, [], count=1, params_factory=params)
+
+
+class ShortContextLLM(FakeLLM):
+    """A context of `limit` tokens, one token per character, as the engine counts a text prompt."""
+
+    def __init__(self, texts, limit):
+        super().__init__(texts)
+        self.max_model_len = limit
+        self.tokenizer = SimpleNamespace(encode=lambda text, add_special_tokens=True: [0] * (len(text) + 1))
+
+
+def test_a_fewshot_prompt_too_long_for_the_context_drops_shots_until_it_fits():
+    # a 2,048-token model given an 8-shot prompt of 2,379 tokens stopped the loop; now it drops shots
+    full = len(fewshot_prompt(SEEDS[:8])) + 1
+    limit = full - 20  # the 8 shots do not fit, fewer do
+    llm = ShortContextLLM(["Write a limerick about a forgetful robot chef.",
+                           "Name three rivers in South America and their lengths."], limit)
+    got, stats = generate_prompts(llm, SEEDS, count=2, batch_size=2, seed=0, params_factory=params)
+    assert len(got) == 2 and stats["shots_dropped"] >= 2 and stats["unsent"] == 0
+    sent = [p for prompts, _ in llm.calls for p in prompts]
+    assert all(len(p) + 1 < limit for p in sent)  # every request sent fits the context
+    assert all(p.count("\nTask ") < 9 for p in sent)  # 8 shots and "Task 9:" would be 9
+    # a context too short for even one shot: nothing is sent, the call ends on its rejection limit
+    tiny = ShortContextLLM([], 10)
+    got, stats = generate_prompts(tiny, SEEDS, count=2, batch_size=4, seed=0, params_factory=params,
+                                  max_consecutive_rejections=8)
+    assert got == [] and stats["unsent"] == 8 and tiny.calls == [] and stats["stopped_early"] == 1

@@ -18,5 +18,5 @@ def test_the_loops_engine_takes_the_auto_dtype_and_the_run_says_so(tiny_dir, tmp
     # `srlm judge-eval` prints its choice first (an empty eval file ends it right after)
     empty = tmp_path / "eval.jsonl"
     empty.write_text("")
-    main(["judge-eval", "--model", str(tiny_dir), "--data", str(empty)])
+    main(["judge-eval", "--model", str(tiny_dir), "--data", str(empty), "--lengthfree", ""])
     assert "generation on cpu in bfloat16 (auto: a CPU with avx512_bf16)" in capsys.readouterr().out

@@ -1,0 +1,66 @@
+"""The hand-written EFT seed (data/seed/eft_train.jsonl): size, score spread, no leak of the EFT
+eval set, and length that does not predict the score."""
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from srlm_engine.data import load_eft_eval, load_eft_train
+from srlm_engine.evaluate import spearman
+from srlm_engine.judge import MAX_SCORE
+
+SEED = Path(__file__).resolve().parents[1] / "data" / "seed"
+
+MIN_RECORDS = 300
+MIN_PER_SCORE = 25
+LONG_WORDS, SHORT_WORDS = 80, 25   # long: over 80 words; short: under 25 words
+MIN_LONG_LOW = MIN_SHORT_HIGH = 30
+MAX_RHO = 0.3
+MAX_JUSTIFICATION_WORDS = 120
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def norm(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+@pytest.fixture(scope="module")
+def records():
+    return load_eft_train(SEED / "eft_train.jsonl")  # validates every line, naming a bad one
+
+
+def test_enough_records(records):
+    assert len(records) >= MIN_RECORDS
+
+
+def test_every_score_is_well_represented(records):
+    hist = Counter(r["score"] for r in records)
+    thin = {s: hist[s] for s in range(MAX_SCORE + 1) if hist[s] < MIN_PER_SCORE}
+    assert not thin, f"scores with fewer than {MIN_PER_SCORE} records: {thin} (histogram {sorted(hist.items())})"
+
+
+def test_no_eval_instruction_leaks_into_train(records):
+    eval_instr = {norm(r["instruction"]) for r in load_eft_eval(SEED / "eft_eval.jsonl")}
+    leaked = sorted({r["instruction"] for r in records if norm(r["instruction"]) in eval_instr})
+    assert not leaked, f"EFT eval instructions in eft_train: {leaked}"
+
+
+def test_length_does_not_predict_score(records):
+    rho = spearman([words(r["response"]) for r in records], [r["score"] for r in records])
+    assert rho < MAX_RHO, f"Spearman(response words, score) = {rho:.3f}, must stay below {MAX_RHO}"
+
+
+def test_long_low_and_short_high_responses(records):
+    long_low = [r for r in records if words(r["response"]) > LONG_WORDS and r["score"] <= 2]
+    short_high = [r for r in records if words(r["response"]) < SHORT_WORDS and r["score"] >= 4]
+    assert len(long_low) >= MIN_LONG_LOW, f"only {len(long_low)} responses over {LONG_WORDS} words score 0-2"
+    assert len(short_high) >= MIN_SHORT_HIGH, f"only {len(short_high)} responses under {SHORT_WORDS} words score 4-5"
+
+
+def test_justifications_are_brief(records):
+    long = [(r["instruction"][:60], words(r["justification"])) for r in records
+            if words(r["justification"]) >= MAX_JUSTIFICATION_WORDS]
+    assert not long, f"justifications of {MAX_JUSTIFICATION_WORDS}+ words: {long}"
