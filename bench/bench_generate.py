@@ -194,7 +194,7 @@ def main(argv=None):
     ratio = (ours_toks / ours_s) / (hf_toks / hf_s)
     print(f"workload: {size}; {dev}; attention backend {stats['backend']}; "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
-    print(f"| impl | tokens/s | phases (tokens/s) |\n| --- | --- | --- |")
+    print("| impl | tokens/s | phases (tokens/s) |\n| --- | --- | --- |")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} |")
     print(f"ratio engine/transformers: {ratio:.2f}x (goal 4x)")

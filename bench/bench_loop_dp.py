@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,12 +26,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import append_rows  # noqa: E402
 
+from srlm_engine.config import SEED_DIR  # noqa: E402
+
 PHASES = [("eval", "judge eval M0"), ("eval", "judge eval M1"), ("iter_1", "iter 1: candidates"),
           ("iter_1", "iter 1: judgments"), ("iter_1", "iter 1: evaluation"), ("eval", "judge eval M2")]
 
 
 def config(path: Path, args) -> Path:
-    path.write_text(f"""iterations = 1
+    seeds = path.parent / "seed"  # one copy of the seed data for both runs
+    shutil.copytree(SEED_DIR, seeds)
+    path.write_text(f"""seed_dir = "{seeds}"
+iterations = 1
 prompts = {args.prompts}
 n = 4
 judge_samples = 2

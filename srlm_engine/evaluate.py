@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from srlm_engine import judge
 
@@ -188,8 +188,10 @@ def judge_items(llm, cfg, template: str, instructions: list[str], responses: lis
 
 def length_rule(items: list[dict]) -> JudgeMetrics:
     """The "longer is better" rule as a judge: each response scored by its length in characters.
-    A judge that does not beat it on a set could be reading length, not content."""
-    return judge_vs_human([it["scores"] for it in items], [[len(r) for r in it["responses"]] for it in items])
+    A judge that does not beat it on a set could be reading length, not content. Its 5-best is
+    NaN: a length is on no score scale, so "a score of at least 4.5" means nothing for it."""
+    m = judge_vs_human([it["scores"] for it in items], [[len(r) for r in it["responses"]] for it in items])
+    return replace(m, five_best=math.nan)
 
 
 def judge_eval(llm, cfg, template: str, items: list[dict], seed: int,

@@ -122,3 +122,4 @@ def test_length_rule_against_a_hand_computed_value():
     assert m.n_pairs == 6 and m.pairwise_accuracy == 0.5
     assert m.spearman == pytest.approx((1.0 + -0.8660254037844387) / 2)
     assert m.exact_match == 0.5 and m.n_unscored == 0
+    assert math.isnan(m.five_best)  # a length is on no score scale

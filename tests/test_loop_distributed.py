@@ -46,7 +46,7 @@ def test_a_second_loop_on_a_held_folder_exits_at_once_naming_the_holder(tmp_path
     with RunLock(tmp_path / "run"):
         assert main(["loop", "--model", str(model), "--out", str(tmp_path / "run"), "--preset", "quick"]) == 2
     err = capsys.readouterr().err
-    assert f"is held by another job (host " in err and f"pid {os.getpid()}" in err
+    assert "is held by another job (host " in err and f"pid {os.getpid()}" in err
 
 
 def _toml(path: Path, seeds: Path, **over) -> Path:
@@ -103,7 +103,6 @@ def test_two_processes_write_the_same_artifacts_as_one_and_resume_after_a_killed
     for k in ("iter_1/prompts.jsonl", "iter_1/candidates.jsonl", "iter_1/pairs.jsonl", "iter_1/pairs.ref.jsonl"):
         assert k in same
     # FSDP2 over 2 ranks against 1 process: equal within the trainer's tolerance (train tests)
-    import torch
     from safetensors.torch import load_file
     for k in weights:
         x, y = load_file(tmp_path / "one" / k), load_file(run / k)

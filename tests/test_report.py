@@ -107,5 +107,6 @@ def test_every_judge_table_has_the_length_rule_beside_it_and_says_who_beats_it(t
     assert table.count("| | M0 (no EFT) | M1 | longer is better |") == 4  # 2 sets x 2 modes
     assert "Judge vs human scores on the length-free set, expected mode" in table
     assert "| pairwise accuracy | n/a | 100.0 | 50.0 |" in table  # nothing parsed: n/a, not 0.0
+    assert "| 5-best % | n/a | 50.0 | n/a |" in table  # the length rule has no score scale
     assert table.count('The rule "the longer answer is better" orders 50.0% of the pairs right. '
                        'M0 cannot be compared (it scored nothing); M1 beats it (100.0%).') == 4

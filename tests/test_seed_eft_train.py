@@ -64,3 +64,17 @@ def test_justifications_are_brief(records):
     long = [(r["instruction"][:60], words(r["justification"])) for r in records
             if words(r["justification"]) >= MAX_JUSTIFICATION_WORDS]
     assert not long, f"justifications of {MAX_JUSTIFICATION_WORDS}+ words: {long}"
+
+
+@pytest.mark.slow  # the real SmolLM2 tokenizer (pulled once into the user cache)
+def test_the_quick_preset_trains_every_seed_record_whole(smollm2_dir):
+    # SFT cuts a record longer than max_seq_len from the left: the head of the judge rubric would go
+    from srlm_engine import data
+    from srlm_engine.config import SEED_DIR, LoopConfig
+    from srlm_engine.tokenizer import Tokenizer
+    from srlm_engine.train.batches import encode_sft
+
+    cfg = LoopConfig.build("quick")
+    records = data.load_ift(SEED_DIR / "ift.jsonl") + data.eft_to_sft(data.load_eft_train(SEED_DIR / "eft_train.jsonl"))
+    enc = encode_sft(Tokenizer.from_pretrained(smollm2_dir), records, cfg.sft.max_seq_len)
+    assert enc.truncated == 0

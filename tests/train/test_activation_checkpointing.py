@@ -1,7 +1,6 @@
 """Activation checkpointing modes (train/parallel.py): the same loss and gradients as none; what
 each mode keeps for backward (the bytes the forward leaves allocated, from the profiler's memory
 events) and what it recomputes (matmuls run in backward)."""
-import copy
 
 import pytest
 import torch
