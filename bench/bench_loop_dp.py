@@ -95,7 +95,9 @@ def main() -> None:
     for _, stage in PHASES:
         r = one[stage] / many[stage]
         print(f"{stage:24s} {one[stage]:9.1f}s {many[stage]:11.1f}s {r:6.2f}x")
-        rows.append((f"{stage} ({args.prompts} prompts x 4, {args.max_tokens} tok; SmolLM2-135M)",
+        what = ("EFT-eval and length-free sets, both modes, K=2" if stage.startswith("judge eval")
+                else f"{args.prompts} prompts x 4")
+        rows.append((f"{stage} ({what}, {args.max_tokens} tok; SmolLM2-135M)",
                      f"1 process {one[stage]:.1f} s vs {args.nproc} processes {many[stage]:.1f} s = {r:.2f}x"))
     gen1, gen_n = sum(one.values()), sum(many.values())
     print(f"{'all generation':24s} {gen1:9.1f}s {gen_n:11.1f}s {gen1 / gen_n:6.2f}x   (whole runs: {wall1:.0f}s, "
@@ -104,8 +106,9 @@ def main() -> None:
                  f"1 process {gen1:.1f} s vs {args.nproc} processes {gen_n:.1f} s = {gen1 / gen_n:.2f}x"))
     if not args.no_record:
         import torch
-        append_rows("bench_loop_dp", f"CPU, {os.cpu_count()} cores shared by the processes (torch {torch.__version__})",
-                    rows)
+        from srlm_engine.device import describe
+        append_rows("bench_loop_dp", f"CPU, {os.cpu_count()} cores shared by the processes, "
+                    f"{describe('auto', 'cpu')} (torch {torch.__version__})", rows)
 
 
 if __name__ == "__main__":
