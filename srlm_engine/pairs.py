@@ -23,6 +23,14 @@ def _scored(candidates: Sequence[str], scores: Sequence[float | None]) -> list[t
 
 def _select(prompt: str, candidates: Sequence[str], scores: Sequence[float | None],
             length_control: bool, min_margin: float = 0.0) -> tuple[dict | None, str]:
+    """The pair for one prompt, or None (see the module docstring for when), and its outcome.
+
+    chosen = a candidate with the highest score, rejected = one with the lowest. Without length
+    control the first such candidate (in candidate order) is taken. With length control
+    (Meta-Rewarding, Wu et al. 2024), the shortest candidate (in characters) of the top score tier
+    and the longest of the bottom tier, which counters the drift toward ever longer answers. When
+    those two are the same text, the next candidate in that order whose text differs is taken.
+    A pair is {"prompt", "chosen", "rejected", "chosen_score", "rejected_score"}."""
     scored = _scored(candidates, scores)
     if len(scored) < 2:
         return None, "too_few_scored"
@@ -45,25 +53,12 @@ def _select(prompt: str, candidates: Sequence[str], scores: Sequence[float | Non
             "chosen_score": hi, "rejected_score": lo}, "pairs"
 
 
-def select_pairs(prompt: str, candidates: Sequence[str], scores: Sequence[float | None],
-                 length_control: bool = False) -> dict | None:
-    """The pair for one prompt, or None (see the module docstring for when).
-
-    chosen = a candidate with the highest score, rejected = one with the lowest. Without length
-    control the first such candidate (in candidate order) is taken. With length control
-    (Meta-Rewarding, Wu et al. 2024), the shortest candidate (in characters) of the top score tier
-    and the longest of the bottom tier, which counters the drift toward ever longer answers. When
-    those two are the same text, the next candidate in that order whose text differs is taken.
-    Returns {"prompt", "chosen", "rejected", "chosen_score", "rejected_score"}."""
-    return _select(prompt, candidates, scores, length_control)[0]
-
-
 def build_pairs(prompts: Sequence[str], candidates: Sequence[Sequence[str]],
                 scores: Sequence[Sequence[float | None]],
                 length_control: bool = False, min_margin: float = 0.0) -> tuple[list[dict], dict[str, int]]:
-    """`select_pairs` over many prompts. Returns (pairs in prompt order, counts) where counts has
-    one entry per outcome in OUTCOMES (pairs, ties, too_few_scored, identical); they sum to the
-    number of prompts."""
+    """One pair per prompt where its candidates give one (see _select for which). Returns (pairs in
+    prompt order, counts) where counts has one entry per outcome in OUTCOMES (pairs, ties,
+    too_few_scored, identical); they sum to the number of prompts."""
     if not len(prompts) == len(candidates) == len(scores):
         raise ValueError(f"{len(prompts)} prompts, {len(candidates)} candidate lists, "
                          f"{len(scores)} score lists: they must match")
@@ -76,4 +71,4 @@ def build_pairs(prompts: Sequence[str], candidates: Sequence[Sequence[str]],
     return pairs, counts
 
 
-__all__ = ["OUTCOMES", "build_pairs", "select_pairs"]
+__all__ = ["OUTCOMES", "build_pairs"]

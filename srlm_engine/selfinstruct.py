@@ -73,15 +73,6 @@ def lcs_length(a: Sequence, b: Sequence) -> int:
     return len(a) - v.bit_count()
 
 
-def rouge_l(a: str | Sequence[str], b: str | Sequence[str]) -> float:
-    """ROUGE-L F1 = 2 * LCS / (len(a) + len(b)) over `rouge_tokens` (symmetric; 0 if either is empty)."""
-    ta = rouge_tokens(a) if isinstance(a, str) else list(a)
-    tb = rouge_tokens(b) if isinstance(b, str) else list(b)
-    if not ta or not tb:
-        return 0.0
-    return 2.0 * lcs_length(ta, tb) / (len(ta) + len(tb))
-
-
 class _Postings:
     """For one word: the indices of indexed prompts holding it and how often, in growable arrays."""
 
@@ -275,4 +266,4 @@ def _fitting_prompt(llm, shots: list[str]) -> tuple[str | None, int]:
 
 
 __all__ = ["BLOCKLIST", "PromptFilter", "fewshot_prompt", "generate_prompts", "lcs_length",
-           "normalize", "pick_shots", "rouge_l", "rouge_tokens"]
+           "normalize", "pick_shots", "rouge_tokens"]

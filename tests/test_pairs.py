@@ -4,7 +4,14 @@ import math
 import pytest
 
 from srlm_engine.data import check_pair
-from srlm_engine.pairs import build_pairs, select_pairs
+from srlm_engine.pairs import build_pairs
+
+
+def select_pairs(prompt, candidates, scores, length_control=False):
+    """The pair build_pairs makes of one prompt's candidates, or None."""
+    pairs, counts = build_pairs([prompt], [candidates], [scores], length_control=length_control)
+    assert sum(counts.values()) == 1 and len(pairs) == counts["pairs"]
+    return pairs[0] if pairs else None
 
 
 def test_best_against_worst():

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from srlm_engine.selfinstruct import (PromptFilter, fewshot_prompt, generate_prompts, lcs_length,
-                                      normalize, pick_shots, rouge_l, rouge_tokens)
+                                      normalize, pick_shots, rouge_tokens)
 
 SEEDS = [f"Explain how {x} works to a curious teenager." for x in
          ("photosynthesis", "a bicycle gear", "compound interest", "a vaccine", "a rainbow",
@@ -21,6 +21,15 @@ def lcs_reference(a, b):
         for j, y in enumerate(b):
             dp[i + 1][j + 1] = dp[i][j] + 1 if x == y else max(dp[i][j + 1], dp[i + 1][j])
     return dp[-1][-1]
+
+
+def rouge_l(a: str, b: str) -> float:
+    """ROUGE-L F1 = 2 * LCS / (len(a) + len(b)) over `rouge_tokens`, one pair at a time: the
+    definition PromptFilter.max_similarity computes against many prompts at once."""
+    ta, tb = rouge_tokens(a), rouge_tokens(b)
+    if not ta or not tb:
+        return 0.0
+    return 2.0 * lcs_length(ta, tb) / (len(ta) + len(tb))
 
 
 def random_text(rng, vocab, lo=1, hi=30):

@@ -5,8 +5,9 @@ Backends (picked once per engine by `select_backend`):
 - "flash-attn": CUDA, flash_attn importable and block_size % 256 == 0 (flash-attn's paged layout);
 - "triton":     CUDA, srlm_kernels.paged_attention for decode and cache writes;
 - "cpp":        CPU, torch.ops.srlm_C (csrc/) for decode and cache writes;
-- "torch":      anywhere; srlm_kernels.reference.paged_attention if present, else the gather
-                below. Correct but re-gathers each sequence's whole cache every decode step.
+- "torch":      anywhere; srlm_kernels.reference.paged_attention, the plain-PyTorch ops the
+                others are tested against. Correct but re-gathers each sequence's whole cache
+                every decode step.
 Prefill (a sequence with more than one new token) runs SDPA per sequence on the CPU backends:
 over the new tokens alone when nothing is cached, else over the gathered prefix + new tokens with
 the causal diagonal offset by the cached length. On the Triton backend (GPU) all prefill
@@ -71,30 +72,6 @@ class StepMetadata:
     ctx_lens: list[int]  # context_lens as Python ints, for the prefill loop
 
 
-def _torch_reshape_and_cache(k, v, k_cache, v_cache, slot_mapping):
-    keep = slot_mapping >= 0
-    if not bool(keep.all()):
-        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k
-    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v
-
-
-def _torch_decode(q, k_cache, v_cache, block_tables, context_lens, scale):
-    """q [B, nh, hd] over each row's first context_lens[b] cached tokens -> [B, nh, hd]."""
-    B, nh, hd = q.shape
-    nkv = k_cache.shape[2]
-    L = int(context_lens.max())
-    nb = -(-L // k_cache.shape[1])
-    bt = block_tables[:, :nb].long()
-    K = k_cache[bt].view(B, -1, nkv, hd)[:, :L].transpose(1, 2)  # (B, nkv, L, hd)
-    V = v_cache[bt].view(B, -1, nkv, hd)[:, :L].transpose(1, 2)
-    mask = torch.arange(L, device=q.device)[None, :] < context_lens[:, None].long()  # (B, L)
-    # GQA without repeating K/V: the nh // nkv query heads of a kv head act as its query rows.
-    qq = q.view(B, nkv, nh // nkv, hd)
-    o = F.scaled_dot_product_attention(qq, K, V, attn_mask=mask[:, None, None, :], scale=scale)
-    return o.reshape(B, nh, hd)
-
-
 class Backend:
     """The op set of one backend: cache writes, paged decode, and how prefill attends."""
 
@@ -127,11 +104,10 @@ def select_backend(device: torch.device, block_size: int, prefer: str | None = N
             _warn_once(f"srlm_engine._C is not available ({e}); CPU paged attention falls back "
                        "to torch, which re-gathers the KV cache every decode step (slower). "
                        "Build it with `pip install -e . --no-build-isolation`.")
-    try:
-        from srlm_kernels.reference import paged_attention as ref
-        return Backend("torch", ref.reshape_and_cache, ref.paged_decode_attention)
-    except ImportError:
-        return Backend("torch", _torch_reshape_and_cache, _torch_decode)
+    # imported here, not at the top: srlm_kernels imports triton, which must not load before a
+    # caller has set TRITON_INTERPRET (tests/engine/test_paged_attention_ops.py)
+    from srlm_kernels.reference import paged_attention as ref
+    return Backend("torch", ref.reshape_and_cache, ref.paged_decode_attention)
 
 
 class PagedAttention:
@@ -218,7 +194,7 @@ class PagedAttention:
             attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True)
         return o[0].transpose(0, 1)  # (n, nh, hd)
 
-    # ---- flash-attn (CUDA; untested on this CPU-only machine)
+    # ---- flash-attn (CUDA; no test runs it: bench/gpu_check.sh has no flash-attn wheel to install)
     def _flash_prep(self):
         m = self.meta
         dev = m.slot_mapping.device

@@ -34,24 +34,12 @@ class BlockPool:
         self.hit_tokens = 0       # prompt tokens found in the cache
         self.queried_tokens = 0   # prompt tokens looked up
 
-    @property
-    def num_free(self) -> int:
-        return len(self.free)
-
     def hit_rate(self) -> float:
         return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
 
     @staticmethod
     def chain_key(parent: int | None, tokens) -> int:
         return hash((parent, tuple(tokens)))
-
-    def block_keys(self, token_ids: list[int], n_full: int) -> list[int]:
-        """Keys of the first n_full full blocks of token_ids."""
-        keys, parent, bs = [], None, self.block_size
-        for i in range(n_full):
-            parent = self.chain_key(parent, token_ids[i * bs:(i + 1) * bs])
-            keys.append(parent)
-        return keys
 
     def lookup(self, token_ids: list[int]) -> list[int]:
         """Blocks holding the longest cached prefix of token_ids (full blocks only); no refs taken."""

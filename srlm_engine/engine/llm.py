@@ -39,8 +39,7 @@ from srlm_engine.engine.attention import KVCache, PagedAttention, StepMetadata, 
 from srlm_engine.engine.blocks import BlockPool
 from srlm_engine.engine.sampler import Sampler, SamplingParams, check_stop, make_generator, top_logprobs
 from srlm_engine.engine.scheduler import Scheduled, Scheduler, Sequence
-from srlm_engine.model.llama import Llama
-from srlm_engine.model.weights import load_config
+from srlm_engine.model.weights import load_config, load_model
 from srlm_engine.tokenizer import Tokenizer
 
 
@@ -82,7 +81,7 @@ class LLM:
                 raise ValueError(f"LLM: {name} must be a positive integer, got {v!r}")
         self.tp_group = None
         if tensor_parallel_size == 1 and tp_group is None:
-            self.model = Llama.from_pretrained(model_dir, dtype=dtype, device=device)
+            self.model = load_model(model_dir, dtype=dtype, device=device)
             self.config = self.model.config
         else:
             from srlm_engine.engine import tensor_parallel as tp

@@ -1,7 +1,8 @@
 """Llama: RMSNorm, rotary embeddings (with `llama3` scaling), grouped-query attention, SwiGLU.
 
 Single-device, plain PyTorch; sharding is applied from outside (train/parallel.py). Parameter
-names are Hugging Face's without the leading "model.", so weights.py maps names one to one.
+names are Hugging Face's without the leading "model.", so weights.py maps names one to one;
+weights.py loads and saves a Llama (load_model, save_model), and this file knows nothing of files.
 
 One forward serves both callers. Leading dimensions are free: training passes input_ids [B, T]
 and gets causal attention over each row; the engine passes packed tokens [N] with their
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -115,12 +115,6 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> "Llama":
-        from srlm_engine.model.weights import load_model
-        return load_model(path, dtype=dtype, device=device)
 
     def init_weights(self, seed: int = 0, std: float = 0.02) -> "Llama":
         """Random weights as transformers initializes Llama (normal(0, std), norms at 1)."""

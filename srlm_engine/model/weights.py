@@ -1,5 +1,8 @@
 """Llama weights in Hugging Face layout: safetensors only, single file or sharded with an index.
 
+`load_model(path)` is the way to load a model directory; `save_model` writes one. This module
+builds the Llama (model/llama.py), which imports nothing from here.
+
 Loading checks every file's header against its size before reading, so a truncated file names
 the first tensor that does not fit; a missing, unexpected or wrongly shaped tensor names the
 tensor and the file. Saving writes the same layout (config.json, model.safetensors or shards +

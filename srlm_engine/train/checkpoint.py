@@ -30,8 +30,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from srlm_engine.config import ModelConfig
 from srlm_engine.io import atomic_dir, read_json, write_json
-from srlm_engine.model.llama import Llama
-from srlm_engine.model.weights import save_model
+from srlm_engine.model.weights import model_from_state_dict, save_model
 from srlm_engine.train.parallel import Dist, barrier
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -62,13 +61,9 @@ def full_model_state(root: nn.Module, d: Dist) -> dict[str, torch.Tensor]:
 
 def write_model_dir(state: dict[str, torch.Tensor], cfg: ModelConfig, path: Path, tokenizer_src: Path) -> None:
     """Write an HF-layout model directory (weights, config.json, tokenizer files) into `path`."""
-    with torch.device("meta"):
-        model = Llama(cfg)
     if cfg.tie_word_embeddings:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    model = model_from_state_dict(cfg, state)
     missing = [k for k, v in model.state_dict().items() if v.is_meta]
     if missing:
         raise CheckpointError(f"model state misses {missing[:3]}")

@@ -54,9 +54,9 @@ def test_batched_prefill_matches_per_sequence(tiny_dir, tiny_model):
     """The GPU backend's one-call prefill (forced on here, on CPU) gives the plain loop's tokens,
     with chunked prefill and prefix-cache hits in the same steps (sequences of ragged contexts)."""
     from srlm_engine.engine import LLM, SamplingParams
-    from srlm_engine.model.greedy import greedy_generate
 
     from enginekit import EOS, random_prompts
+    from greedy import greedy_generate
 
     shared = list(range(2, 50))
     prompts = random_prompts(9, 2, 40, seed=5) + [shared + [60, 61], shared + [70], shared]

@@ -28,11 +28,11 @@ def test_refcounts_and_lru_eviction():
     a = pool.allocate(2)
     commit_all(pool, a, [1, 2, 3, 4])
     pool.take(pool.lookup([1, 2, 3, 4, 5]))           # a second user of both blocks
-    assert pool.ref[a[0]] == 2 and pool.num_free == 2
+    assert pool.ref[a[0]] == 2 and len(pool.free) == 2
     pool.release(a)
-    assert pool.num_free == 2                           # still held by the second user
+    assert len(pool.free) == 2                          # still held by the second user
     pool.release(a)
-    assert pool.num_free == 4                           # free, but still cached
+    assert len(pool.free) == 4                          # free, but still cached
     assert pool.lookup([1, 2, 3, 4]) == a
     # unkeyed free blocks are used before cached ones; then the least recently freed goes first
     b = pool.allocate(2)
@@ -50,7 +50,7 @@ def test_take_revives_a_free_cached_block_and_double_release_is_caught():
     commit_all(pool, a, [7, 8])
     pool.release(a)
     pool.take(pool.lookup([7, 8, 9]))
-    assert pool.num_free == 1 and pool.ref[a[0]] == 1
+    assert len(pool.free) == 1 and pool.ref[a[0]] == 1
     pool.release(a)
     with pytest.raises(AssertionError, match="released twice"):
         pool.release(a)

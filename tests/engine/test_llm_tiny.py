@@ -1,4 +1,4 @@
-"""The engine on a tiny random Llama against the plain greedy loop (srlm_engine.model.greedy),
+"""The engine on a tiny random Llama against the plain greedy loop (tests/greedy.py),
 plus the scheduler's paths: chunked prefill, preemption, prefix sharing, seeds, bad input."""
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from srlm_engine.engine import LLM, SamplingParams
-from srlm_engine.model.greedy import greedy_generate
 
 from enginekit import EOS, random_prompts
+from greedy import greedy_generate
 
 
 def reference(model, prompts, max_tokens):
@@ -42,7 +42,7 @@ def test_chunked_prefill_and_preemption_keep_outputs(tiny_dir, tiny_model, promp
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == want
     assert llm.stats()["preemptions"] > 0
-    assert llm.pool.num_free == llm.pool.num_blocks  # everything released at the end
+    assert len(llm.pool.free) == llm.pool.num_blocks  # everything released at the end
 
 
 def test_n_samples_share_prompt_blocks(tiny_dir):
@@ -182,7 +182,7 @@ def test_error_during_generation_names_request(tiny_dir, monkeypatch):
     with pytest.raises(RuntimeError, match=r"request 1 \(sample 0\)"):
         llm.generate([[2, 3], [4, 5]], SamplingParams(max_tokens=3), use_tqdm=False)
     monkeypatch.undo()
-    assert llm.pool.num_free == llm.pool.num_blocks  # reset and usable again
+    assert len(llm.pool.free) == llm.pool.num_blocks  # reset and usable again
     assert len(llm.generate([[2, 3]], SamplingParams(max_tokens=3), use_tqdm=False)[0].outputs) == 1
 
 
@@ -206,5 +206,5 @@ def test_a_failed_step_leaves_no_stale_prefix(tiny_dir, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         llm.generate([prompt], p, use_tqdm=False)
     monkeypatch.undo()
-    assert llm.pool.num_free == llm.pool.num_blocks and not llm.pool.by_key
+    assert len(llm.pool.free) == llm.pool.num_blocks and not llm.pool.by_key
     assert llm.generate([prompt], p, use_tqdm=False)[0].outputs[0].token_ids == want

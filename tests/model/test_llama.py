@@ -3,10 +3,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from srlm_engine.model.greedy import greedy_generate
-from srlm_engine.model.llama import Llama
-from srlm_engine.model.weights import load_config
+from srlm_engine.model.weights import load_config, load_model
 from srlm_engine.tokenizer import Tokenizer
+
+from greedy import greedy_generate
 
 
 def reference_logits(path, ids):
@@ -17,7 +17,7 @@ def reference_logits(path, ids):
 
 def test_tiny_logits_match_transformers(tiny_checkpoint):
     path, written = tiny_checkpoint
-    ours = Llama.from_pretrained(path)
+    ours = load_model(path)
     ids = torch.randint(0, ours.config.vocab_size, (3, 37), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = ours(ids)
@@ -34,7 +34,7 @@ def test_checkpoint_saved_sharded_by_transformers(tmp_path):
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    ours = Llama.from_pretrained(tmp_path)
+    ours = load_model(tmp_path)
     ids = torch.randint(0, 91, (2, 50), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = ours(ids)
@@ -43,7 +43,7 @@ def test_checkpoint_saved_sharded_by_transformers(tmp_path):
 
 def test_bf16_load_casts_every_tensor(tiny_checkpoint):
     path, _ = tiny_checkpoint
-    model = Llama.from_pretrained(path, dtype=torch.bfloat16)
+    model = load_model(path, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.inv_freq.dtype == torch.float32  # rotary angles stay fp32, as in transformers
 
@@ -57,7 +57,7 @@ def test_smollm2_logits_match_transformers_on_long_prompt(smollm2_dir):
             "fashion and science for centuries. Its 2,165,423 residents (2019) live in 105.4 km2. ") * 8
     ids = torch.tensor([tok.encode(text)])
     assert ids.shape[1] >= 200
-    ours = Llama.from_pretrained(smollm2_dir)
+    ours = load_model(smollm2_dir)
     assert load_config(smollm2_dir).rope_theta == 100000.0
     with torch.no_grad():
         got = ours(ids)
@@ -67,7 +67,7 @@ def test_smollm2_logits_match_transformers_on_long_prompt(smollm2_dir):
 @pytest.mark.slow  # real model greedy decoding without a cache: a few seconds
 def test_smollm2_knows_the_capital_of_france(smollm2_dir):
     tok = Tokenizer.from_pretrained(smollm2_dir)
-    model = Llama.from_pretrained(smollm2_dir)
+    model = load_model(smollm2_dir)
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     out = greedy_generate(model, tok.encode(prompt, add_special_tokens=False), 24, tok.eos_token_ids)
     assert "Paris" in tok.decode(out)

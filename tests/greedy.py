@@ -1,6 +1,7 @@
 """Greedy decoding with a plain loop and no KV cache: the dense forward reruns the whole sequence
-each step. Slow by design; it is the obviously-right reference the engine is tested against and
-what `srlm demo` used before the engine existed."""
+each step. Slow by design; it is the obviously-right reference the engine is tested against.
+
+Imported as `greedy` from any test folder: tests/ is on sys.path through tests/conftest.py."""
 from __future__ import annotations
 
 import torch
