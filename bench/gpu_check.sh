@@ -16,11 +16,11 @@
 # .gpu/smollm2/` and `pip download --no-deps liger-kernel -d .whl` (both folders git-ignored).
 # Each part has its own time limit and the script goes on after a failure; it exits non-zero if
 # any part failed. Not covered: flash-attn (no wheel for this torch/CUDA), multi-GPU FSDP.
-# Last run: 2026-11-27 (session 10) on an H100 80GB HBM3 (torch 2.11, triton 3.6), 449 s. Parts took:
-# gpu tests 92 s, tune 31, bench_train 41, paged attention 16, bench_train bf16 35, loop 26; three
-# hit their limits then: bench_fused_logprob (70 s: its big shape, ~52 s alone, was cut), bench_dpo_loss
-# (40 s: each case starts two worker processes of ~10 s) and bench_generate (80 s). The limits below
-# are set from those times.
+# Part times on an H100 80GB HBM3 (torch 2.11, triton 3.6; 449 s in all; bench/RESULTS.md, gpu_check.sh):
+# gpu tests 92 s, tune 31, bench_train 41, paged attention 16, bench_train bf16 35, loop 26. Limits
+# of 70, 40 and 80 s cut bench_fused_logprob (its big shape takes ~52 s alone), bench_dpo_loss (each
+# case starts two worker processes of ~10 s) and bench_generate. The limits below are set from
+# these times.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -66,8 +66,8 @@ part() {  # part SECONDS NAME COMMAND...: run one part under a time limit, note 
     [ $rc -eq 0 ] || status=1
     if [ -n "${OUT:-}" ]; then cp bench/RESULTS.md "$OUT/RESULTS.md"; fi  # kept even if a later part hangs
 }
-# The open issue's checks first (fused log-prob against Liger, its launch sweep): a call stopped at
-# its time limit then loses only the later parts.
+# The tests first, then the fused log-prob against Liger and its launch sweep, whose figures set
+# the kernel's tiles: a call stopped at its time limit loses only the later parts.
 part 130 "gpu tests" $py -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/engine/test_engine_gpu.py tests/train/test_train_gpu.py
 part 110 "bench_fused_logprob (cuda)" $py bench/bench_fused_logprob.py --reps 10
 part 60 "tune_fused_logprob (cuda)" $py bench/tune_fused_logprob.py

@@ -14,7 +14,7 @@
 //
 // torch needs a pass per quantity (argmax, logsumexp twice, a division) plus a top-k over the whole
 // vocabulary, each allocating [R, V]; for a decode step at batch 128 over SmolLM2's 49k tokens
-// that was ~70 ms per step against ~5 ms here. The candidates are the point: top-p with p < 1
+// that takes ~70 ms per step against ~5 ms here. The candidates are the point: top-p with p < 1
 // never keeps a token below (1 - p) / V (all such tokens together hold less than 1 - p), so
 // the sampler filters and draws among a few hundred candidates instead of sorting 49k values.
 // The PyTorch reference is srlm_engine.engine.sampler.sampling_stats_reference.

@@ -90,7 +90,7 @@ def run(model_dir: str | Path, out: str | Path, cfg: LoopConfig, log: Callable[[
     if not (model_dir / "config.json").is_file():
         raise DataError(f"{model_dir}: not a model directory (no config.json)")
     rt = Runtime.start(tp)
-    for tcfg in (cfg.sft, cfg.dpo):  # a batch that the ranks do not divide, now rather than hours into the run
+    for tcfg in (cfg.sft, cfg.dpo):  # a batch that the ranks do not divide fails here, not hours into the run
         tcfg.accum_steps(rt.world)
     inputs = Inputs.load(cfg)  # only checked inputs pin the folder: fixing a bad line is no new run
     lock = RunLock(root)
@@ -292,7 +292,7 @@ def train(kind: str, model: Path, records: list[dict], out_dir: Path, tcfg) -> P
 
 def candidate_params(cfg: LoopConfig, count: int, seed: int) -> list[SamplingParams]:
     """Sampling of the N candidates of each of `count` prompts: a seed per prompt, mixed from the
-    iteration's (one for the whole call gave candidate j of every prompt the same uniforms)."""
+    iteration's (one seed for the whole call would give candidate j of every prompt the same uniforms)."""
     return [SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
                            seed=judge.item_seed(seed, i)) for i in range(count)]
 

@@ -14,8 +14,9 @@ def test_presets_and_defaults_are_valid():
 
 
 def test_paper_batch_of_16_holds_for_any_number_of_processes():
-    """`--preset paper --nproc 2` trained with batch 32 (grad_accum 4 per process, lr unscaled):
-    the preset now sets the global batch and each process's accumulation follows from it."""
+    """The paper preset sets the global batch (16) and each process's accumulation follows from
+    it, so `--preset paper --nproc 2` trains with batch 16 (a fixed grad_accum of 4 per process
+    would make it 32)."""
     cfg = LoopConfig.build("paper")
     for t in (cfg.sft, cfg.dpo):
         assert [t.micro_batch_size * w * t.accum_steps(w) for w in (1, 2, 4)] == [16, 16, 16]
@@ -27,7 +28,7 @@ def test_paper_batch_of_16_holds_for_any_number_of_processes():
     assert (cfg.sft.grad_accum, cfg.sft.global_batch_size, cfg.sft.accum_steps(2)) == (2, None, 2)
     cfg = LoopConfig.build(None, {"dpo": {"grad_accum": 2}}, dpo={"global_batch_size": 8})
     assert (cfg.dpo.grad_accum, cfg.dpo.global_batch_size, cfg.dpo.accum_steps(1)) == (None, 8, 2)
-    assert TrainConfig().accum_steps(2) == 4  # neither set: 4 per process, as before
+    assert TrainConfig().accum_steps(2) == 4  # neither set: grad_accum 4 per process
     with pytest.raises(ConfigError, match=r"set grad_accum \(2\) or global_batch_size \(8\), not both"):
         TrainConfig(grad_accum=2, global_batch_size=8)
 

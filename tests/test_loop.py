@@ -391,7 +391,7 @@ class FakeEngines:
 
 @pytest.mark.parametrize("cuda", [False, True], ids=["cpu", "cuda"])
 def test_engines_run_on_the_gpu_where_there_is_one(monkeypatch, cuda):
-    # as the trainer does: generation on a GPU machine ran on its CPU before
+    # as the trainer does: on a GPU machine generation runs on the GPU, not on the host's CPU
     made = []
     monkeypatch.setattr(runtime, "LLM", lambda path, **kw: made.append((path, kw)))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
@@ -532,8 +532,8 @@ def test_judge_eval_command_judges_as_the_loop_does(monkeypatch, capsys, tiny_mo
 
 
 def test_judge_samples_of_identical_items_are_drawn_independently(tiny_model):
-    # Two identical (instruction, answer) items in one seeded call: with one shared seed, sample j of both drew the
-    # same random numbers and wrote the same judgment; with a seed per item they are independent draws.
+    # Two identical (instruction, answer) items in one seeded call: with one shared seed, sample j of both would
+    # draw the same random numbers and write the same judgment; with a seed per item they are independent draws.
     from srlm_engine.engine import LLM
     from srlm_engine.judge import judge_samples
     llm = LLM(tiny_model, dtype=torch.float32, kv_cache_tokens=4096)

@@ -60,7 +60,8 @@ def test_a_plot_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
 
 
 def test_stray_files_in_the_run_folder_are_not_read(tmp_path):
-    # a copy or backup beside the run's files made the finished loop exit with "invalid literal for int()"
+    # a copy or backup beside the run's files is no iteration's file: parsed as one, it would end
+    # the finished loop with "invalid literal for int()"
     (tmp_path / "eval").mkdir()
     for name in ("judge_m10.json", "judge_m2.json", "judge_m1 copy.json", "judge_m1.json.bak", "judge_mx.json"):
         (tmp_path / "eval" / name).write_text("{}")

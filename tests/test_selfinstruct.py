@@ -216,7 +216,8 @@ class ShortContextLLM(FakeLLM):
 
 
 def test_a_fewshot_prompt_too_long_for_the_context_drops_shots_until_it_fits():
-    # a 2,048-token model given an 8-shot prompt of 2,379 tokens stopped the loop; now it drops shots
+    # an 8-shot prompt longer than the model's context (2,379 tokens for a 2,048-token model) must
+    # not stop the loop: shots are dropped until the prompt fits
     full = len(fewshot_prompt(SEEDS[:8])) + 1
     limit = full - 20  # the 8 shots do not fit, fewer do
     llm = ShortContextLLM(["Write a limerick about a forgetful robot chef.",

@@ -22,8 +22,8 @@ recomputes the logits of all rows over the chunk (fp32 accumulation, as forward)
 rows of weight (written once, whole) and d hidden += dz @ weight[chunk]. d hidden and d weight
 are reductions over V and N of size H each: kept in registers they would need the logits
 recomputed per H-tile, written back per tile they cost far more memory traffic than the GEMMs
-(the first version did that: 5x slower than Liger on an H100). Chunking the vocabulary, not the
-rows (Liger's way, and ours before), matters at a large V: a chunk of C rows streams all of
+(a backward that writes them back per tile takes 5x Liger's time on an H100). Chunking the
+vocabulary, not the rows (Liger's way), matters at a large V: a chunk of C rows streams all of
 weight three times (recompute, d hidden, and the read and write of d weight += ...), 2 GB per
 256-row chunk at V=128256, H=2048 in bf16, memory-bound since C is small; a vocabulary chunk
 streams only its own rows of weight, and the accumulated [N, H] d hidden is 1 / 20 of weight
@@ -53,23 +53,24 @@ from .fused_logprob_torch import torch_fused_linear_logprob, torch_fused_linear_
 
 # (BLOCK_N, BLOCK_V, BLOCK_H[, num_warps, num_stages]) per pass, read at launch. The interpreter
 # pays per operation, not per element, so big tiles make it fast; tl.dot needs every block >= 16.
-# GPU, 16-bit inputs, from bench/tune_fused_logprob.py's sweeps on an H100 (bench/RESULTS.md) and
-# the register use of the compiled kernels (tests/kernels/aot_compile.py, sm_90; Triton 3.9 and
-# 3.6, the lent GPU image's compiler, give the same verdicts with other byte counts).
+# GPU, 16-bit inputs, from bench/tune_fused_logprob.py's sweeps on an H100 with Triton 3.6 (the
+# figures below are in bench/RESULTS.md) and the register use of the compiled kernels
+# (tests/kernels/aot_compile.py, sm_90; Triton 3.9 and 3.6, the GPU image's compiler, give the
+# same verdicts with other byte counts).
 # Backward 128 x 256 fp32 accumulator tiles over 8 warps, 3-stage pipelined loads, though they
-# spill (2.3 KB per thread with Triton 3.9, 1.6 KB with 3.6): with the vocabulary-chunked
-# backward, session 10's sweep (Triton 3.6) timed it 17.9 ms at N=8192 H=2048 V=128256 against
-# 20.1 ms for 128 x 128, the tile before, which had won the older row-chunked backward (25.2 ms
-# against 25.6, 88a56fb). bench_fused_logprob's fwd+bwd went from 36.6 to 33.7 ms there, and
-# from 6.1 to 5.1 ms at N=4096 H=576 V=49152.
-# Forward 128 x 256 over 8 warps (no spill in bf16): in 88a56fb's sweep, before the forward split
-# the vocabulary, a row block was one program (48 of them at the big shape's 6144 kept rows, on
-# 132 SMs), and 128 x 256 did the most work per busy SM (4.8 TFLOP/s against 2.9 for 64 x 256,
-# which won on time only by filling twice as many SMs, and 14.1 ms against 17.9 for 128 x 128 on
-# as many); session 10's sweep with the split forward agrees (6.99 ms, the fastest auto split).
+# spill (2.3 KB per thread with Triton 3.9, 1.6 KB with 3.6): the vocabulary-chunked backward
+# takes 17.9 ms with them at N=8192 H=2048 V=128256 against 20.1 ms with 128 x 128 tiles, and
+# bench_fused_logprob's fwd+bwd 33.7 ms against 36.6 (5.1 against 6.1 ms at N=4096 H=576
+# V=49152). With row chunks instead of vocabulary chunks the two tiles tie (25.6 ms for 128 x 256,
+# 25.2 for 128 x 128).
+# Forward 128 x 256 over 8 warps (no spill in bf16): with one program per row block, unsplit
+# (48 programs at the big shape's 6144 kept rows, on 132 SMs), 128 x 256 does the most work per
+# busy SM (4.8 TFLOP/s against 2.9 for 64 x 256, which is faster only by filling twice as many
+# SMs, and 14.1 ms against 17.9 for 128 x 128 on as many); with the vocabulary split (FWD_SPLITS)
+# it is also the fastest auto-split config (6.99 ms).
 # fp32 inputs multiply on CUDA cores (IEEE, no TF32), where those tiles would spill 13-14 KB per
 # thread: 64 x 128 over 8 warps is the largest swept tile that compiles without spilling in
-# either pass (not yet timed). Rerun the sweep on another card.
+# either pass; no sweep has timed fp32 inputs. Other cards need their own sweep.
 GPU_FWD_BLOCKS = (128, 256, 64, 8, 3)
 GPU_BWD_BLOCKS = (128, 256, 64, 8, 3)
 GPU_FP32_BLOCKS = (64, 128, 64, 8, 3)

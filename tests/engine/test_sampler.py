@@ -169,7 +169,7 @@ def test_sampling_stats_op_matches_reference(vocab):
 @pytest.mark.skipif(not HAVE_OP, reason="srlm_engine._C is not built")
 @pytest.mark.parametrize("nan_at", [3, 18, 33])  # in a 16-wide vector, in the 20-wide row's tail, both
 def test_sampling_stats_row_with_nan_is_nan(nan_at):
-    # the comparisons skipped the NaN: the op gave a finite lse and another argmax than torch
+    # the op's comparisons must not skip the NaN: skipped, it gives a finite lse and another argmax than torch
     x = torch.zeros(2, 20 if nan_at < 20 else 40)
     x[0, 7] = 1.0
     x[0, nan_at] = float("nan")

@@ -208,8 +208,8 @@ def test_missing_shard(tmp_path, tiny_writer):
 
 @pytest.mark.parametrize("shard", ["../other/model.safetensors", "/abs/model.safetensors", "sub/x.safetensors", ".."])
 def test_shard_outside_the_model_folder_is_refused(tmp_path, tiny_writer, shard):
-    """The index's weight_map names files of the model folder only; '../other/model.safetensors'
-    was followed, and loaded another folder's weights (here: a whole valid model, nothing else wrong)."""
+    """The index's weight_map names files of the model folder only; following '../other/model.safetensors'
+    would load another folder's weights (here: a whole valid model, nothing else wrong)."""
     tiny_writer(tmp_path / "other", "mha_tied")
     model = tmp_path / "m"
     tiny_writer(model, "mha_tied", max_shard_bytes=20_000)
@@ -253,9 +253,10 @@ def test_save_removes_only_its_own_stale_layout(tmp_path, tiny_config_of):
 
 
 def test_a_save_killed_midway_leaves_the_old_weights_loading(tmp_path, tiny_config_of, monkeypatch):
-    """Re-saving a sharded model with the same shard count overwrote model-00001-of-0000N in place:
-    killed after the first shard, old and new shards loaded together, without an error. New shards
-    now take names the live index does not list, and the new index commits them."""
+    """Re-saving a sharded model with the same shard count must not overwrite model-00001-of-0000N in
+    place: a save killed after the first shard would leave old and new shards that load together,
+    without an error. New shards take names the live index does not list, and the new index commits
+    them."""
     from srlm_engine.model import weights
     old, new = (Llama(tiny_config_of("mha_tied")).init_weights(seed=s) for s in (0, 1))
     save_model(old, tmp_path, max_shard_bytes=20_000)

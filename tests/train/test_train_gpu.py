@@ -132,7 +132,8 @@ def test_dpo_on_cuda_matches_cpu(runs, tiny_model):
 
 def test_ipo_on_cuda_matches_cpu(runs, tiny_model):
     """IPO averages each row's log-probs over its trained tokens (train/losses.py): the counts
-    were made on the CPU while the log-probs lay on the GPU, and the first step raised."""
+    must lie on the log-probs' device (counts on the CPU beside log-probs on the GPU raise at the
+    first step)."""
     cpu, cuda = done(runs, "dpo-ipo-cpu"), done(runs, "dpo-ipo-cuda")
     assert_same_training(tiny_model, cpu, cuda)
     # Step 1: policy == reference, margin 0, so the loss is (0 - 1 / (2 beta))^2 = 25 at beta 0.1.
