@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
-HEADER = ("# Benchmark results\n\nOne row per case per run, appended by the bench/ scripts. "
-          "Times are medians (p20-p80) in ms; memory is the peak above the inputs, in MB.\n\n"
-          "| date | commit | bench | machine | device | case | result |\n"
-          "| --- | --- | --- | --- | --- | --- | --- |\n")
+HEADER = ("# Benchmark results\n\nOne section per bench, one table row per case per run. Times are "
+          "medians (p20-p80) in ms; memory is the peak above the inputs, in MB.\n")
+TABLE = "| date | commit | machine | device | case | result |\n| --- | --- | --- | --- | --- | --- |\n"
 
 
 def stats(ms):
@@ -64,13 +63,36 @@ def git_commit():
 
 
 def append_rows(bench, device, rows):
-    """rows: [(case, result)] -> appended to RESULTS.md (created with its header if absent)."""
-    if not RESULTS.exists():
-        RESULTS.write_text(HEADER)
-    date = datetime.date.today().isoformat()
-    with RESULTS.open("a") as f:
-        for case, result in rows:
-            f.write(f"| {date} | {git_commit()} | {bench} | {machine()} | {device} | {case} | {result} |\n")
+    """rows: [(case, result)] -> appended to the table of RESULTS.md's section for `bench` (created
+    with its header if absent); written to a temporary file and renamed over it."""
+    date, commit, host = datetime.date.today().isoformat(), git_commit(), machine()
+    lines = [f"| {date} | {commit} | {host} | {device} | {case} | {result} |\n" for case, result in rows]
+    text = insert_rows(RESULTS.read_text() if RESULTS.exists() else HEADER, bench, lines)
+    tmp = RESULTS.with_name(RESULTS.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, RESULTS)
+
+
+def insert_rows(text, bench, rows):
+    """`text` with `rows` (table lines) after the last table line of the section headed
+    "## {bench}" or "## {bench}: ..."; a new section at the end when there is none."""
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines)
+                  if line.rstrip("\n") == f"## {bench}" or line.startswith(f"## {bench}: ")), None)
+    if start is None:
+        return text.rstrip("\n") + f"\n\n## {bench}\n\n" + TABLE + "".join(rows)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    table = [i for i in range(start + 1, end) if lines[i].startswith("|")]
+    if table:
+        at, new = table[-1] + 1, rows
+    else:  # a section of text only: its table goes after the text
+        at, new = end, ["\n", TABLE, *rows]
+        while at > start + 1 and not lines[at - 1].strip():
+            at -= 1
+    if not lines[at - 1].endswith("\n"):
+        lines[at - 1] += "\n"
+    lines[at:at] = new
+    return "".join(lines)
 
 
 def reset_peak_rss():
