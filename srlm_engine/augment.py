@@ -53,7 +53,7 @@ When each variant is made. A variant that no rule can grade with confidence is s
   quoting it could put a score line into a justification.
 
 The justification names the points earned and missed and why, in the manner of
-data/seed/eft_train.jsonl, quoting the variant where that says more (the changed number, where a
+srlm_engine/seed/eft_train.jsonl, quoting the variant where that says more (the changed number, where a
 partial reply stops, how an irrelevant one begins); the score stays in its own field.
 Each record draws `per_record` of the variants made for it (all of them if fewer) with
 `random.Random(seed)`, written in the order of VARIANTS. Records carry "source": "augment:<variant>":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -312,7 +313,10 @@ class TrainConfig:
             raise ConfigError(f"{source}: {e}") from None
 
 
-SEED_DIR = Path(__file__).resolve().parents[1] / "data" / "seed"
+# The seed data (IFT, EFT train and eval sets) is package data, srlm_engine/seed/: found the same way
+# from a source checkout, an editable install and an installed wheel. pip installs packages as
+# files, never zipped, so the Traversable is a directory on disk that the loop can read by path.
+SEED_DIR = Path(resources.files("srlm_engine") / "seed")
 
 
 @dataclass

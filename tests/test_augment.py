@@ -2,16 +2,16 @@
 reply, determinism, valid records, and on the seed IFT set: every variant, and length no shortcut."""
 import re
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from srlm_engine.augment import VARIANTS, eft_augment, write_eft_augment
+from srlm_engine.config import SEED_DIR
 from srlm_engine.data import check_eft_train, load_eft_train, load_ift
 from srlm_engine.evaluate import spearman
 from srlm_engine.judge import has_score_line
 
-SEED_IFT = Path(__file__).resolve().parents[1] / "data" / "seed" / "ift.jsonl"
+SEED_IFT = SEED_DIR / "ift.jsonl"
 ALL = len(VARIANTS)  # per_record that keeps every variant made
 
 
@@ -206,7 +206,6 @@ def test_seed_ift_every_variant_valid_and_length_no_shortcut(tmp_path):
 
 def test_srlm_data_eft_augment_writes_graded_records(tmp_path, capsys):
     from srlm_engine.cli import main
-    from srlm_engine.config import SEED_DIR
     from srlm_engine.data import load_eft_train
 
     out = tmp_path / "eft_aug.jsonl"

@@ -1,15 +1,15 @@
 """Record schemas with file:line errors, the EFT -> SFT converter and the Open Assistant converter."""
 import json
-from pathlib import Path
 
 import pytest
 
+from srlm_engine.config import SEED_DIR
 from srlm_engine.data import (convert_oasst, eft_to_sft, load_eft_eval, load_eft_train,
                               load_ift, load_pairs, load_sft)
 from srlm_engine.io import DataError
 from srlm_engine.judge import DEFAULT_TEMPLATE, parse_score
 
-SEED = Path(__file__).resolve().parents[1] / "data" / "seed"
+SEED = SEED_DIR
 
 
 def write(path, records):

@@ -1,15 +1,15 @@
-"""The hand-written EFT seed (data/seed/eft_train.jsonl): size, score spread, no leak of the EFT
+"""The hand-written EFT seed (srlm_engine/seed/eft_train.jsonl): size, score spread, no leak of the EFT
 eval set, and length that does not predict the score."""
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
+from srlm_engine.config import SEED_DIR
 from srlm_engine.data import load_eft_eval, load_eft_train
 from srlm_engine.evaluate import spearman
 from srlm_engine.judge import MAX_SCORE
 
-SEED = Path(__file__).resolve().parents[1] / "data" / "seed"
+SEED = SEED_DIR
 
 MIN_RECORDS = 300
 MIN_PER_SCORE = 25

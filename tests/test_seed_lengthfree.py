@@ -1,17 +1,17 @@
-"""The length-free judge evaluation set, data/seed/eft_eval_lengthfree.jsonl.
+"""The length-free judge evaluation set, srlm_engine/seed/eft_eval_lengthfree.jsonl.
 
-On data/seed/eft_eval.jsonl the rule "the longer answer is better" agrees with the human scores
+On srlm_engine/seed/eft_eval.jsonl the rule "the longer answer is better" agrees with the human scores
 on most pairs, so a judge can look good there by counting words. This hand-written set is built
 so that length says nothing: long answers that are wrong, padded or off topic, short answers that
 are complete and correct. These tests keep it that way."""
-from pathlib import Path
 
 import pytest
 
+from srlm_engine.config import SEED_DIR
 from srlm_engine.data import load_eft_eval, load_eft_train, load_ift
 from srlm_engine.evaluate import judge_vs_human
 
-SEED = Path(__file__).resolve().parents[1] / "data" / "seed"
+SEED = SEED_DIR
 LENGTHFREE = SEED / "eft_eval_lengthfree.jsonl"
 
 

