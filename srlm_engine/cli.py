@@ -160,7 +160,7 @@ def _add_train_flags(q) -> None:
             q.add_argument(flag, dest=f.name, type=float, nargs=2, default=argparse.SUPPRESS)
         else:
             q.add_argument(flag, dest=f.name, type=_TRAIN_TYPES.get(f.name, type(f.default)),
-                           default=argparse.SUPPRESS)
+                           choices=f.metadata.get("choices"), help=f.metadata.get("help"), default=argparse.SUPPRESS)
 
 
 def _train_config(args):
@@ -299,11 +299,13 @@ def build() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_data_eft_augment)
 
     q = sub.add_parser("sft", help="supervised fine-tuning on chat records (loss on assistant turns)")
-    q.add_argument("--data", required=True, help='JSONL of {"messages": [{"role", "content"}, ...]}')
+    q.add_argument("--data", required=True, help='JSONL of {"messages": [{"role", "content"}, ...]} or TRL\'s '
+                   '{"prompt", "completion"} (strings or message lists)')
     _add_train_flags(q)
     q.set_defaults(fn=cmd_sft)
     q = sub.add_parser("dpo", help="DPO on preference pairs; reference log-probs computed once first")
-    q.add_argument("--pairs", required=True, help='JSONL of {"prompt", "chosen", "rejected"}')
+    q.add_argument("--pairs", required=True, help='JSONL of {"prompt", "chosen", "rejected"}: strings or TRL\'s '
+                   'message lists (srlm_engine/data.py)')
     _add_train_flags(q)
     q.set_defaults(fn=cmd_dpo)
     return p

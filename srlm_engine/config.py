@@ -173,6 +173,7 @@ class ModelConfig:
 
 CHECKPOINTING = ("none", "selective", "full")  # activation checkpointing modes (train/parallel.py)
 MIXED_PRECISION = ("auto", "bf16", "none")  # TrainConfig.mixed_precision
+REPORT_TO = ("none", "tensorboard")  # TrainConfig.report_to
 
 
 @dataclass
@@ -218,6 +219,9 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # 'none', 'selective' or 'full' (train/parallel.py)
     ref_batch_size: int = 8
     progress: bool = True
+    report_to: str = field(default="none", metadata={
+        "help": "where the per-step metrics go besides OUT/metrics.jsonl: 'tensorboard' writes them to OUT/tb/ "
+                "(needs the tensorboard package)", "choices": list(REPORT_TO)})
 
     def __post_init__(self):
         if isinstance(self.activation_checkpointing, bool):  # a TOML `true` / `false`: whole blocks or none
@@ -275,6 +279,8 @@ class TrainConfig:
             raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"mixed_precision must be 'auto', 'bf16' or 'none', got {self.mixed_precision!r}")
+        if self.report_to not in REPORT_TO:
+            raise ConfigError(f"report_to must be 'none' or 'tensorboard', got {self.report_to!r}")
         if self.activation_checkpointing not in CHECKPOINTING:
             raise ConfigError("activation_checkpointing must be 'none', 'selective' or 'full', "
                               f"got {self.activation_checkpointing!r}")

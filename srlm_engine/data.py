@@ -1,9 +1,21 @@
 """Record schemas of the loop's JSONL files, checked line by line, and converters between them.
 
-    SFT (IFT)   {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], ...}
-    pairs       {"prompt": str, "chosen": str, "rejected": str, ...}       (AIFT(M_t))
+    SFT         {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], ...}
+                {"prompt": str, "completion": str}                         (TRL's prompt-completion)
+                {"prompt": [messages], "completion": [assistant messages]}  (the same, conversational)
+    IFT (seed)  an SFT record in the "messages" form, with a user turn
+    pairs       {"prompt": str, "chosen": str, "rejected": str, ...}       (AIFT(M_t), TRL's standard form)
+                {"prompt": [messages], "chosen": [assistant], "rejected": [assistant]}  (TRL's conversational)
+                {"chosen": [messages], "rejected": [messages]}             (TRL's implicit prompt)
     EFT train   {"instruction": str, "response": str, "justification": str, "score": 0..5}
     EFT eval    {"instruction": str, "responses": [str, ...], "scores": [0..5, ...]}
+
+Every form is rendered with the model's chat template (train/batches.py): a string prompt is one
+user turn and a string response one assistant turn, so {"prompt": p, "completion": c} trains
+exactly as {"messages": [user: p, assistant: c]}. `sft_conversation` and `pair_conversations`
+turn a record of any form into those messages. The loss is on every assistant turn of a
+"messages" record, on the completion only of a prompt-completion one (as TRL's completion-only
+loss), and on the chosen and rejected replies of a pair.
 
 Every loader goes through `io.read_jsonl`, so a bad record raises DataError naming file:line.
 Fields beyond the schema are kept as they are.
@@ -22,6 +34,8 @@ ROLES = ("system", "user", "assistant")
 
 
 def _text(rec: dict, key: str, where: str = "") -> str:
+    if key not in rec:
+        raise KeyError(where or key)  # read_jsonl: "missing field '<where>'"
     v = rec[key]
     if not isinstance(v, str) or not v.strip():
         raise ValueError(f"field {where or key!r} must be a non-empty string, got {v!r:.60}")
@@ -34,28 +48,114 @@ def _score(v, where: str) -> int:
     return v
 
 
+# --------------------------------------------------------------------------- conversations
+
+def _one_of(roles: tuple[str, ...]) -> str:
+    return repr(roles[0]) if len(roles) == 1 else "one of " + ", ".join(map(repr, roles))
+
+
+def _messages(v, name: str, roles: tuple[str, ...] = ROLES) -> list[dict]:
+    """`v` checked as field `name`: a non-empty list of {"role": one of `roles`, "content": non-empty str}."""
+    if not isinstance(v, list) or not v:
+        raise ValueError(f"field {name!r} must be a non-empty list of messages, got {v!r:.60}")
+    for i, m in enumerate(v):
+        if not isinstance(m, dict):
+            raise ValueError(f"{name}[{i}] must be an object with 'role' and 'content', got {m!r:.60}")
+        if m.get("role") not in roles:
+            raise ValueError(f"{name}[{i}].role must be {_one_of(roles)}, got {m.get('role')!r}")
+        _text(m, "content", f"{name}[{i}].content")
+    return v
+
+
+def _conversational(rec: dict, keys: tuple[str, ...]) -> bool:
+    """Whether the record's `keys` are message lists (True) or strings (False); a mix is an error."""
+    lists = [k for k in keys if isinstance(rec[k], list)]
+    if lists and len(lists) < len(keys):
+        rest = [k for k in keys if k not in lists]
+        raise ValueError(f"field(s) {', '.join(map(repr, lists))} are message lists but {', '.join(map(repr, rest))} "
+                         f"not: give {', '.join(keys)} all as strings or all as message lists")
+    return bool(lists)
+
+
+def sft_conversation(rec: dict) -> tuple[list[dict], int]:
+    """An SFT record of any form -> (messages, first): the conversation and the index of its first
+    trained message; the assistant turns from `first` on carry the loss.
+        {"messages": msgs}                                 -> (msgs, 0)
+        {"prompt": str, "completion": str}                 -> ([user: prompt, assistant: completion], 1)
+        {"prompt": [msgs], "completion": [assistant msgs]} -> (prompt + completion, len(prompt))
+    Raises ValueError (KeyError for a missing field) naming the field."""
+    if "messages" in rec:
+        msgs = _messages(rec["messages"], "messages")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise ValueError("messages hold no assistant turn")
+        return msgs, 0
+    if "prompt" not in rec and "completion" not in rec:
+        raise ValueError("an SFT record needs field 'messages', or 'prompt' and 'completion'")
+    if not _conversational(rec, ("prompt", "completion")):
+        return [{"role": "user", "content": _text(rec, "prompt")},
+                {"role": "assistant", "content": _text(rec, "completion")}], 1
+    prompt = _messages(rec["prompt"], "prompt")
+    return prompt + _messages(rec["completion"], "completion", ("assistant",)), len(prompt)
+
+
+def pair_conversations(rec: dict) -> tuple[list[dict], dict, dict]:
+    """A preference record of any form -> (prompt messages, chosen reply, rejected reply), each
+    reply one assistant message.
+        {"prompt": str, "chosen": str, "rejected": str}    -> ([user: prompt], assistant: chosen, ...)
+        {"prompt": [msgs], "chosen": [assistant], "rejected": [assistant]}
+        {"chosen": [msgs], "rejected": [msgs]}             implicit prompt: the messages both begin
+                                                           with; one assistant message of each follows
+    Raises ValueError (KeyError for a missing field) naming the field."""
+    if "prompt" not in rec and isinstance(rec.get("chosen"), list) and isinstance(rec.get("rejected"), list):
+        chosen, rejected = _messages(rec["chosen"], "chosen"), _messages(rec["rejected"], "rejected")
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        if chosen == rejected:
+            raise ValueError("chosen and rejected are the same conversation")
+        if n == 0:
+            raise ValueError("chosen and rejected begin with different messages: without a 'prompt' field the "
+                             "prompt is the messages they both begin with")
+        c, r = (_tail(m, k, n) for m, k in ((chosen, "chosen"), (rejected, "rejected")))
+        prompt = chosen[:n]
+    elif _conversational(rec, ("prompt", "chosen", "rejected")):
+        prompt = _messages(rec["prompt"], "prompt")
+        c, r = (_tail(_messages(rec[k], k, ("assistant",)), k, 0) for k in ("chosen", "rejected"))
+    else:
+        prompt = [{"role": "user", "content": _text(rec, "prompt")}]
+        c, r = ({"role": "assistant", "content": _text(rec, k)} for k in ("chosen", "rejected"))
+    if c["content"] == r["content"]:
+        raise ValueError("chosen and rejected are the same text")
+    return prompt, c, r
+
+
+def _tail(msgs: list[dict], name: str, start: int) -> dict:
+    """msgs[start:], the reply after the prompt: exactly one assistant message."""
+    rest = msgs[start:]
+    if len(rest) != 1:
+        raise ValueError(f"field {name!r} must hold one assistant message after the prompt "
+                         f"({start} message(s)), got {len(rest)}")
+    if rest[0]["role"] != "assistant":
+        raise ValueError(f"{name}[{start}].role must be 'assistant' (the reply after the prompt), "
+                         f"got {rest[0]['role']!r}")
+    return rest[0]
+
+
 # --------------------------------------------------------------------------- validators
 
 def check_sft(rec: dict) -> dict:
-    """An SFT record: a non-empty list of messages with known roles and non-empty string
-    content, at least one of them an assistant turn (the loss is on assistant turns)."""
-    msgs = rec["messages"]
-    if not isinstance(msgs, list) or not msgs:
-        raise ValueError("field 'messages' must be a non-empty list")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise ValueError(f"messages[{i}] must be an object")
-        if m.get("role") not in ROLES:
-            raise ValueError(f"messages[{i}].role must be one of {ROLES}, got {m.get('role')!r}")
-        _text(m, "content", f"messages[{i}].content")
-    if not any(m["role"] == "assistant" for m in msgs):
-        raise ValueError("messages hold no assistant turn")
+    """An SFT record of any form (`sft_conversation`): messages with known roles and non-empty
+    string content, at least one assistant turn to train on."""
+    sft_conversation(rec)
     return rec
 
 
 def check_ift(rec: dict) -> dict:
-    """A seed IFT record: an SFT record with a user turn too, since the loop takes each record's
-    first user turn as a seed prompt for self-instruction."""
+    """A seed IFT record: an SFT record in the "messages" form with a user turn too, since the
+    loop takes each record's first user turn as a seed prompt for self-instruction."""
+    if "messages" not in rec:
+        raise ValueError("a seed IFT record needs field 'messages' (the loop reads its first user turn as a "
+                         "seed prompt)")
     check_sft(rec)
     if not any(m["role"] == "user" for m in rec["messages"]):
         raise ValueError("messages hold no user turn (the first user turn of a seed IFT record is "
@@ -64,11 +164,8 @@ def check_ift(rec: dict) -> dict:
 
 
 def check_pair(rec: dict) -> dict:
-    """A preference record: non-empty prompt, chosen and rejected, with chosen != rejected."""
-    for k in ("prompt", "chosen", "rejected"):
-        _text(rec, k)
-    if rec["chosen"] == rec["rejected"]:
-        raise ValueError("chosen and rejected are the same text")
+    """A preference record of any form (`pair_conversations`), with chosen != rejected."""
+    pair_conversations(rec)
     return rec
 
 
@@ -208,4 +305,4 @@ def convert_oasst(path: str | Path, out_dir: str | Path, lang: str = "en", eval_
 
 __all__ = ["DataError", "check_eft_eval", "check_eft_train", "check_ift", "check_pair", "check_sft",
            "convert_oasst", "eft_to_sft", "load_eft_eval", "load_eft_train", "load_ift", "load_pairs",
-           "load_sft"]
+           "load_sft", "pair_conversations", "sft_conversation"]

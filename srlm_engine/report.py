@@ -3,7 +3,9 @@
 It reads only what is on disk, so a report can be rebuilt from any finished or partial run:
 the judge against the human EFT-eval scores for M0 (before EFT), M1, M2, ...; the judge's score
 distribution and parse rate; pairs and ties; response length by iteration; the head-to-head
-win rate of M_{t+1} over M_t; time per stage and the generation share of each iteration.
+win rate of M_{t+1} over M_t; time per stage and the generation share of each iteration; the
+training curves (loss per step of the SFT run and of each DPO iteration, DPO reward margins and
+accuracies per step) from each training run's metrics.jsonl (train/metrics.py).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from srlm_engine.evaluate import JudgeMetrics, format_table
 from srlm_engine.io import atomic_path, read_json, write_text
+from srlm_engine.train.metrics import read_metrics
 
 GENERATION_STAGES = ("prompts", "candidates", "judgments", "selection")
 
@@ -28,7 +31,72 @@ def _iterations(root: Path) -> list[int]:
     return sorted(int(m[1]) for m in found if m)
 
 
-def _plots(root: Path, evals: dict, iters: dict) -> list[str]:
+def _training(root: Path) -> dict[str, list[dict]]:
+    """{"M1 (SFT)": rows, "iteration 1 (DPO)": rows, ...}: the per-step metrics of every training
+    run in the folder, finished or not (RUN/m1/train, RUN/iter_{t}/train)."""
+    runs = {}
+    if (root / "m1" / "train" / "metrics.jsonl").is_file():
+        runs["M1 (SFT)"] = read_metrics(root / "m1" / "train" / "metrics.jsonl")
+    found = (re.fullmatch(r"iter_(\d+)", p.parent.parent.name) for p in root.glob("iter_*/train/metrics.jsonl"))
+    for t in sorted(int(m[1]) for m in found if m):
+        runs[f"iteration {t} (DPO)"] = read_metrics(root / f"iter_{t}" / "train" / "metrics.jsonl")
+    return {k: v for k, v in runs.items() if v}
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key`; a step without it, or with null (a non-finite value), is a gap."""
+    return [r["step"] for r in rows], [math.nan if r.get(key) is None else r[key] for r in rows]
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def training_table(runs: dict[str, list[dict]], k: int = 10) -> list[str]:
+    """One line per training run: steps, and the loss, DPO reward margin and reward accuracy as
+    means over its first and last `k` steps (a single step is noisy)."""
+    def span(rows, key, fmt):
+        a, b = _mean(rows[:k], key), _mean(rows[-k:], key)
+        return "" if math.isnan(a) and math.isnan(b) else f"{fmt(a)} -> {fmt(b)}"
+
+    def pct(x):
+        return "n/a" if math.isnan(x) else f"{100 * x:.0f}%"
+
+    def num(x):
+        return "n/a" if math.isnan(x) else f"{x:.3f}"
+
+    lines = ["| run | steps | loss | reward margin | reward accuracy |", "|---|---|---|---|---|"]
+    for name, rows in runs.items():
+        lines.append(f"| {name} | {rows[-1]['step']} | {span(rows, 'loss', num)} | "
+                     f"{span(rows, 'rewards/margins', num)} | {span(rows, 'rewards/accuracies', pct)} |")
+    return lines
+
+
+def _training_plot(plt, runs: dict[str, list[dict]], path: Path) -> None:
+    """Loss per step of the SFT run and of each DPO iteration, DPO reward margins and accuracies per step."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.4))
+    panels = [(axes[0][0], "SFT loss", "loss", False), (axes[0][1], "DPO loss", "loss", True),
+              (axes[1][0], "DPO reward margin (rewards/margins)", "rewards/margins", True),
+              (axes[1][1], "DPO reward accuracy (rewards/accuracies)", "rewards/accuracies", True)]
+    for ax, title, key, dpo in panels:
+        shown = {n: r for n, r in runs.items() if n.endswith("(DPO)") == dpo}
+        for name, rows in shown.items():
+            ax.plot(*_series(rows, key), lw=1, label=name)
+        if not shown:
+            ax.text(0.5, 0.5, "no DPO iteration trained yet" if dpo else "no SFT metrics", ha="center",
+                    va="center", transform=ax.transAxes, color="grey")
+        elif dpo:
+            ax.legend(fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    axes[1][1].set_ylim(-0.05, 1.05)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def _plots(root: Path, evals: dict, iters: dict, runs: dict) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
@@ -91,6 +159,9 @@ def _plots(root: Path, evals: dict, iters: dict) -> list[str]:
         _save(fig, out / "iterations.png")
         made.append("iterations.png")
         plt.close(fig)
+    if runs:
+        _training_plot(plt, runs, out / "training.png")
+        made.append("training.png")
     return made
 
 
@@ -167,7 +238,8 @@ def write_report(root: Path, cfg) -> Path:
     root = Path(root)
     evals = {n: read_json(root / "eval" / f"judge_{n}.json") for n in _models(root)}
     iters = {t: read_json(root / f"iter_{t}" / "metrics.json") for t in _iterations(root)}
-    plots = _plots(root, evals, iters)
+    runs = _training(root)
+    plots = _plots(root, evals, iters, runs)
     lines = [f"# Self-rewarding run: {root}", "",
              f"Model: {read_json(root / 'manifest.json')['model']}; {cfg.iterations} iteration(s), "
              f"{cfg.prompts} prompts x N={cfg.n}, K={cfg.judge_samples}, judge mode in the loop: {cfg.judge_mode}.",
@@ -201,6 +273,11 @@ def write_report(root: Path, cfg) -> Path:
         for t in iters:
             tm = read_json(root / f"iter_{t}" / "timings.json")
             lines.append(f"- iteration {t}: " + ", ".join(f"{k.split(': ', 1)[-1]} {v:.0f}" for k, v in tm.items()))
+    if runs:
+        lines += ["", "## Training", "",
+                  "Per-step metrics of each training run (its train/metrics.jsonl, under TRL's names), as means "
+                  "over the first and the last 10 steps; plots/training.png has every step.", "",
+                  *training_table(runs)]
     lines += ["", "## What a small model can and cannot do as its own judge", "", _honest(evals), ""]
     lines += [f"![{p}](plots/{p})" for p in plots]
     path = root / "report.md"

@@ -5,7 +5,7 @@ import pytest
 
 from srlm_engine.config import SEED_DIR
 from srlm_engine.data import (convert_oasst, eft_to_sft, load_eft_eval, load_eft_train,
-                              load_ift, load_pairs, load_sft)
+                              load_ift, load_pairs, load_sft, pair_conversations, sft_conversation)
 from srlm_engine.io import DataError
 from srlm_engine.judge import DEFAULT_TEMPLATE, parse_score
 
@@ -36,12 +36,41 @@ def test_sft_good_records_keep_extra_fields(tmp_path):
     (sft(("user", "  "), ("assistant", "x")), r"messages\[0\]\.content"),
     (sft(("user", "hi"), ("assistant", 3)), r"messages\[1\]\.content"),
     ({"messages": []}, "non-empty list"),
-    ({"prompt": "x"}, "missing field 'messages'"),
+    ({"prompt": "x"}, "missing field 'completion'"),
+    ({"text": "x"}, "needs field 'messages', or 'prompt' and 'completion'"),
+    # TRL's prompt-completion forms, malformed
+    ({"prompt": [{"role": "user", "content": "q"}], "completion": "a"},
+     "field\\(s\\) 'prompt' are message lists but 'completion' not"),
+    ({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "a"}]},
+     r"completion\[0\]\.role must be 'assistant', got 'user'"),
+    ({"prompt": [{"role": "user"}], "completion": [{"role": "assistant", "content": "a"}]},
+     r"missing field .prompt\[0\]\.content."),
+    ({"prompt": "q", "completion": ""}, "'completion' must be a non-empty string"),
 ])
 def test_sft_bad_record_names_file_and_line(tmp_path, bad, msg):
     p = write(tmp_path / "ift.jsonl", [sft(("user", "a"), ("assistant", "b")), "", bad])
     with pytest.raises(DataError, match=rf"ift\.jsonl:3: .*{msg}"):
         load_sft(p)
+
+
+def msgs(*turns):
+    return [{"role": r, "content": c} for r, c in turns]
+
+
+def test_sft_prompt_completion_forms(tmp_path):
+    # TRL's prompt-completion records: strings are one user and one assistant turn; in the
+    # conversational form only the completion is trained, not the assistant turns of the prompt.
+    recs = [{"prompt": "q", "completion": "a", "id": 1},
+            {"prompt": msgs(("system", "s"), ("user", "q1"), ("assistant", "a1"), ("user", "q2")),
+             "completion": msgs(("assistant", "a2"))}]
+    loaded = load_sft(write(tmp_path / "sft.jsonl", recs))
+    assert loaded == recs  # kept as written; the trainer renders them
+    assert sft_conversation(loaded[0]) == (msgs(("user", "q"), ("assistant", "a")), 1)
+    conv, first = sft_conversation(loaded[1])
+    assert conv == recs[1]["prompt"] + recs[1]["completion"] and first == 4
+    assert sft_conversation(sft(("user", "q"), ("assistant", "a"))) == (msgs(("user", "q"), ("assistant", "a")), 0)
+    with pytest.raises(DataError, match=r"sft\.jsonl:1: a seed IFT record needs field 'messages'"):
+        load_ift(tmp_path / "sft.jsonl")
 
 
 def test_seed_file_with_broken_line(tmp_path):
@@ -75,6 +104,46 @@ def test_pairs(tmp_path):
         load_pairs(p)
     p = write(tmp_path / "p2.jsonl", [{"prompt": "p", "chosen": "", "rejected": "b"}])
     with pytest.raises(DataError, match=r"p2\.jsonl:1: .*'chosen'"):
+        load_pairs(p)
+
+
+def test_pairs_in_trls_conversational_and_implicit_prompt_forms(tmp_path):
+    user, a, b = msgs(("user", "2+2?")), msgs(("assistant", "4")), msgs(("assistant", "5"))
+    conversational = {"prompt": msgs(("system", "Be brief."), ("user", "2+2?")), "chosen": a, "rejected": b}
+    implicit = {"chosen": user + a, "rejected": user + b, "score": 3}
+    recs = load_pairs(write(tmp_path / "pairs.jsonl", [conversational, implicit]))
+    assert recs == [conversational, implicit]
+    assert pair_conversations(recs[0]) == (conversational["prompt"], a[0], b[0])
+    assert pair_conversations(recs[1]) == (user, a[0], b[0])  # the prompt is the messages both begin with
+    # the string form is the same conversation with the prompt as one user turn
+    assert pair_conversations({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) == (user, a[0], b[0])
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ({"prompt": "q", "chosen": msgs(("assistant", "a")), "rejected": msgs(("assistant", "b"))},
+     r"field\(s\) 'chosen', 'rejected' are message lists but 'prompt' not: give prompt, chosen, rejected all"),
+    ({"prompt": msgs(("user", "q")), "chosen": msgs(("user", "a")), "rejected": msgs(("assistant", "b"))},
+     r"chosen\[0\]\.role must be 'assistant', got 'user'"),
+    ({"prompt": msgs(("user", "q")), "chosen": msgs(("assistant", "a"), ("assistant", "c")),
+      "rejected": msgs(("assistant", "b"))}, "field 'rejected'|field 'chosen' must hold one assistant message"),
+    ({"prompt": msgs(("human", "q")), "chosen": msgs(("assistant", "a")), "rejected": msgs(("assistant", "b"))},
+     r"prompt\[0\]\.role must be one of 'system', 'user', 'assistant', got 'human'"),
+    ({"prompt": msgs(("user", "q")), "chosen": msgs(("assistant", "a"))}, "missing field 'rejected'"),
+    ({"prompt": msgs(("user", "q")), "chosen": [], "rejected": msgs(("assistant", "b"))},
+     "field 'chosen' must be a non-empty list of messages"),
+    ({"prompt": msgs(("user", "q")), "chosen": msgs(("assistant", "a")), "rejected": msgs(("assistant", "a"))},
+     "chosen and rejected are the same text"),
+    ({"chosen": msgs(("user", "q"), ("assistant", "a")), "rejected": msgs(("user", "r"), ("assistant", "b"))},
+     "begin with different messages"),
+    ({"chosen": msgs(("user", "q"), ("assistant", "a")), "rejected": msgs(("user", "q"), ("user", "b"))},
+     r"rejected\[1\]\.role must be 'assistant' \(the reply after the prompt\)"),
+    ({"chosen": msgs(("user", "q")), "rejected": msgs(("user", "q"), ("assistant", "b"))},
+     r"field 'chosen' must hold one assistant message after the prompt \(1 message\(s\)\), got 0"),
+    ({"chosen": "a", "rejected": "b"}, "missing field 'prompt'"),
+])
+def test_bad_pair_records_name_file_line_and_field(tmp_path, bad, msg):
+    p = write(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}, bad])
+    with pytest.raises(DataError, match=rf"pairs\.jsonl:2: .*({msg})"):
         load_pairs(p)
 
 

@@ -134,7 +134,9 @@ def test_two_iterations_end_to_end(tmp_path, tiny_model, seeds):
     assert "pairwise accuracy" in report and "win rate" in report
     assert "Judge vs human scores on the length-free set, expected mode" in report
     assert 'The rule "the longer answer is better" orders' in report
-    assert all((run / "plots" / p).stat().st_size > 1000 for p in ("judge_vs_human.png", "iterations.png"))
+    assert all((run / "plots" / p).stat().st_size > 1000 for p in ("judge_vs_human.png", "iterations.png",
+                                                                    "training.png"))
+    assert "| M1 (SFT) |" in report and "| iteration 2 (DPO) |" in report  # the training curves' table
 
     # A rerun resumes at the first missing artifact: here there is none, so nothing changes.
     before = artifacts(run)

@@ -111,3 +111,35 @@ def test_every_judge_table_has_the_length_rule_beside_it_and_says_who_beats_it(t
     assert "| 5-best % | n/a | 50.0 | n/a |" in table  # the length rule has no score scale
     assert table.count('The rule "the longer answer is better" orders 50.0% of the pairs right. '
                        'M0 cannot be compared (it scored nothing); M1 beats it (100.0%).') == 4
+
+
+def test_training_curves_and_table_from_each_runs_metrics(tmp_path):
+    """The SFT run's and each DPO iteration's metrics.jsonl become plots/training.png and one
+    table line each; a file with the names srlm-engine used before TRL's is read the same."""
+    import json
+    from types import SimpleNamespace
+
+    from srlm_engine.io import write_json
+    from srlm_engine.report import write_report
+
+    def log(path, rows):
+        path.parent.mkdir(parents=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    log(tmp_path / "m1" / "train" / "metrics.jsonl",
+        [{"step": s, "loss": 2.0 - 0.05 * s, "learning_rate": 1e-5, "grad_norm": 1.0} for s in range(1, 21)])
+    log(tmp_path / "iter_1" / "train" / "metrics.jsonl",  # TRL's names
+        [{"step": s, "loss": 0.7 - 0.01 * s, "rewards/margins": 0.02 * s, "rewards/accuracies": 0.5 + 0.025 * s}
+         for s in range(1, 21)])
+    log(tmp_path / "iter_2" / "train" / "metrics.jsonl",  # the names of older srlm-engine runs
+        [{"step": 1, "loss": 0.69, "lr": 1e-6, "margin": 0.0, "reward_accuracy": 0.0},
+         {"step": 2, "loss": None, "lr": 1e-6, "margin": 0.5, "reward_accuracy": 1.0, "skipped": True}])
+    write_json(tmp_path / "manifest.json", {"model": "m0"})
+    cfg = SimpleNamespace(iterations=2, prompts=4, n=2, judge_samples=1, judge_mode="sample")
+    report = write_report(tmp_path, cfg).read_text()
+    assert (tmp_path / "plots" / "training.png").read_bytes().startswith(b"\x89PNG")
+    assert "![training.png](plots/training.png)" in report
+    # means of the first and last 10 steps: SFT loss 2 - 0.05 * 5.5 -> 2 - 0.05 * 15.5
+    assert "| M1 (SFT) | 20 | 1.725 -> 1.225 |  |  |" in report
+    assert "| iteration 1 (DPO) | 20 | 0.645 -> 0.545 | 0.110 -> 0.310 | 64% -> 89% |" in report
+    assert "| iteration 2 (DPO) | 2 | 0.690 -> 0.690 | 0.250 -> 0.250 | 50% -> 50% |" in report  # null loss left out

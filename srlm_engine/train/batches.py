@@ -1,7 +1,9 @@
 """Records -> token ids with loss masks -> right-padded micro-batches.
 
-SFT record {"messages": [...]}: the conversation is rendered with the model's chat template and
-cut into segments at every assistant turn. For assistant message i,
+SFT record (any form of data.py: messages, or prompt + completion, as strings or message lists):
+the conversation (`data.sft_conversation`) is rendered with the model's chat template and cut into
+segments at every trained assistant turn (every one of a "messages" record, those of the
+completion of a prompt-completion one). For assistant message i,
     P_i = render(messages[:i], add_generation_prompt=True)      text before the reply
     Q_i = render(messages[:i + 1], add_generation_prompt=False)  text through the reply's end
 must both be prefixes of the whole rendering (checked; a template where they are not is an
@@ -10,10 +12,12 @@ it holds the content and the end-of-turn token (<|im_end|> for SmolLM2) the mode
 emit. Each segment is tokenized on its own: the prompt's tokens are exactly those generation
 sees (the engine tokenizes P_i and the model continues from there).
 
-Pair record {"prompt", "chosen", "rejected"}: each response is the reply span of the conversation
-[user: prompt, assistant: response], cut exactly as SFT cuts it, so DPO trains the same end-of-turn
-token SFT taught (<|eot_id|> for Llama 3, which is not its tokenizer's eos_token); the prompt is
-render([user: prompt], add_generation_prompt=True), what generation sees. Loss on the response.
+Pair record (any form of data.py: strings, conversational, implicit prompt): `data.pair_conversations`
+gives the prompt messages P (a string prompt is [user: prompt]) and each response as one assistant
+message. Each response is the reply span of the conversation P + [assistant: response], cut exactly
+as SFT cuts it, so DPO trains the same end-of-turn token SFT taught (<|eot_id|> for Llama 3, which is
+not its tokenizer's eos_token); the prompt is render(P, add_generation_prompt=True), what generation
+sees. Loss on the response.
 
 Truncation to max_seq_len L (counted in `Encoded.truncated`): the text before the last trained
 span is the prompt, the rest the response. The response keeps its head, at least
@@ -32,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from srlm_engine.data import pair_conversations, sft_conversation
 from srlm_engine.io import DataError
 from srlm_engine.tokenizer import Tokenizer
 
@@ -71,13 +76,13 @@ def _prefix(full: str, part: str, what: str) -> int:
     return len(part)
 
 
-def sft_segments(tok: Tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
-    """Cut the rendered conversation into (text, trained) segments; their concatenation is the
-    whole rendering."""
+def sft_segments(tok: Tokenizer, messages: list[dict], first: int = 0) -> list[tuple[str, bool]]:
+    """Cut the rendered conversation into (text, trained) segments, the assistant turns from
+    message `first` on trained; their concatenation is the whole rendering."""
     full = tok.apply_chat_template(messages, add_generation_prompt=False)
     segs, pos = [], 0
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < first:
             continue
         start = _prefix(full, tok.apply_chat_template(messages[:i], add_generation_prompt=True),
                         f"the prompt before message {i}") if i else 0
@@ -96,9 +101,9 @@ def encode_sft(tok: Tokenizer, records: list[dict], max_seq_len: int) -> Encoded
     out = Encoded()
     for n, rec in enumerate(records):
         try:
-            segs = sft_segments(tok, rec["messages"])
+            segs = sft_segments(tok, *sft_conversation(rec))
         except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"SFT record {n}: {e}") from None
+            raise DataError(f"SFT record {n}: {e if not isinstance(e, KeyError) else f'missing field {e}'}") from None
         ids, mask = [], []
         for text, trained in segs:
             t = tok.encode(text, add_special_tokens=False)
@@ -120,10 +125,9 @@ def encode_sft(tok: Tokenizer, records: list[dict], max_seq_len: int) -> Encoded
     return out
 
 
-def _reply(tok: Tokenizer, prompt: str, response: str) -> tuple[str, str]:
-    """-> (prompt text, reply text with its end-of-turn) of [user: prompt, assistant: response]."""
-    segs = sft_segments(tok, [{"role": "user", "content": prompt},
-                              {"role": "assistant", "content": response}])
+def _reply(tok: Tokenizer, prompt: list[dict], response: dict) -> tuple[str, str]:
+    """-> (prompt text, reply text with its end-of-turn) of prompt + [response]."""
+    segs = sft_segments(tok, prompt + [response], first=len(prompt))
     trained = [i for i, (_, t) in enumerate(segs) if t]
     if len(trained) != 1:
         raise ValueError("the chat template renders the response as no span or several spans")
@@ -134,9 +138,8 @@ def encode_pairs(tok: Tokenizer, records: list[dict], max_seq_len: int) -> Encod
     out = Encoded()
     for n, rec in enumerate(records):
         try:
-            if rec["chosen"] == rec["rejected"]:
-                raise ValueError("chosen and rejected are the same text")
-            (prompt_text, c_text), (p2, r_text) = (_reply(tok, rec["prompt"], rec[k]) for k in ("chosen", "rejected"))
+            prompt_msgs, chosen, rejected = pair_conversations(rec)
+            (prompt_text, c_text), (p2, r_text) = (_reply(tok, prompt_msgs, m) for m in (chosen, rejected))
             if p2 != prompt_text:
                 raise ValueError("the chat template renders the prompt differently before chosen and rejected")
         except (KeyError, TypeError, ValueError) as e:

@@ -34,18 +34,27 @@ class TokenLogprobs(nn.Module):
         super().__init__()
         self.llama = llama
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, mean_logits: bool = False):
         """input_ids, targets [B, T] -> logp [B, T] float32, 0 where targets == IGNORE.
-        (Cloned out of the kernel's flat [B*T]: FSDP2 warns on a root returning a view.)"""
+        (Cloned out of the kernel's flat [B*T]: FSDP2 warns on a root returning a view.)
+        mean_logits: -> (logp, m) with m [B, T] float32, no grad, the mean over the vocabulary of
+        each position's logits (0 where targets == IGNORE), for TRL's logits/* metrics. The mean
+        of h . W_v over v is h . mean_v(W_v): no [B, T, V] logits are made for it."""
         h = self.llama.hidden_states(input_ids)  # (B, T, H)
         w = self.llama.lm_head.weight
+        m = None
+        if mean_logits:
+            with torch.no_grad():  # elementwise in float32: autocast leaves it alone
+                w_mean = w.detach().sum(0, dtype=torch.float32) / w.shape[0]  # (H,); no float copy of a bf16 W on CUDA
+                m = (h.detach().float() * w_mean).sum(-1).masked_fill(targets == IGNORE, 0.0)  # (B, T)
         if torch.is_autocast_enabled(h.device.type):
             # autocast casts torch's matmuls, not our op: give it the autocast dtype as it would a
             # linear (the cast of w is in the graph, so its gradient still reaches the fp32 weight)
             dt = torch.get_autocast_dtype(h.device.type)
             h, w = h.to(dt), w.to(dt)
         logp = fused_linear_logprob(h.flatten(0, 1), w, targets.flatten(), ignore_index=IGNORE)  # (B*T,)
-        return logp.view(targets.shape).clone()
+        logp = logp.view(targets.shape).clone()
+        return logp if m is None else (logp, m)
 
 
 def sft_loss(logp: torch.Tensor, targets: torch.Tensor, num_items: int | None = None) -> tuple[torch.Tensor, int]:
@@ -61,14 +70,27 @@ def dpo_batch_loss(logp: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: t
     """logp [2B, T] (chosen rows, then rejected), refs [B] (summed) -> (sum of the pair losses /
     num_items (default B: their mean), chosen_rewards [B], rejected_rewards [B]); the rewards are
     detached. targets [2B, T]: needed for ipo, whose log-probs are per-token means."""
-    seq = logp.sum(-1)  # (2B,)
+    seq = compared_logps(logp, loss_type, targets)  # (2B,)
     b = seq.shape[0] // 2
     if loss_type == "ipo":
-        if targets is None:
-            raise ValueError("loss_type 'ipo' averages the log-probs over each row's trained tokens: pass targets")
-        count = (targets != IGNORE).sum(-1).clamp(min=1).to(seq)  # (2B,), on seq's device
-        seq = seq / count
+        count = _trained(targets).to(seq)
         ref_chosen, ref_rejected = ref_chosen / count[:b], ref_rejected / count[b:]
     losses, cr, rr = dpo_loss(seq[:b], seq[b:], ref_chosen.to(seq.dtype), ref_rejected.to(seq.dtype),
                               beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
     return losses.sum() / (b if num_items is None else num_items), cr, rr
+
+
+def compared_logps(logp: torch.Tensor, loss_type: str = "sigmoid", targets: torch.Tensor | None = None) -> torch.Tensor:
+    """logp [2B, T] -> the sequence log-probs [2B] the DPO loss compares (TRL's logps/*): sums
+    over the trained tokens, or for ipo their per-token means (needs targets [2B, T])."""
+    seq = logp.sum(-1)
+    if loss_type != "ipo":
+        return seq
+    if targets is None:
+        raise ValueError("loss_type 'ipo' averages the log-probs over each row's trained tokens: pass targets")
+    return seq / _trained(targets).to(seq)
+
+
+def _trained(targets: torch.Tensor) -> torch.Tensor:
+    """Trained tokens per row [2B], at least 1."""
+    return (targets != IGNORE).sum(-1).clamp(min=1)

@@ -10,7 +10,10 @@ root forward) and backward of sum(losses) x W / N, N being the step's number of 
 and W undoing FSDP2's mean of the gradients over ranks; one process with grad_accum = W x A
 computes the same step. Then: the global grad norm; a non-finite loss or norm skips the update
 (logged, the batch still counts); clipping; AdamW; the schedule. Rank 0 appends one JSON line
-per step to OUT/metrics.jsonl and draws tqdm.
+per step to OUT/metrics.jsonl, under TRL's metric names (train/metrics.py; with report_to
+"tensorboard" also to OUT/tb/), and draws tqdm. Each metric is a mean over the whole global
+batch: per pair for the DPO loss, rewards and log-probs, per trained token for the SFT loss and
+for logits/*.
 
 Resume: if OUT/checkpoints holds a checkpoint, the run continues from the newest one (weights,
 optimizer, schedule, RNG, data position = step, rebuilt from the seed). It is refused if the
@@ -20,7 +23,6 @@ The final weights go to OUT/model (HF layout + tokenizer files), written atomica
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -31,29 +33,35 @@ from tqdm import tqdm
 
 from srlm_engine.config import TrainConfig
 from srlm_engine.device import auto_dtype
-from srlm_engine.io import DataError, atomic_dir, to_json, write_text
+from srlm_engine.io import DataError, atomic_dir
 from srlm_engine.model.weights import load_config, load_model
 from srlm_engine.tokenizer import Tokenizer
 from srlm_engine.train import batches, checkpoint as ckpt
 from srlm_engine.train.cpu_allocator import use_caching_cpu_allocator
-from srlm_engine.train.losses import TokenLogprobs, dpo_batch_loss, sft_loss
+from srlm_engine.train.losses import TokenLogprobs, compared_logps, dpo_batch_loss, sft_loss
+from srlm_engine.train.metrics import MetricsLog, summary_writer
 from srlm_engine.train.optim import build_optimizer, resolve_lr
 from srlm_engine.train.parallel import Dist, all_reduce_sum, barrier, bf16_compute, parallelize, setup
 from srlm_engine.train.refs import policy_dtype
 
 REF_FIELDS = ("ref_chosen_logp", "ref_rejected_logp")
+# What `accumulate` sums over a step's micro-batches (and the trainer over ranks), in this order.
+SUMS = ("loss", "tokens", "pairs", "correct", "margins", "chosen_rewards", "rejected_rewards", "chosen_logps",
+        "rejected_logps", "chosen_logits", "rejected_logits", "chosen_tokens", "rejected_tokens")
 
 
 def train_sft(model_dir: str | Path, records: list[dict], out_dir: str | Path,
               cfg: TrainConfig | None = None) -> Path:
-    """Fine-tune on chat records {"messages": [...]} (loss on assistant turns). -> OUT/model."""
+    """Fine-tune on SFT records of any form of data.py: {"messages": [...]} (loss on the assistant
+    turns) or {"prompt", "completion"} (loss on the completion). -> OUT/model."""
     return _train("sft", Path(model_dir), records, Path(out_dir), cfg or TrainConfig())
 
 
 def train_dpo(model_dir: str | Path, pairs: list[dict], out_dir: str | Path,
               cfg: TrainConfig | None = None) -> Path:
-    """DPO on {"prompt", "chosen", "rejected", "ref_chosen_logp", "ref_rejected_logp"} records,
-    the reference being the model in `model_dir`. -> OUT/model."""
+    """DPO on pair records of any form of data.py ({"prompt", "chosen", "rejected"} as strings or
+    message lists) with "ref_chosen_logp", "ref_rejected_logp", the reference being the model in
+    `model_dir`. -> OUT/model."""
     return _train("dpo", Path(model_dir), pairs, Path(out_dir), cfg or TrainConfig())
 
 
@@ -73,6 +81,8 @@ def _check_refs(pairs: list[dict], cfg: TrainConfig, base: str) -> None:
 def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: TrainConfig) -> Path:
     d = setup()
     mcfg = load_config(model_dir)  # a missing directory or config is an error here, before any work
+    if cfg.report_to == "tensorboard":
+        summary_writer()  # installed? asked on every rank, so all stop alike, before any work
     tok = Tokenizer.from_pretrained(model_dir)
     if not records:
         raise DataError(f"no {kind.upper()} records to train on")
@@ -117,10 +127,10 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
         if trainer_state.get("rng_cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(trainer_state["rng_cuda"])
         start = state["step"]
-    metrics = out_dir / "metrics.jsonl"
+    log = None
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _trim_metrics(metrics, start)
+        log = MetricsLog(out_dir, start, cfg.report_to)
         print(f"srlm {kind}: {len(records)} records ({enc.truncated} truncated to {cfg.max_seq_len} tokens), "
               f"{d.world} process(es), global batch {gb}, {total} steps, lr {lr:.3g} -> {min_lr:.3g}"
               + (f", resuming at step {start}" if start else ""), flush=True)
@@ -139,43 +149,43 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
         use_caching_cpu_allocator()  # train/cpu_allocator.py: resident memory near the live tensors
     params = [p for p in root.parameters() if p.requires_grad]
     bar = tqdm(total=total, initial=start, disable=not (d.main and cfg.progress), desc=kind, dynamic_ncols=True)
-    for step in range(start, total):
-        t0 = time.perf_counter()
-        lr_now = sched.get_last_lr()[0]
-        micro = batches.micro_batches(enc, step, gb, d.world, d.rank, accum, cfg.seed)
-        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=mixed and not d.distributed):
-            sums = accumulate(root, enc, micro, pad_id, d, cfg, refs)
-        norm = _grad_norm(params)
-        tot = all_reduce_sum(sums, d)  # loss (the step's mean), tokens, pairs, correct, margin, chosen r, rejected r
-        loss_val = tot[0]
-        skipped = not (math.isfinite(loss_val) and math.isfinite(norm))
-        if not skipped:
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, torch.tensor(norm), foreach=True)
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
-            warnings.simplefilter("ignore", UserWarning)
-            sched.step()
-        dt = time.perf_counter() - t0
-        row = {"step": step + 1, "loss": loss_val, "lr": lr_now, "grad_norm": norm, "tokens": int(tot[1]),
-               "tokens_per_s": tot[1] / dt, "seconds": dt, "skipped": skipped}
-        if dpo:
-            n = tot[2]
-            row.update(reward_accuracy=tot[3] / n, margin=tot[4] / n, chosen_reward=tot[5] / n,
-                       rejected_reward=tot[6] / n)
-        if d.main:
-            with open(metrics, "a", encoding="utf-8") as f:
-                f.write(to_json(row) + "\n")
-            if skipped:
-                print(f"srlm {kind}: step {step + 1}: non-finite loss ({loss_val}) or grad norm ({norm}); "
-                      f"update skipped", flush=True)
-            bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tot[1] / dt:.0f}")
-            bar.update(1)
-        if (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            ckpt.save_checkpoint(out_dir, step + 1, root, opt, sched, d, meta, mcfg, model_dir, cfg.keep_last,
-                                 cfg.keep_models)
-    bar.close()
+    try:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            lr_now = sched.get_last_lr()[0]
+            micro = batches.micro_batches(enc, step, gb, d.world, d.rank, accum, cfg.seed)
+            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=mixed and not d.distributed):
+                sums = accumulate(root, enc, micro, pad_id, d, cfg, refs)
+            norm = _grad_norm(params)
+            tot = dict(zip(SUMS, all_reduce_sum(sums, d)))
+            loss_val = tot["loss"]
+            skipped = not (math.isfinite(loss_val) and math.isfinite(norm))
+            if not skipped:
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, torch.tensor(norm), foreach=True)
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():  # a skipped step still advances the schedule, on purpose
+                warnings.simplefilter("ignore", UserWarning)
+                sched.step()
+            dt = time.perf_counter() - t0
+            row = {"step": step + 1, "loss": loss_val, "grad_norm": norm, "learning_rate": lr_now,
+                   **(dpo_metrics(tot) if dpo else {}), "epoch": (step + 1) * gb / len(records),
+                   "tokens": int(tot["tokens"]), "tokens_per_s": tot["tokens"] / dt, "seconds": dt, "skipped": skipped}
+            if d.main:
+                log.write(row)
+                if skipped:
+                    print(f"srlm {kind}: step {step + 1}: non-finite loss ({loss_val}) or grad norm ({norm}); "
+                          f"update skipped", flush=True)
+                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tot['tokens'] / dt:.0f}")
+                bar.update(1)
+            if (step + 1) % cfg.save_every == 0 and step + 1 < total:
+                ckpt.save_checkpoint(out_dir, step + 1, root, opt, sched, d, meta, mcfg, model_dir, cfg.keep_last,
+                                     cfg.keep_models)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
     return save_final(out_dir, root, d, mcfg, model_dir)
 
 
@@ -186,28 +196,46 @@ def accumulate(root, enc: batches.Encoded, micro: list[list[int]], pad_id: int, 
     of the step weighs 1 / N, N counted over all micro-batches and ranks: a mean of micro-batch
     means would weigh a token of a micro-batch of short samples (micro-batches are cut from
     length-sorted samples) many times more than one of a micro-batch of long ones.
-    -> this rank's [loss (its share of the step's mean), tokens, pairs, correct, margin,
-    chosen reward, rejected reward], to be summed over ranks."""
+    -> this rank's sums, in the order of SUMS (the loss: its share of the step's mean), to be
+    summed over ranks."""
     dpo = refs is not None
     mbs = [(idx, *batches.collate(enc, idx, pad_id, dpo)) for idx in micro]
     mine = sum(len(idx) if dpo else int((tgt != batches.IGNORE).sum()) for idx, _, tgt in mbs)
     n = int(all_reduce_sum([mine], d)[0])  # the step's trained tokens (SFT) or pairs (DPO), all ranks
-    sums = [0.0] * 7
+    s = dict.fromkeys(SUMS, 0.0)
     for idx, ids, tgt in mbs:
         ids, tgt = ids.to(d.device), tgt.to(d.device)
-        logp = root(ids, tgt)  # (B, T), (2B, T) for DPO
         if dpo:
+            b = len(idx)
+            logp, mean_logit = root(ids, tgt, mean_logits=True)  # (2B, T) each
             r = refs[idx].to(d.device)
             loss, cr, rr = dpo_batch_loss(logp, r[:, 0], r[:, 1], cfg.beta, cfg.loss_type, cfg.label_smoothing,
                                           num_items=n, targets=tgt)
-            sums[2:] = [sums[2] + len(idx), sums[3] + float((cr > rr).sum()), sums[4] + float((cr - rr).sum()),
-                        sums[5] + float(cr.sum()), sums[6] + float(rr.sum())]
+            seq = compared_logps(logp.detach(), cfg.loss_type, tgt)  # (2B,)
+            trained = (tgt != batches.IGNORE).sum(-1)  # (2B,)
+            for k, v in (("pairs", b), ("correct", (cr > rr).sum()), ("margins", (cr - rr).sum()),
+                         ("chosen_rewards", cr.sum()), ("rejected_rewards", rr.sum()),
+                         ("chosen_logps", seq[:b].sum()), ("rejected_logps", seq[b:].sum()),
+                         ("chosen_logits", mean_logit[:b].sum()), ("rejected_logits", mean_logit[b:].sum()),
+                         ("chosen_tokens", trained[:b].sum()), ("rejected_tokens", trained[b:].sum())):
+                s[k] += float(v)
         else:
-            loss, _ = sft_loss(logp, tgt, num_items=n)
+            loss, _ = sft_loss(root(ids, tgt), tgt, num_items=n)  # root: (B, T)
         (loss * d.world).backward()  # x W: FSDP2 divides the summed gradients by W (train/parallel.py)
-        sums[0] += float(loss.detach())
-        sums[1] += sum(len(enc.ids[i]) + (len(enc.rejected_ids[i]) if dpo else 0) for i in idx)
-    return sums
+        s["loss"] += float(loss.detach())
+        s["tokens"] += sum(len(enc.ids[i]) + (len(enc.rejected_ids[i]) if dpo else 0) for i in idx)
+    return [s[k] for k in SUMS]
+
+
+def dpo_metrics(tot: dict) -> dict:
+    """A DPO step's sums over all ranks (SUMS) -> TRL's DPO metrics: means per pair, and for
+    logits/* per trained token of the replies."""
+    n = tot["pairs"]
+    return {"rewards/chosen": tot["chosen_rewards"] / n, "rewards/rejected": tot["rejected_rewards"] / n,
+            "rewards/accuracies": tot["correct"] / n, "rewards/margins": tot["margins"] / n,
+            "logps/chosen": tot["chosen_logps"] / n, "logps/rejected": tot["rejected_logps"] / n,
+            "logits/chosen": tot["chosen_logits"] / max(tot["chosen_tokens"], 1),
+            "logits/rejected": tot["rejected_logits"] / max(tot["rejected_tokens"], 1)}
 
 
 @torch.no_grad()
@@ -258,18 +286,3 @@ def _grad_norm(params) -> float:
     if hasattr(norm, "full_tensor"):  # DTensor under FSDP2: a partial sum over the shards
         norm = norm.full_tensor()
     return float(norm)
-
-
-def _trim_metrics(path: Path, upto: int) -> None:
-    """Drop lines past `upto` (steps a killed run logged after its last checkpoint) and any
-    partial last line."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= upto:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    write_text(path, "".join(x + "\n" for x in keep))

@@ -71,6 +71,42 @@ def test_pair_responses_end_with_the_templates_end_of_turn_as_sft_trains_it(tok)
     assert sft.ids[0][:n] == enc.ids[0] and sft.mask[0][:n] == enc.mask[0] and not any(sft.mask[0][n:])
 
 
+def test_trls_sft_forms_train_the_completion_only(tok):
+    # {"prompt": str, "completion": str} is the conversation [user, assistant], token for token.
+    strings = batches.encode_sft(tok, [{"prompt": "2+2?", "completion": "4"}], max_seq_len=512)
+    plain = batches.encode_sft(tok, [{"messages": conv(("user", "2+2?"), ("assistant", "4"))}], max_seq_len=512)
+    assert (strings.ids, strings.mask) == (plain.ids, plain.mask)
+    # Conversational: the whole conversation rendered, the prompt's own assistant turn not trained.
+    prompt = conv(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Name a colour."))
+    rec = {"prompt": prompt, "completion": conv(("assistant", "Blue."))}
+    enc = batches.encode_sft(tok, [rec], max_seq_len=512)
+    whole = prompt + rec["completion"]
+    rendered = tok.apply_chat_template(whole, add_generation_prompt=False)
+    assert tok.decode(enc.ids[0], skip_special_tokens=False) == rendered
+    assert trained_text(tok, enc.ids[0], enc.mask[0]) == ["Blue.<|im_end|>"]
+    both = batches.encode_sft(tok, [{"messages": whole}], max_seq_len=512)  # the messages form trains both replies
+    assert both.ids == enc.ids
+    assert trained_text(tok, both.ids[0], both.mask[0]) == ["Hello!<|im_end|>", "Blue.<|im_end|>"]
+
+
+def test_trls_pair_forms_render_through_the_chat_template(tok):
+    string = {"prompt": "2+2?", "chosen": "4", "rejected": "5, I think"}
+    a, b = conv(("assistant", "4")), conv(("assistant", "5, I think"))
+    conversational = {"prompt": conv(("user", "2+2?")), "chosen": a, "rejected": b}
+    implicit = {"chosen": conv(("user", "2+2?")) + a, "rejected": conv(("user", "2+2?")) + b}
+    encs = [batches.encode_pairs(tok, [r], max_seq_len=512) for r in (string, conversational, implicit)]
+    for e in encs[1:]:
+        assert (e.ids, e.mask, e.rejected_ids, e.rejected_mask) == \
+            (encs[0].ids, encs[0].mask, encs[0].rejected_ids, encs[0].rejected_mask)
+    # A multi-turn prompt with a system turn: rendered as generation sees it, only the reply trained.
+    prompt = conv(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "2+2?"))
+    enc = batches.encode_pairs(tok, [{"prompt": prompt, "chosen": a, "rejected": b}], max_seq_len=512)
+    p = tok.encode(tok.apply_chat_template(prompt, add_generation_prompt=True), add_special_tokens=False)
+    assert enc.ids[0][:len(p)] == p and enc.rejected_ids[0][:len(p)] == p
+    assert trained_text(tok, enc.ids[0], enc.mask[0]) == ["4<|im_end|>"]
+    assert trained_text(tok, enc.rejected_ids[0], enc.rejected_mask[0]) == ["5, I think<|im_end|>"]
+
+
 def test_truncation_keeps_prompt_tail_and_response_head(tok):
     long_prompt = " ".join(f"w{i}" for i in range(200))
     rec = {"prompt": long_prompt, "chosen": "short answer", "rejected": " ".join(["no"] * 100)}
@@ -104,8 +140,13 @@ def test_bad_pair_and_sft_records_are_errors(tok):
                                    {"prompt": "p", "chosen": "a", "rejected": "a"}], 64)
     with pytest.raises(DataError, match="pair record 0: missing field 'rejected'"):
         batches.encode_pairs(tok, [{"prompt": "p", "chosen": "a"}], 64)
-    with pytest.raises(DataError, match="SFT record 0: no assistant tokens"):
+    with pytest.raises(DataError, match="SFT record 0: messages hold no assistant turn"):
         batches.encode_sft(tok, [{"messages": conv(("user", "only a question"))}], 64)
+    with pytest.raises(DataError, match=r"pair record 0: chosen\[0\]\.role must be 'assistant'"):
+        batches.encode_pairs(tok, [{"prompt": conv(("user", "q")), "chosen": conv(("user", "a")),
+                                    "rejected": conv(("assistant", "b"))}], 64)
+    with pytest.raises(DataError, match="SFT record 0: missing field 'completion'"):
+        batches.encode_sft(tok, [{"prompt": "q"}], 64)
 
 
 def test_pad_targets_are_next_trained_tokens():

@@ -65,7 +65,9 @@ def test_two_processes_equal_one_with_the_same_global_batch(kind, data, extra, t
         plain = plain_first_grad_norm(tiny_model, 8)
         assert losses(one, "grad_norm")[0] == pytest.approx(plain, rel=1e-4)
         assert losses(two, "grad_norm")[0] == pytest.approx(plain, rel=1e-4)
-    if kind == "dpo":
+    if kind == "dpo":  # TRL's DPO metrics: sums over both ranks' pairs and tokens, then means
+        for key in ("rewards/margins", "rewards/accuracies", "logps/chosen", "logits/rejected"):
+            assert losses(one, key) == pytest.approx(losses(two, key), rel=1e-5, abs=1e-6), key
         refs = [json.loads(x) for x in (two / "pairs.ref.jsonl").read_text().splitlines()]
         assert len(refs) == 24 and all(r["ref_chosen_logp"] < 0 for r in refs)
         # Resume under FSDP2: a checkpoint at step 2 (gathered to rank 0), then the same command

@@ -11,7 +11,7 @@ from srlm_engine.model.pull import pull
 from srlm_engine.tokenizer import Tokenizer
 from srlm_engine.train import batches
 from srlm_engine.train.batches import IGNORE
-from srlm_engine.train.losses import TokenLogprobs, dpo_batch_loss, sft_loss
+from srlm_engine.train.losses import TokenLogprobs, compared_logps, dpo_batch_loss, sft_loss
 from srlm_engine.train.refs import sequence_logps
 
 
@@ -72,6 +72,9 @@ def test_dpo_loss_and_grads_match_plain_pytorch(batch, loss_type):
         count = (tgt != -100).sum(-1).double()
         assert len(set(count.tolist())) > 1  # rows of different lengths: a sum would differ
         seq, ref_seq = seq / count, ref_seq / count
+    # TRL's logps/chosen and logps/rejected: the sequence log-probs the loss compares
+    torch.testing.assert_close(compared_logps(TokenLogprobs(policy)(ids, tgt), loss_type, tgt), seq.detach(),
+                               rtol=1e-12, atol=1e-12)
     pc, pr, prc, prr = seq[:3], seq[3:], ref_seq[:3], ref_seq[3:]
     plain = plain_dpo(pc, pr, prc, prr, beta, loss_type).mean()
     plain.backward()
@@ -90,3 +93,18 @@ def test_sft_loss_matches_cross_entropy(batch):
     plain = F.cross_entropy(model(ids).flatten(0, 1), tgt.flatten(), ignore_index=IGNORE)
     assert n == int((tgt != IGNORE).sum())
     torch.testing.assert_close(loss, plain, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_mean_logits_are_the_mean_of_the_materialized_logits(batch, tied):
+    """TRL's logits/* from the hidden states and the mean lm_head row, against the [B, T, V]
+    logits averaged over the vocabulary; logp is the same as without them."""
+    _, ids, tgt = batch
+    model = Llama(tiny_config(tie_word_embeddings=tied)).init_weights(0).double()
+    logp, m = TokenLogprobs(model)(ids, tgt, mean_logits=True)
+    trained = tgt != IGNORE
+    with torch.no_grad():
+        want = model(ids).mean(-1) * trained  # (2B, T)
+    torch.testing.assert_close(m.double(), want, rtol=1e-5, atol=1e-6)  # m is float32
+    assert not m.requires_grad and m.abs().sum() > 0 and (m[~trained] == 0).all()
+    torch.testing.assert_close(logp, TokenLogprobs(model)(ids, tgt), rtol=0, atol=0)

@@ -215,9 +215,9 @@ def test_reference_in_the_policys_dtype(tiny_model, pair_records, tmp_path, caps
         assert (note in capsys.readouterr().out) == (dtype == "float32")
     # Same weights, same bf16 ops, same tokens: the batching differs (8 for the reference, 2 in
     # training), which on CPU leaves each row's result unchanged.
-    assert first["bfloat16"]["chosen_reward"] == first["bfloat16"]["rejected_reward"] == 0.0
+    assert first["bfloat16"]["rewards/chosen"] == first["bfloat16"]["rewards/rejected"] == 0.0
     assert first["bfloat16"]["loss"] == pytest.approx(0.6931471805599453, abs=1e-7)
-    assert abs(first["float32"]["chosen_reward"]) + abs(first["float32"]["rejected_reward"]) > 1e-6
+    assert abs(first["float32"]["rewards/chosen"]) + abs(first["float32"]["rewards/rejected"]) > 1e-6
 
 
 def test_one_process_mixed_precision_autocasts_over_fp32_weights(tiny_model, pair_records, tmp_path, capsys):
@@ -238,7 +238,7 @@ def test_one_process_mixed_precision_autocasts_over_fp32_weights(tiny_model, pai
     assert "float32 weights, bf16 compute (the forward under torch.autocast; mixed_precision bf16)" in printed
     assert "weights and compute in float32" in printed
     bf16, fp32 = runs["bf16"], runs["none"]
-    assert bf16[0]["chosen_reward"] == bf16[0]["rejected_reward"] == 0.0  # the reference in the same precision
+    assert bf16[0]["rewards/chosen"] == bf16[0]["rewards/rejected"] == 0.0  # the reference in the same precision
     assert bf16[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-7)
     for a, b in zip(bf16, fp32):
         assert a["loss"] == pytest.approx(b["loss"], abs=0.02) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=0.1)
@@ -263,3 +263,40 @@ def test_autocast_reaches_the_fused_log_prob(tiny_model):
 def policy_dtype_of(cfg):
     from srlm_engine.train.refs import policy_dtype
     return policy_dtype(cfg, 1, torch.device("cpu"))
+
+
+def test_trls_conversational_records_train_as_their_string_forms(tiny_model, pair_records, sft_records, tmp_path):
+    """`srlm dpo` on TRL's conversational pairs scores the same reference log-probs and takes the same
+    steps as on the string pairs they spell out; `srlm sft` on prompt-completion records likewise."""
+    from srlm_engine.cli import main
+    from srlm_engine.io import read_jsonl, write_jsonl
+
+    def turn(role, text):
+        return [{"role": role, "content": text}]
+
+    strings = pair_records[:4]
+    conversational = [{"prompt": turn("user", p["prompt"]), "chosen": turn("assistant", p["chosen"]),
+                       "rejected": turn("assistant", p["rejected"])} for p in strings]
+    write_jsonl(tmp_path / "s.jsonl", strings)
+    write_jsonl(tmp_path / "c.jsonl", conversational)
+    fast = ["--max-steps", "2", "--max-seq-len", "64", "--micro-batch-size", "2", "--grad-accum", "1", "--lr", "1e-3",
+            "--no-progress"]
+    for name in ("s", "c"):
+        assert main(["dpo", "--model", str(tiny_model), "--pairs", str(tmp_path / f"{name}.jsonl"),
+                     "--out", str(tmp_path / f"dpo-{name}"), *fast]) == 0
+    ref = {n: read_jsonl(tmp_path / f"dpo-{n}" / "pairs.ref.jsonl") for n in ("s", "c")}
+    assert [r["ref_chosen_logp"] for r in ref["s"]] == [r["ref_chosen_logp"] for r in ref["c"]]
+    assert [r["loss"] for r in read_jsonl(tmp_path / "dpo-s" / "metrics.jsonl")] == \
+        [r["loss"] for r in read_jsonl(tmp_path / "dpo-c" / "metrics.jsonl")]
+
+    msgs = sft_records[:4]
+    completions = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in msgs]
+    assert all(r["messages"][-1]["role"] == "assistant" and
+               not any(m["role"] == "assistant" for m in r["messages"][:-1]) for r in msgs)
+    write_jsonl(tmp_path / "m.jsonl", msgs)
+    write_jsonl(tmp_path / "pc.jsonl", completions)
+    for name in ("m", "pc"):
+        assert main(["sft", "--model", str(tiny_model), "--data", str(tmp_path / f"{name}.jsonl"),
+                     "--out", str(tmp_path / f"sft-{name}"), *fast]) == 0
+    assert [r["loss"] for r in read_jsonl(tmp_path / "sft-m" / "metrics.jsonl")] == \
+        [r["loss"] for r in read_jsonl(tmp_path / "sft-pc" / "metrics.jsonl")]
