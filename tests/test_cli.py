@@ -304,6 +304,19 @@ def test_chat_turn_longer_than_the_context_is_dropped_not_fatal(chat_model, caps
     assert rc == 0 and "/reset starts a new conversation" in err and out.endswith("\n")  # "Hi" was answered
 
 
+def test_ctrl_c_in_a_running_srlm_exits_130_without_a_traceback(chat_model):
+    proc = subprocess.Popen([sys.executable, "-m", "srlm_engine.cli", "chat", str(chat_model)], cwd=ROOT, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert "generation on cpu" in proc.stderr.readline()  # main() runs: loading the model or reading stdin
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "srlm chat: interrupted" in err and "Traceback" not in err
+
+
 # ---------------------------------------------------------------------- report
 
 def _run_folder(root: Path, prompts: int) -> Path:
