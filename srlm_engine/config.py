@@ -1,12 +1,18 @@
 """Settings as dataclasses, checked in __post_init__.
 
+TrainConfig and LoopConfig fields carry what the command line says of them (`setting`: help
+text, allowed values, the stage a training setting belongs to); flags.py makes the flags from
+them. Their TOML files are read by `read_toml` (a path, or a config shipped in
+srlm_engine/configs/) and written by `to_toml` (`--print-config`).
+
 ModelConfig mirrors the fields of a Hugging Face Llama config.json that change the computation;
 `from_hf` validates a config.json dict and names the file and field that is wrong.
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,18 @@ _KINDS = {  # annotation -> (test, what the error says is wanted)
     "list[int]": (lambda v: isinstance(v, list) and all(_KINDS["int"][0](x) for x in v), "a list of integers"),
     "dict[str, Any]": (lambda v: isinstance(v, dict), "an object"),
 }
+
+
+_NUMBER_OR_NONE = ("int | None", "float | None")
+
+
+def _none_words(obj) -> None:
+    """"none" in a setting that is a number or unset means unset, in a TOML file as in a flag
+    (TOML has no null); in a path setting it would be a file name."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if f.type in _NUMBER_OR_NONE and isinstance(v, str) and v.lower() == "none":
+            setattr(obj, f.name, None)
 
 
 def _check_types(obj) -> None:
@@ -174,6 +192,30 @@ class ModelConfig:
 CHECKPOINTING = ("none", "selective", "full")  # activation checkpointing modes (train/parallel.py)
 MIXED_PRECISION = ("auto", "bf16", "none")  # TrainConfig.mixed_precision
 REPORT_TO = ("none", "tensorboard")  # TrainConfig.report_to
+GENERATION_DTYPES = ("auto", "float32", "bfloat16", "float16")  # device.DTYPES, without importing torch here
+
+
+def setting(default, help: str, choices: tuple | None = None, only: str | None = None):
+    """A settings field and what the command line says of it: its help, the values it takes
+    (checked in __post_init__, listed by --help), and for a training setting that one stage alone
+    reads, that stage (`only="dpo"`: no `srlm sft` flag). A class as default is a default_factory."""
+    meta = {"help": help, "choices": choices, "only": only}
+    if isinstance(default, type):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _check_choices(obj) -> None:
+    for f in fields(obj):
+        choices, v = f.metadata.get("choices"), getattr(obj, f.name)
+        if choices and v not in choices:
+            raise ConfigError(f"{f.name} must be {one_of(choices)}, got {v!r}")
+
+
+def one_of(choices) -> str:
+    """('a', 'b', 'c') -> "'a', 'b' or 'c'"."""
+    quoted = [repr(c) for c in choices]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
 
 
 @dataclass
@@ -188,47 +230,58 @@ class TrainConfig:
     they are given for a global batch of `lr_batch_size` (the paper's 16) and scaled by
     `lr_scaling` ('none', 'linear', 'sqrt') when the run's global batch differs.
     """
-    max_seq_len: int = 1024
-    micro_batch_size: int = 4
-    grad_accum: int | None = None  # micro-batches per process per step; None: from global_batch_size, else 4
-    global_batch_size: int | None = None  # sequences (pairs) per step over all processes
-    epochs: float = 1.0
-    max_steps: int | None = None  # overrides epochs when set
-    lr: float | None = None
-    min_lr: float | None = None
-    lr_batch_size: int = 16
-    lr_scaling: str = "none"
-    warmup_steps: int = 0
-    schedule: str = "linear"  # decay after warmup: 'linear' or 'cosine', down to min_lr
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    seed: int = 0
-    save_every: int = 200
-    keep_last: int = 2
-    keep_models: bool = False  # checkpoints removed past keep_last leave their weights in OUT/models
-    dtype: str = "float32"  # dtype the weights are held (and saved) in
-    # bf16 compute over the fp32 weights: 'bf16', 'none', or 'auto' (bf16 where the device computes it
-    # natively: srlm_engine/device.py). FSDP2 (2+ processes) casts the gathered parameters and reduces
-    # gradients in fp32; one process runs the forward under torch.autocast. Ignored for bf16 weights.
-    mixed_precision: str = "auto"
-    activation_checkpointing: str = "none"  # 'none', 'selective' or 'full' (train/parallel.py)
-    ref_batch_size: int = 8
-    progress: bool = True
-    report_to: str = field(default="none", metadata={
-        "help": "where the per-step metrics go besides OUT/metrics.jsonl: 'tensorboard' writes them to OUT/tb/ "
-                "(needs the tensorboard package)", "choices": list(REPORT_TO)})
+    max_seq_len: int = setting(1024, "tokens per sequence; a longer record keeps the head of its reply and the "
+                                     "tail of its prompt")
+    micro_batch_size: int = setting(4, "sequences (pairs for DPO) per forward pass in each process")
+    grad_accum: int | None = setting(None, "micro-batches per process per optimizer step ('none': from "
+                                           "global_batch_size, or 4 with neither set)")
+    global_batch_size: int | None = setting(None, "sequences (pairs) per optimizer step over all processes, "
+                                                  "instead of grad_accum")
+    epochs: float = setting(1.0, "passes over the data (fractions allowed)")
+    max_steps: int | None = setting(None, "optimizer steps; overrides epochs when set")
+    lr: float | None = setting(None, "peak learning rate ('none': the paper's, SFT 5.5e-6, DPO 1e-6)")
+    min_lr: float | None = setting(None, "learning rate at the end of the decay ('none': lr / 10, or the "
+                                         "paper's SFT 1.1e-6, DPO 1e-7 where lr is unset too)")
+    lr_batch_size: int = setting(16, "the global batch that lr is given for")
+    lr_scaling: str = setting("none", "how lr follows a global batch other than lr_batch_size",
+                              ("none", "linear", "sqrt"))
+    warmup_steps: int = setting(0, "steps of linear warmup from 0 to lr")
+    schedule: str = setting("linear", "decay after warmup, down to min_lr", ("linear", "cosine"))
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas (two numbers)")
+    adam_eps: float = setting(1e-8, "AdamW epsilon")
+    max_grad_norm: float | None = setting(1.0, "gradient clipping norm ('none': no clipping)")
+    beta: float = setting(0.1, "DPO beta: strength of the pull towards the reference model", only="dpo")
+    loss_type: str = setting("sigmoid", "DPO loss", ("sigmoid", "ipo", "hinge", "robust"), only="dpo")
+    label_smoothing: float = setting(0.0, "DPO label smoothing: the assumed share of flipped preferences, in "
+                                          "[0, 0.5) (sigmoid, robust; 0 for hinge and ipo)", only="dpo")
+    seed: int = setting(0, "seed of the data order")
+    save_every: int = setting(200, "steps between checkpoints, which a rerun resumes from")
+    keep_last: int = setting(2, "checkpoints kept in OUT/checkpoints")
+    keep_models: bool = setting(False, "keep the weights of removed checkpoints in OUT/models")
+    dtype: str = setting("float32", "dtype the weights are held and saved in", ("float32", "bfloat16"))
+    # bf16 compute over the fp32 weights. FSDP2 (2+ processes) casts the gathered parameters and
+    # reduces gradients in fp32; one process runs the forward under torch.autocast.
+    mixed_precision: str = setting("auto", "bf16 compute over fp32 weights (auto: where the device computes "
+                                           "bf16 natively); ignored for bf16 weights", MIXED_PRECISION)
+    activation_checkpointing: str = setting("none", "recompute activations in the backward pass: whole "
+                                                    "blocks (full), or all but matmul and attention outputs "
+                                                    "(selective)",
+                                            CHECKPOINTING)
+    ref_batch_size: int = setting(8, "pairs per forward pass of the reference log-probs, computed once "
+                                     "before training", only="dpo")
+    progress: bool = setting(True, "show a progress bar")
+    report_to: str = setting("none", "where the per-step metrics go besides OUT/metrics.jsonl: 'tensorboard' "
+                                     "writes them to OUT/tb/ (needs the tensorboard package)", REPORT_TO)
 
     def __post_init__(self):
         if isinstance(self.activation_checkpointing, bool):  # a TOML `true` / `false`: whole blocks or none
             self.activation_checkpointing = "full" if self.activation_checkpointing else "none"
         if isinstance(self.mixed_precision, bool):  # a TOML `true` / `false`
             self.mixed_precision = "bf16" if self.mixed_precision else "none"
+        _none_words(self)
         _check_types(self)
+        _check_choices(self)
         for name in ("max_seq_len", "micro_batch_size", "grad_accum", "global_batch_size", "lr_batch_size",
                      "save_every", "keep_last", "ref_batch_size"):
             v = getattr(self, name)
@@ -249,14 +302,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {v!r}")
         if self.lr is not None and self.min_lr is not None and self.min_lr > self.lr:
             raise ConfigError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        if self.lr_scaling not in ("none", "linear", "sqrt"):
-            raise ConfigError(f"lr_scaling must be 'none', 'linear' or 'sqrt', got {self.lr_scaling!r}")
-        if self.schedule not in ("linear", "cosine"):
-            raise ConfigError(f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
-        if self.loss_type not in ("sigmoid", "ipo", "hinge", "robust"):
-            raise ConfigError(f"loss_type must be sigmoid, ipo, hinge or robust, got {self.loss_type!r}")
         if not self.beta > 0:
             raise ConfigError(f"beta must be > 0, got {self.beta!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
@@ -275,15 +322,6 @@ class TrainConfig:
         if self.loss_type in ("hinge", "ipo") and self.label_smoothing != 0:
             raise ConfigError(f"label_smoothing must be 0 for loss_type {self.loss_type!r} (it has no "
                               f"meaning there), got {self.label_smoothing!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ConfigError(f"mixed_precision must be 'auto', 'bf16' or 'none', got {self.mixed_precision!r}")
-        if self.report_to not in REPORT_TO:
-            raise ConfigError(f"report_to must be 'none' or 'tensorboard', got {self.report_to!r}")
-        if self.activation_checkpointing not in CHECKPOINTING:
-            raise ConfigError("activation_checkpointing must be 'none', 'selective' or 'full', "
-                              f"got {self.activation_checkpointing!r}")
         self.adam_betas = tuple(self.adam_betas)
 
     def accum_steps(self, processes: int) -> int:
@@ -329,38 +367,48 @@ SEED_DIR = Path(resources.files("srlm_engine") / "seed")
 class LoopConfig:
     """The self-rewarding loop (loop.py). Defaults are the paper's where it gives one
     (N=4 at temperature 0.7 / top_p 0.9; K=3 judgments; prompts at 0.6 / 0.9; 8 shots)."""
-    iterations: int = 2
-    prompts: int = 64                  # new prompts written per iteration
-    n: int = 4                         # candidates per prompt
-    judge_samples: int = 3             # K
-    judge_mode: str = "sample"         # 'sample' (K texts, parsed, averaged) or 'expected'
-    expected_after: str = "prefix"     # expected mode reads the digit at once, or after a justification
-    judge_eval_modes: str = "both"     # judge evaluations (eval/judge_m*.json): 'both' modes, or the 'loop' one
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_new_tokens: int = 256
-    prompt_temperature: float = 0.6
-    prompt_top_p: float = 0.9
-    judge_temperature: float = 0.7
-    judge_top_p: float = 0.9
-    judge_max_tokens: int = 160
-    length_control: bool = False       # Meta-Rewarding's shortest-best / longest-worst choice
-    min_margin: float = 0.0            # best - worst <= this is a tie, dropped (expected scores are continuous)
-    eval_prompts: int = 32             # held-out prompts for the head-to-head win rate
-    select_checkpoints: bool = False   # M_{t+1} = the best DPO checkpoint (PAPER_NOTES), not the last
-    select_prompts: int = 253          # validation prompts of that selection: the first seed prompts
-    eval_max_tokens: int = 256
-    seed: int = 0
-    seed_dir: str = str(SEED_DIR)
-    judge_template: str | None = None  # a file with {instruction} and {response}
-    prompt_writer: str | None = None   # model dir that writes prompts; default: M_t
-    prompt_pool: str | None = None     # JSONL of {"prompt"} to draw from instead of writing prompts
-    eval_judge: str | None = None      # fixed judge of the head-to-head; default: M1
-    kv_cache_tokens: int = 65536
-    max_num_seqs: int = 64
-    dtype: str = "auto"                # generation and judging; auto: bf16 where native (device.py)
-    sft: TrainConfig = field(default_factory=TrainConfig)
-    dpo: TrainConfig = field(default_factory=TrainConfig)
+    iterations: int = setting(2, "self-rewarding iterations T after M1")
+    prompts: int = setting(64, "new prompts written per iteration")
+    n: int = setting(4, "candidate responses per prompt (N)")
+    judge_samples: int = setting(3, "judgments per candidate (K)")
+    judge_mode: str = setting("sample", "sample: K judgment texts, parsed and averaged; expected: the score "
+                                        "digit's expected value", ("sample", "expected"))
+    expected_after: str = setting("prefix", "expected mode reads the digit at once (prefix) or after a written "
+                                            "justification (judgment)", ("prefix", "judgment"))
+    judge_eval_modes: str = setting("both", "judge evaluations (eval/judge_m*.json) in both modes, or in the "
+                                            "loop's alone", ("both", "loop"))
+    temperature: float = setting(0.7, "sampling temperature of the candidates")
+    top_p: float = setting(0.9, "nucleus sampling of the candidates")
+    max_new_tokens: int = setting(256, "tokens per candidate")
+    prompt_temperature: float = setting(0.6, "sampling temperature of prompt writing")
+    prompt_top_p: float = setting(0.9, "nucleus sampling of prompt writing")
+    judge_temperature: float = setting(0.7, "sampling temperature of the judge")
+    judge_top_p: float = setting(0.9, "nucleus sampling of the judge")
+    judge_max_tokens: int = setting(160, "tokens per judgment")
+    length_control: bool = setting(False, "Meta-Rewarding's length control: the shortest of the best-scored "
+                                          "candidates is chosen, the longest of the worst rejected")
+    min_margin: float = setting(0.0, "a best - worst score gap this small or smaller is a tie, dropped "
+                                     "(expected scores are continuous)")
+    eval_prompts: int = setting(32, "held-out prompts of the head-to-head win rate of M_{t+1} over M_t")
+    select_checkpoints: bool = setting(False, "M_{t+1} is the best DPO checkpoint by the fixed judge (the "
+                                              "paper's), not the last")
+    select_prompts: int = setting(253, "validation prompts of that selection: the first seed prompts")
+    eval_max_tokens: int = setting(256, "tokens per answer in the head-to-head")
+    seed: int = setting(0, "seed of the loop's sampling and judging (training's: sft.seed, dpo.seed)")
+    seed_dir: str = setting(str(SEED_DIR), "folder of the seed data: ift.jsonl, eft_train.jsonl, eft_eval.jsonl")
+    judge_template: str | None = setting(None, "judge prompt file with {instruction} and {response} (default: "
+                                               "the paper's)")
+    prompt_writer: str | None = setting(None, "model directory that writes new prompts (default: M_t)")
+    prompt_pool: str | None = setting(None, 'JSONL of {"prompt"} to draw new prompts from instead of writing '
+                                            "them")
+    eval_judge: str | None = setting(None, "model directory of the fixed judge of the head-to-head and of "
+                                           "checkpoint selection (default: M1)")
+    kv_cache_tokens: int = setting(65536, "KV cache of each generation engine, in tokens")
+    max_num_seqs: int = setting(64, "sequences each generation engine decodes together")
+    dtype: str = setting("auto", "dtype of generation and judging (auto: bf16 where the device computes it "
+                                 "natively, else float32)", GENERATION_DTYPES)
+    sft: TrainConfig = setting(TrainConfig, "SFT of M0 on IFT + EFT, giving M1")
+    dpo: TrainConfig = setting(TrainConfig, "DPO of each iteration, from M_t")
 
     def __post_init__(self):
         if isinstance(self.sft, dict):
@@ -368,6 +416,7 @@ class LoopConfig:
         if isinstance(self.dpo, dict):
             self.dpo = TrainConfig.from_dict(self.dpo, "dpo")
         _check_types(self)
+        _check_choices(self)
         for name in ("iterations", "prompts", "n", "judge_samples", "max_new_tokens", "judge_max_tokens",
                      "eval_prompts", "eval_max_tokens", "kv_cache_tokens", "max_num_seqs", "select_prompts"):
             v = getattr(self, name)
@@ -375,14 +424,6 @@ class LoopConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if self.n < 2:
             raise ConfigError(f"n must be at least 2 to form a pair, got {self.n}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.expected_after not in ("prefix", "judgment"):
-            raise ConfigError(f"expected_after must be 'prefix' or 'judgment', got {self.expected_after!r}")
-        if self.judge_eval_modes not in ("both", "loop"):
-            raise ConfigError(f"judge_eval_modes must be 'both' or 'loop', got {self.judge_eval_modes!r}")
-        if self.judge_mode not in ("sample", "expected"):
-            raise ConfigError(f"judge_mode must be 'sample' or 'expected', got {self.judge_mode!r}")
         for name in ("temperature", "prompt_temperature", "judge_temperature"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -392,37 +433,22 @@ class LoopConfig:
         if not 0 <= self.min_margin < 5:
             raise ConfigError(f"min_margin must be in [0, 5) (scores are 0 to 5), got {self.min_margin!r}")
 
-    PRESETS = {
-        # The paper's numbers (Llama 2 70B there): ~4k pairs from M1, two iterations.
-        "paper": dict(iterations=2, prompts=5000, n=4, judge_samples=3, max_new_tokens=1024,
-                      judge_max_tokens=256, eval_prompts=253, eval_max_tokens=1024, select_checkpoints=True,
-                      # batch 16 (PAPER_NOTES) whatever --nproc: grad_accum is derived from it
-                      sft=dict(lr=5.5e-6, min_lr=1.1e-6, micro_batch_size=4, global_batch_size=16, epochs=1.0),
-                      dpo=dict(lr=1e-6, min_lr=1e-7, micro_batch_size=4, global_batch_size=16, epochs=1.0,
-                               beta=0.1)),
-        # M1 and one iteration of a 135M model on a 2-core CPU in well under 30 minutes.
-        "quick": dict(iterations=1, prompts=24, n=4, judge_samples=2, judge_mode="expected", judge_eval_modes="loop",
-                      max_new_tokens=96, judge_max_tokens=96, eval_prompts=24, eval_max_tokens=96,
-                      # half an epoch of the 581 IFT + EFT records: the 37 steps the demo's 30 minutes allow;
-                      # 576 tokens hold every seed record whole (512 cut 6), so no judge rubric loses its head
-                      sft=dict(lr=3e-5, min_lr=6e-6, micro_batch_size=4, global_batch_size=8, epochs=0.5,
-                               max_seq_len=576, warmup_steps=2, save_every=10),
-                      dpo=dict(lr=5e-6, min_lr=5e-7, micro_batch_size=2, global_batch_size=4, epochs=2.0,
-                               max_seq_len=384, beta=0.1, save_every=5)),
-    }
+    PRESETS = ("quick", "paper")  # srlm_engine/configs/<name>.toml
 
     @classmethod
-    def build(cls, preset: str | None = None, toml: dict | None = None, **overrides) -> "LoopConfig":
-        """preset < TOML file < command-line overrides; `sft` / `dpo` tables merge key by key."""
+    def build(cls, preset: str | None = None, toml: dict | None = None, source: str = "config",
+              **overrides) -> "LoopConfig":
+        """preset < TOML file (named `source` in errors) < command-line overrides; `sft` / `dpo`
+        tables merge key by key."""
         if preset and preset not in cls.PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(cls.PRESETS)}")
         d: dict = {}
-        layers = [cls.PRESETS[preset] if preset else {}, toml or {},
-                  {k: v for k, v in overrides.items() if v is not None}]
-        for layer in layers:
+        layers = [(f"preset {preset}", read_toml(preset) if preset else {}), (source, toml or {}),
+                  ("flags", {k: v for k, v in overrides.items() if v is not None})]
+        for name, layer in layers:
             for k, v in layer.items():
                 if k not in cls.__dataclass_fields__:
-                    raise ConfigError(f"unknown loop setting {k!r}")
+                    raise ConfigError(f"{name}: unknown loop setting {k!r}")
                 if k in ("sft", "dpo") and not isinstance(v, dict):
                     raise ConfigError(f"{k} must be a table of training settings, got {v!r}")
                 d[k] = TrainConfig.layer(d.get(k, {}), v) if k in ("sft", "dpo") else v
@@ -430,3 +456,60 @@ class LoopConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# ---------------------------------------------------------------------- TOML files
+
+def shipped_config(name: str):
+    """The config a preset name stands for, shipped inside the package: srlm_engine/configs/<name>.toml
+    (an importlib.resources Traversable, readable from any install)."""
+    from importlib.resources import files
+    return files(__package__).joinpath("configs", f"{name}.toml")
+
+
+def read_toml(name_or_path: str | Path) -> dict:
+    """A settings file: a path, or the name of a shipped config (LoopConfig.PRESETS) where no file
+    of that name exists. Errors name the file."""
+    import tomllib
+    path = Path(name_or_path)
+    source = shipped_config(str(name_or_path)) if not path.exists() and name_or_path in LoopConfig.PRESETS else path
+    try:
+        with source.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: invalid TOML: {e}") from None
+    except OSError as e:
+        shipped = f" (shipped configs: {', '.join(LoopConfig.PRESETS)})" if isinstance(e, FileNotFoundError) else ""
+        raise ConfigError(f"{source}: {e.strerror or e}{shipped}") from None
+
+
+def to_toml(settings) -> str:
+    """A settings dataclass as TOML that read_toml reads back to the same settings: plain settings
+    first, then one table per nested dataclass (LoopConfig.sft, .dpo). TOML has no null: an unset
+    number is "none", as on the command line; an unset path is a comment."""
+    lines, tables = [], []
+    for f in fields(settings):
+        v = getattr(settings, f.name)
+        if is_dataclass(v):
+            tables.append((f.name, v))
+        elif v is None:
+            lines.append(f'{f.name} = "none"' if f.type in _NUMBER_OR_NONE else f"# {f.name} is unset")
+        else:
+            lines.append(f"{f.name} = {_toml_value(v)}")
+    for name, v in tables:
+        lines += ["", f"[{name}]", to_toml(v).rstrip("\n")]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if v != v else ("inf" if v > 0 else "-inf")
+    if isinstance(v, (int, float)):
+        return repr(v)  # 1e-06 and 0.5 read back exactly
+    if isinstance(v, str):
+        return json.dumps(v)  # a TOML basic string escapes as JSON does
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"no TOML form for {v!r}")

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from srlm_engine.evaluate import JudgeMetrics, format_table
-from srlm_engine.io import atomic_path, read_json, write_text
+from srlm_engine.io import DataError, atomic_path, read_json, write_text
 from srlm_engine.train.metrics import read_metrics
 
 GENERATION_STAGES = ("prompts", "candidates", "judgments", "selection")
@@ -232,6 +232,24 @@ def _against_length(sets: dict, mode: str, rule: dict | None) -> str:
             said.append(f"{n.upper()} does not beat it ({100 * acc:.1f}%): it is no better than counting characters")
     return f"\nThe rule \"the longer answer is better\" orders {100 * base:.1f}% of the pairs right. " + \
         "; ".join(said) + ".\n"
+
+
+def rebuild_report(root: str | Path) -> Path:
+    """report.md and plots/ again from the files of a run folder, finished or not (`srlm report
+    RUN`), with the settings its manifest.json pins; no model is loaded."""
+    from srlm_engine.config import ConfigError, LoopConfig
+    root = Path(root)
+    manifest = root / "manifest.json"
+    if not manifest.is_file():
+        raise DataError(f"{root}: not a run folder (no manifest.json)")
+    pinned = read_json(manifest)
+    if not isinstance(pinned, dict) or not isinstance(pinned.get("config"), dict):
+        raise DataError(f"{manifest}: no config object")
+    try:
+        cfg = LoopConfig.build(None, pinned["config"])
+    except ConfigError as e:
+        raise DataError(f"{manifest}: {e}") from None
+    return write_report(root, cfg)
 
 
 def write_report(root: Path, cfg) -> Path:

@@ -1,6 +1,7 @@
 """Loop and training settings: every field's type is checked, and the ranges the trainer and the
 DPO loss would otherwise reject only at their first step."""
 import math
+import re
 
 import pytest
 
@@ -106,3 +107,91 @@ def test_label_smoothing_follows_the_loss_rule():
             except ConfigError:
                 config_ok = False
             assert config_ok == loss_ok, (loss_type, ls)
+
+
+# ---------------------------------------------------------------------- field metadata, TOML files
+
+SETTINGS = (TrainConfig, LoopConfig)
+
+
+@pytest.mark.parametrize("cls", SETTINGS)
+def test_every_setting_says_what_it_is_and_its_choices_are_exactly_what_it_takes(cls):
+    from dataclasses import fields
+    for f in fields(cls):
+        assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+        for value in f.metadata["choices"] or ():
+            assert getattr(cls(**{f.name: value}), f.name) == value
+        if f.metadata["choices"]:
+            quoted = " or ".join([", ".join(repr(c) for c in f.metadata["choices"][:-1]),
+                                  repr(f.metadata["choices"][-1])])
+            with pytest.raises(ConfigError, match=re.escape(f"{f.name} must be {quoted}, got 'nope'")):
+                cls(**{f.name: "nope"})
+
+
+def test_the_dpo_only_settings_are_those_the_sft_trainer_never_reads():
+    from dataclasses import fields
+    assert {f.name for f in fields(TrainConfig) if f.metadata["only"] == "dpo"} == {
+        "beta", "loss_type", "label_smoothing", "ref_batch_size"}
+    assert {f.metadata["only"] for f in fields(TrainConfig)} == {None, "dpo"}
+
+
+def test_the_generation_dtypes_are_the_devices():
+    from srlm_engine.config import GENERATION_DTYPES
+    from srlm_engine.device import DTYPES
+    assert GENERATION_DTYPES == DTYPES
+
+
+def test_presets_are_the_shipped_config_files():
+    import tomllib
+
+    from srlm_engine.config import read_toml, shipped_config
+    for name in LoopConfig.PRESETS:
+        f = shipped_config(name)
+        assert f.is_file()  # inside the package: importlib.resources finds it wherever it is installed
+        text = f.read_text(encoding="utf-8")
+        assert read_toml(name) == tomllib.loads(text)
+        assert LoopConfig.build(name) == LoopConfig.build(None, tomllib.loads(text))
+    quick, paper = LoopConfig.build("quick"), LoopConfig.build("paper")
+    # what the presets are for (README): the demo's short CPU run, the paper's batch of 16 and checkpoint selection
+    assert (quick.iterations, quick.judge_mode, quick.sft.max_seq_len) == (1, "expected", 576)
+    assert (paper.prompts, paper.sft.global_batch_size, paper.dpo.lr, paper.select_checkpoints) == (5000, 16, 1e-6,
+                                                                                                     True)
+
+
+def test_a_file_of_a_presets_name_is_read_before_the_shipped_one(tmp_path, monkeypatch):
+    from srlm_engine.config import read_toml
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quick").write_text("iterations = 7\n")
+    assert read_toml("quick") == {"iterations": 7}
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    from srlm_engine.config import read_toml
+    bad = tmp_path / "bad.toml"
+    bad.write_text("iterations = \n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(bad))}: invalid TOML: .*line 1"):
+        read_toml(bad)
+    with pytest.raises(ConfigError, match=r"missing\.toml: No such file or directory \(shipped configs: quick, "
+                                          r"paper\)"):
+        read_toml(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match=r"run\.toml: unknown loop setting 'iteratoins'"):
+        LoopConfig.build("quick", {"iteratoins": 3}, "run.toml")
+    with pytest.raises(ConfigError, match=r"flags: unknown loop setting 'iteratoins'"):
+        LoopConfig.build(None, None, iteratoins=3)
+
+
+def test_printed_settings_read_back_the_same():
+    import tomllib
+
+    from srlm_engine.config import to_toml
+    odd = 'a "quoted" C:\\path\nwith ü and \t'
+    cfgs = [LoopConfig.build(p) for p in (None, *LoopConfig.PRESETS)]
+    cfgs.append(LoopConfig.build("quick", {"judge_template": odd, "min_margin": 0.25,
+                                           "sft": {"max_grad_norm": None, "adam_betas": [0.8, 0.95]}}))
+    for cfg in cfgs:
+        text = to_toml(cfg)
+        assert LoopConfig.build(None, tomllib.loads(text)) == cfg
+    text = to_toml(cfgs[-1])  # TOML has no null
+    assert "# prompt_pool is unset" in text and 'max_grad_norm = "none"' in text and "# max_steps" not in text
+    t = TrainConfig(lr=3e-5, max_steps=None)
+    assert TrainConfig.from_dict(tomllib.loads(to_toml(t))) == t

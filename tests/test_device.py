@@ -54,7 +54,7 @@ def test_defaults_are_auto_and_settings_are_checked(cpu_flags):
     assert TrainConfig(mixed_precision=False).mixed_precision == "none"
     with pytest.raises(ConfigError, match="mixed_precision must be 'auto', 'bf16' or 'none', got 'fp16'"):
         TrainConfig(mixed_precision="fp16")
-    with pytest.raises(ConfigError, match="dtype must be auto, float32, bfloat16 or float16"):
+    with pytest.raises(ConfigError, match="dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got 'half'"):
         LoopConfig(dtype="half")
     cpu = torch.device("cpu")
     cpu_flags()

@@ -44,7 +44,7 @@ def test_a_second_loop_on_a_held_folder_exits_at_once_naming_the_holder(tmp_path
     model.mkdir()
     (model / "config.json").write_text("{}")
     with RunLock(tmp_path / "run"):
-        assert main(["loop", "--model", str(model), "--out", str(tmp_path / "run"), "--preset", "quick"]) == 2
+        assert main(["loop", "--model", str(model), "--out", str(tmp_path / "run"), "--preset", "quick"]) == 1
     err = capsys.readouterr().err
     assert "is held by another job (host " in err and f"pid {os.getpid()}" in err
 

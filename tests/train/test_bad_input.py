@@ -1,4 +1,5 @@
-"""Bad input gives a clear error naming the file (and line), and nothing already saved is lost."""
+"""Bad input gives a clear error naming the file (and line), and nothing already saved is lost. Bad input
+data exits 1; a bad setting (flag or --config) is a usage error and exits 2."""
 import hashlib
 import json
 
@@ -34,7 +35,7 @@ def test_empty_file(tiny_model, trained_out, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     rc, err = run(capsys, "sft", "--model", tiny_model, "--data", empty, "--out", trained_out, *FAST)
-    assert rc == 2 and f"{empty}: no records" in err
+    assert rc == 1 and f"{empty}: no records" in err
     assert digest(trained_out) == before
 
 
@@ -44,7 +45,7 @@ def test_malformed_line_named(tiny_model, trained_out, tmp_path, capsys):
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
                    + "\n{not json\n")
     rc, err = run(capsys, "sft", "--model", tiny_model, "--data", bad, "--out", trained_out, *FAST)
-    assert rc == 2 and f"{bad}:2: invalid JSON" in err
+    assert rc == 1 and f"{bad}:2: invalid JSON" in err
     assert digest(trained_out) == before
 
 
@@ -52,14 +53,14 @@ def test_pair_with_chosen_equal_rejected(tiny_model, tmp_path, capsys):
     pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"},
                                                {"prompt": "q", "chosen": "same", "rejected": "same"}])
     rc, err = run(capsys, "dpo", "--model", tiny_model, "--pairs", pairs, "--out", tmp_path / "o", *FAST)
-    assert rc == 2 and f"{pairs}:2:" in err and "chosen and rejected are the same" in err
+    assert rc == 1 and f"{pairs}:2:" in err and "chosen and rejected are the same" in err
     assert not (tmp_path / "o" / "model").exists()
 
 
 def test_missing_model_directory(tmp_path, capsys):
     rc, err = run(capsys, "sft", "--model", tmp_path / "nope", "--data", DATA / "sft_train.jsonl",
                   "--out", tmp_path / "o", *FAST)
-    assert rc == 2 and "nope: model directory not found" in err
+    assert rc == 1 and "nope: model directory not found" in err
 
 
 def test_resume_from_another_models_checkpoint(trained_out, tmp_path, capsys):
@@ -68,7 +69,7 @@ def test_resume_from_another_models_checkpoint(trained_out, tmp_path, capsys):
     other = make_model_dir(tmp_path / "other", seed=9, hidden_size=48)
     rc, err = run(capsys, "sft", "--model", other, "--data", DATA / "sft_train.jsonl", "--out", trained_out, *FAST,
                   "--max-steps", "3")
-    assert rc == 2 and "cannot resume" in err and "base model" in err
+    assert rc == 1 and "cannot resume" in err and "base model" in err
     assert digest(trained_out) == before
 
 
