@@ -81,7 +81,7 @@ def test_report_to_tensorboard(tiny_model, tmp_path, capsys):
         assert rc == 0 and list((tmp_path / "tb").glob("events.out.tfevents.*"))
     else:  # one line saying what to install, before any training
         err = capsys.readouterr().err
-        assert rc == 1 and "srlm: error: report_to 'tensorboard' needs the tensorboard package " \
+        assert rc == 1 and "error: report_to 'tensorboard' needs the tensorboard package " \
                            "(pip install tensorboard)" in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "model").exists() and not (tmp_path / "metrics.jsonl").exists()
     with pytest.raises(ConfigError, match="report_to must be 'none' or 'tensorboard', got 'wandb'"):
