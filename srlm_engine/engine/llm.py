@@ -42,6 +42,11 @@ from srlm_engine.engine.scheduler import Scheduled, Scheduler, Sequence
 from srlm_engine.model.weights import load_config, load_model
 from srlm_engine.tokenizer import Tokenizer
 
+# A step that computes prompt tokens runs every linear layer on at least MIN_ROWS rows: below about
+# 12 rows the CPU matmul takes another path whose sums round differently, and a prompt's logits
+# would depend on how many other tokens shared its step (see attention.INVARIANT_KV).
+MIN_ROWS = 16
+
 
 @dataclass
 class CompletionOutput:
@@ -295,11 +300,16 @@ class LLM:
             context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
             num_decode=sched.num_decode, query_starts=q_starts, query_lens=q_lens, ctx_lens=ctx)
         attend = PagedAttention(self.backend, self.cache, meta, self.scale)
+        rows = len(ids)
+        if q_starts and rows < MIN_ROWS:  # pad rows: never written to the cache, dropped after
+            ids, pos = ids + [0] * (MIN_ROWS - rows), pos + [0] * (MIN_ROWS - rows)
         h = self.model.hidden_states(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev),
                                      attend=attend)
         if not samplers:
             return None
-        return self.model.logits(h[torch.tensor(sample_rows, device=dev)])
+        if q_starts and len(sample_rows) < MIN_ROWS:
+            sample_rows = sample_rows + [sample_rows[-1]] * (MIN_ROWS - len(sample_rows))
+        return self.model.logits(h[torch.tensor(sample_rows, device=dev)])[:len(samplers)]
 
     def _prepare(self, sched: Scheduled):
         """The step as lists: packed ids and positions, cache slots, context lengths, block
@@ -307,9 +317,9 @@ class LLM:
         bs = self.pool.block_size
         ids, pos, slots, ctx, tables = [], [], [], [], []
         q_starts, q_lens, sample_rows, samplers = [], [], [], []
-        for s, n in zip(sched.seqs, sched.num_new):
+        for i, (s, n) in enumerate(zip(sched.seqs, sched.num_new)):
             start, end = s.num_computed, s.num_computed + n
-            if n > 1:
+            if i >= sched.num_decode:
                 q_starts.append(len(ids))
                 q_lens.append(n)
             ids += s.token_ids[start:end]

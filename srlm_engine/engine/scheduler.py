@@ -145,9 +145,13 @@ class Scheduler:
             chosen[seq.seq_id] = n
             budget -= n
         seqs = [s for s in self.running if s.seq_id in chosen]
-        seqs.sort(key=lambda s: chosen[s.seq_id] > 1)  # decodes first, stable otherwise
+        # decodes first, stable otherwise. A decode is one generated token; a chunk of prompt is a
+        # prefill even when it is one token long, so that it is computed like any other prompt
+        # token (attention.INVARIANT_Q)
+        decode = {s.seq_id for s in seqs if chosen[s.seq_id] == 1 and s.num_computed >= s.num_prompt}
+        seqs.sort(key=lambda s: s.seq_id not in decode)
         num_new = [chosen[s.seq_id] for s in seqs]
-        return Scheduled(seqs, num_new, sum(1 for n in num_new if n == 1))
+        return Scheduled(seqs, num_new, len(decode))
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
