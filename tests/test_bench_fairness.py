@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
 import bench_generate  # noqa: E402
+import bench_prefill  # noqa: E402
 import bench_train  # noqa: E402
 
 
@@ -63,3 +64,27 @@ def test_train_tiny_steps_each_run_the_reference_model_once(impl):
     step()
     step()
     assert len(calls) == 2
+
+
+def test_the_prefill_baseline_computes_the_same_logits(tmp_path):
+    """bench_prefill's per-sequence SDPA and the engine's invariant prefill agree to rounding on a
+    tiny model, and the bench puts the engine's own prefill back afterwards."""
+    sys.path.insert(0, str(Path(__file__).parent / "engine"))
+    from enginekit import random_prompts, tiny_config, write_word_tokenizer
+
+    from srlm_engine.engine import attention, llm as llm_mod
+    from srlm_engine.engine.llm import LLM
+    from srlm_engine.model.llama import Llama
+    from srlm_engine.model.weights import save_model
+    save_model(Llama(tiny_config()).init_weights(seed=0, std=0.3), tmp_path)
+    write_word_tokenizer(tmp_path)
+    engine = LLM(tmp_path, kv_cache_tokens=2048)
+    ps = [list(range(2, 40)) + p for p in random_prompts(6, 1, 50, seed=1)]
+    out = {}
+    for v in ("invariant", "sdpa"):
+        with bench_prefill.Variant(v):
+            engine.pool.forget_prefixes()
+            out[v] = engine.next_token_logprobs(ps)
+    assert llm_mod.MIN_ROWS == 16 and attention.PagedAttention._prefill is not bench_prefill.sdpa_prefill
+    torch.testing.assert_close(out["invariant"], out["sdpa"], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(out["invariant"], out["sdpa"])  # two computations, not one timed twice
