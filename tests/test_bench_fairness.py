@@ -40,7 +40,7 @@ def test_batch1_prefills_the_whole_prompt_as_transformers_does():
     from srlm_engine.engine import LLM
     from srlm_engine.model.pull import pull
 
-    llm = LLM(pull(), kv_cache_tokens=2048, max_num_seqs=4)
+    llm = LLM(pull(), device="cpu", kv_cache_tokens=2048, max_num_seqs=4)
     hits, generate = [], llm.generate
 
     def spy(prompts, params, **kw):

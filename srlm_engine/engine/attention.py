@@ -48,11 +48,6 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.block_size = block_size
 
-    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
-        s, d = torch.tensor(src, device=self.k[0].device), torch.tensor(dst, device=self.k[0].device)
-        for t in self.k + self.v:
-            t[d] = t[s]
-
 
 @dataclass
 class StepMetadata:
