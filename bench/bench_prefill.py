@@ -1,6 +1,6 @@
 """The cost of batch-invariant CPU prefill: the engine's prefill as it is (engine/attention.py's
-invariant_attention, linear layers on at least llm.MIN_ROWS rows) against per-sequence SDPA (a
-causal SDPA call when nothing is cached, a masked one over the cached prefix otherwise, linear
+invariant_attention, linear layers on at least model_runner.MIN_ROWS rows) against per-sequence
+SDPA (a causal SDPA call when nothing is cached, a masked one over the cached prefix otherwise, linear
 layers on the step's rows alone), in the same process, rounds interleaved.
 
     python bench/bench_prefill.py [--model DIR] [--dtype auto|float32|bfloat16] [--items 12] [--rounds 3] [--no-record]
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import append_rows, device_name  # noqa: E402
 
-from srlm_engine.engine import attention, llm as llm_mod  # noqa: E402
+from srlm_engine.engine import attention, model_runner  # noqa: E402
 
 
 def sdpa_prefill(self, q, k, v, kc, vc, seq: int):
@@ -49,12 +49,12 @@ class Variant:
         self.name = name
 
     def __enter__(self):
-        self.saved = attention.PagedAttention._prefill, llm_mod.MIN_ROWS
+        self.saved = attention.PagedAttention._prefill, model_runner.MIN_ROWS
         if self.name == "sdpa":
-            attention.PagedAttention._prefill, llm_mod.MIN_ROWS = sdpa_prefill, 1
+            attention.PagedAttention._prefill, model_runner.MIN_ROWS = sdpa_prefill, 1
 
     def __exit__(self, *exc):
-        attention.PagedAttention._prefill, llm_mod.MIN_ROWS = self.saved
+        attention.PagedAttention._prefill, model_runner.MIN_ROWS = self.saved
 
 
 def workloads(engine, items: int):

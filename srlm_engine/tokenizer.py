@@ -54,7 +54,7 @@ class Tokenizer:
         eos = set(generation_eos or [])
         if self.eos_token is not None and tok.token_to_id(self.eos_token) is not None:
             eos.add(tok.token_to_id(self.eos_token))
-        self._template = None
+        self._templates: dict[str, object] = {}  # template text -> compiled template
         self.end_of_turn_id = self._end_of_turn()
         self.eos_token_ids = sorted(eos | ({self.end_of_turn_id} - {None}))
 
@@ -143,22 +143,34 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def _compile(self):
-        if self._template is None:
+    def _compile(self, source: str | None = None):
+        """The compiled template of `source` (default: the model's), compiled once per text."""
+        source = self.chat_template if source is None else source
+        if source not in self._templates:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=["jinja2.ext.loopcontrols"])
             env.filters["tojson"] = _tojson
             env.globals["raise_exception"] = _raise
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._template = env.from_string(self.chat_template)
-        return self._template
+            self._templates[source] = env.from_string(source)
+        return self._templates[source]
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            **kwargs) -> str:
-        """Render `messages` ([{"role", "content"}, ...]) with the model's chat template."""
-        if self.chat_template is None:
+                            chat_template: str | None = None, **kwargs) -> str:
+        """Render `messages` ([{"role", "content"}, ...]) with the model's chat template, or with
+        `chat_template` (jinja text, in the same sandbox) when given."""
+        if chat_template is not None:
+            if not isinstance(chat_template, str):
+                raise TokenizerError(f"chat_template must be a jinja template string, "
+                                     f"got {type(chat_template).__name__}")
+            try:
+                template = self._compile(chat_template)
+            except TemplateSyntaxError as e:
+                raise TokenizerError(f"chat_template line {e.lineno}: {e.message}") from None
+        elif self.chat_template is None:
             raise TokenizerError("this tokenizer has no chat_template (tokenizer_config.json or "
                                  "chat_template.jinja)")
-        return self._compile().render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                                     **kwargs)
+        else:
+            template = self._compile()
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)

@@ -41,7 +41,7 @@ def test_batch1_prefills_the_whole_prompt_as_transformers_does():
     from srlm_engine.engine import LLM
     from srlm_engine.model.pull import pull
 
-    llm = LLM(pull(), kv_cache_tokens=2048, max_num_seqs=4)
+    llm = LLM(pull(), device="cpu", kv_cache_tokens=2048, max_num_seqs=4)
     hits, generate = [], llm.generate
 
     def spy(prompts, params, **kw):
@@ -72,7 +72,7 @@ def test_the_prefill_baseline_computes_the_same_logits(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent / "engine"))
     from enginekit import random_prompts, tiny_config, write_word_tokenizer
 
-    from srlm_engine.engine import attention, llm as llm_mod
+    from srlm_engine.engine import attention, model_runner
     from srlm_engine.engine.llm import LLM
     from srlm_engine.model.llama import Llama
     from srlm_engine.model.weights import save_model
@@ -85,6 +85,6 @@ def test_the_prefill_baseline_computes_the_same_logits(tmp_path):
         with bench_prefill.Variant(v):
             engine.pool.forget_prefixes()
             out[v] = engine.next_token_logprobs(ps)
-    assert llm_mod.MIN_ROWS == 16 and attention.PagedAttention._prefill is not bench_prefill.sdpa_prefill
+    assert model_runner.MIN_ROWS == 16 and attention.PagedAttention._prefill is not bench_prefill.sdpa_prefill
     torch.testing.assert_close(out["invariant"], out["sdpa"], atol=1e-5, rtol=1e-5)
     assert not torch.equal(out["invariant"], out["sdpa"])  # two computations, not one timed twice

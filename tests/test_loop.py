@@ -538,7 +538,7 @@ def test_judge_samples_of_identical_items_are_drawn_independently(tiny_model):
     # draw the same random numbers and write the same judgment; with a seed per item they are independent draws.
     from srlm_engine.engine import LLM
     from srlm_engine.judge import judge_samples
-    llm = LLM(tiny_model, dtype=torch.float32, kv_cache_tokens=4096)
+    llm = LLM(tiny_model, dtype=torch.float32, device="cpu", kv_cache_tokens=4096)
     a, b = judge_samples(llm, ["Name a river."] * 2, ["The Nile."] * 2, k=2, max_tokens=12, seed=3)
     assert a.texts != b.texts
     again = judge_samples(llm, ["Name a river."] * 2, ["The Nile."] * 2, k=2, max_tokens=12, seed=3)

@@ -11,12 +11,12 @@ Backends (picked once per engine by `select_backend`):
 Prefill (a chunk of prompt, even of one token) runs per sequence on the CPU backends, through
 `invariant_attention` over the context read back from the blocks: a prompt's logits are the same
 bits whatever part of it was cached and whatever else ran in its step (see its docstring; the
-engine also runs a prefill step's linear layers on at least llm.MIN_ROWS rows). On the Triton
-backend (GPU) all prefill sequences of a step go through one SDPA call instead: contexts gathered
-from the cache into a padded [S, C] batch, queries padded to [S, Q], and a mask that is causal with
-each sequence's offset and hides the padding; the indices and mask are built once per step and
-serve every layer. Per-sequence calls would cost ~5 kernel launches per sequence per layer, which on a GPU
-took longer than the model's arithmetic at judge-prompt lengths.
+runner also runs a prefill step's linear layers on at least model_runner.MIN_ROWS rows). On the
+Triton backend (GPU) all prefill sequences of a step go through one SDPA call instead: contexts
+gathered from the cache into a padded [S, C] batch, queries padded to [S, Q], and a mask that is
+causal with each sequence's offset and hides the padding; the indices and mask are built once per
+step and serve every layer. Per-sequence calls would cost ~5 kernel launches per sequence per
+layer, which on a GPU took longer than the model's arithmetic at judge-prompt lengths.
 
 Cache layout, per layer: k, v [num_blocks, block_size, num_kv_heads, head_dim], contiguous.
 Within a layer, every new token's K/V is written before any attention reads: a sequence may read
@@ -49,11 +49,6 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.block_size = block_size
-
-    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
-        s, d = torch.tensor(src, device=self.k[0].device), torch.tensor(dst, device=self.k[0].device)
-        for t in self.k + self.v:
-            t[d] = t[s]
 
 
 @dataclass
@@ -173,7 +168,7 @@ class PagedAttention:
             return self._flash(layer, q, k, v)
         m, kc, vc = self.meta, self.cache.k[layer], self.cache.v[layer]
         rows = m.slot_mapping.shape[0]
-        if q.shape[0] > rows:  # the step's padding rows (llm.MIN_ROWS) attend to nothing
+        if q.shape[0] > rows:  # the step's padding rows (model_runner.MIN_ROWS) attend to nothing
             out = q.new_zeros(q.shape)
             out[:rows] = self(layer, q[:rows], k[:rows], v[:rows])
             return out

@@ -34,6 +34,34 @@ class BlockPool:
         self.hit_tokens = 0       # prompt tokens found in the cache
         self.queried_tokens = 0   # prompt tokens looked up
 
+    @classmethod
+    def for_tokens(cls, tokens: int, block_size: int) -> "BlockPool":
+        """A pool holding at least `tokens` tokens."""
+        return cls(-(-tokens // block_size), block_size)
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the whole pool holds."""
+        return self.num_blocks * self.block_size
+
+    def blocks_for(self, tokens: int) -> int:
+        """Blocks that hold `tokens` tokens."""
+        return -(-tokens // self.block_size)
+
+    def blocks_needed(self, held: int, tokens: int) -> int:
+        """Blocks to add to a table of `held` blocks so that it holds `tokens` tokens."""
+        return max(0, self.blocks_for(tokens) - held)
+
+    def slots(self, table: list[int], start: int, end: int, shared: int = 0) -> list[int]:
+        """Cache slots of positions start..end-1 of the sequence with block table `table`; -1 for
+        the first `shared` positions (prefix-cache hits: their KV is there already)."""
+        bs = self.block_size
+        return [-1 if p < shared else table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def num_idle(self, blocks: list[int]) -> int:
+        """How many of `blocks` sit in the free list (ref 0): taking them shrinks it."""
+        return sum(self.ref[b] == 0 for b in blocks)
+
     def hit_rate(self) -> float:
         return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
 
@@ -88,6 +116,13 @@ class BlockPool:
             self.by_key[k] = block
             self.key[block], self.tokens[block] = k, chunk
         return k
+
+    def commit_full(self, table: list[int], keys: list[int], token_ids: list[int], upto: int) -> None:
+        """Key every block of `table` that is full once the first `upto` of `token_ids` are
+        written, after the len(keys) already keyed; their keys are appended to `keys`."""
+        bs = self.block_size
+        for i in range(len(keys), upto // bs):
+            keys.append(self.commit(table[i], keys[-1] if keys else None, token_ids[i * bs:(i + 1) * bs]))
 
     def forget_prefixes(self) -> None:
         """Drop every key: no cached prefix is hit again (after a step failed between keying its

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from srlm_engine.engine.llm import LLM, CompletionOutput, RequestOutput, as_requests
+from srlm_engine.engine.llm import LLM, as_requests, render_chats
+from srlm_engine.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from srlm_engine.io import write_text
 
 
@@ -101,16 +102,17 @@ class DataParallelLLM:
         key = [ids, [repr(p) for p in params]]
         outs = [_from_dict(d) for d in self._collective(run, weights, key)]
         for r, (o, prompt) in enumerate(zip(outs, prompts)):
-            o.request_id, o.prompt = r, prompt if isinstance(prompt, str) else None
+            o.request_id, o.prompt = str(r), prompt if isinstance(prompt, str) else None
         return outs
 
-    def chat(self, messages, sampling_params=None, use_tqdm: bool = True, add_generation_prompt: bool = True):
-        if messages and isinstance(messages[0], dict):
-            messages = [messages]
-        tok = self.tokenizer
-        ids = [tok.encode(tok.apply_chat_template(m, add_generation_prompt), add_special_tokens=False)
-               for m in messages]
-        return self.generate(ids, sampling_params, use_tqdm)
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True, *, chat_template: str | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        texts = render_chats(self.tokenizer, messages, chat_template, add_generation_prompt)
+        outs = self.generate([self.tokenizer.encode(t, add_special_tokens=False) for t in texts],
+                             sampling_params, use_tqdm)
+        for o, text in zip(outs, texts):
+            o.prompt = text
+        return outs
 
     def next_token_logprobs(self, prompts, token_ids: list[int] | None = None) -> torch.Tensor:
         ids = self.llm._encode_all(as_requests(prompts)[0])
@@ -159,7 +161,7 @@ def _fault_point(phase: str, rank: int, store: ShardStore | None) -> None:
 
 
 def _to_dict(o: RequestOutput) -> dict:
-    d = asdict(o)
+    d = asdict(o)  # Logprobs become dicts too
     for c in d["outputs"]:  # JSON keys are strings: keep the token ids as pairs
         if c["logprobs"] is not None:
             c["logprobs"] = [list(step.items()) for step in c["logprobs"]]
@@ -170,6 +172,6 @@ def _from_dict(d: dict) -> RequestOutput:
     outs = []
     for c in d["outputs"]:
         if c["logprobs"] is not None:
-            c = {**c, "logprobs": [dict((int(k), v) for k, v in step) for step in c["logprobs"]]}
+            c = {**c, "logprobs": [{int(k): Logprob(**v) for k, v in step} for step in c["logprobs"]]}
         outs.append(CompletionOutput(**c))
     return RequestOutput(**{**d, "outputs": outs})

@@ -1,22 +1,30 @@
-"""LLM: the public face of the engine, shaped like vLLM's.
+"""LLM: the public face of the engine, shaped like vLLM's, and the life of its requests.
 
-    llm = LLM(model_dir)
+    llm = LLM(model="path/to/checkpoint")     # or LLM("path/to/checkpoint")
     outs = llm.generate(["Hello"], SamplingParams(n=4, temperature=0.7, top_p=0.9, max_tokens=128))
     outs[0].outputs[2].text
+
+Construction takes vLLM's arguments where they mean the same here: model, tokenizer (a directory;
+default the model's), dtype ("auto", "bfloat16", "float16", "float32", "half", "float" or a torch
+dtype; "auto" is srlm_engine/device.py's: bf16 on CUDA and on CPUs with native bf16, fp32
+elsewhere), seed (None: a fresh one), tensor_parallel_size, enforce_eager, block_size,
+max_num_seqs, max_num_batched_tokens, max_model_len (at most max_position_embeddings) and
+trust_remote_code (False only: no checkpoint code is ever run). Other vLLM arguments raise a
+TypeError. Its own: device (default the GPU where there is one), kv_cache_tokens (the KV cache's
+size), attention_backend, num_threads, tp_group.
 
 Contracts:
 - A prompt is a string (encoded with add_special_tokens=True, as vLLM does) or a list of token ids.
 - Every request is validated before any work (empty prompt, token ids outside the vocabulary,
-  prompt of max_position_embeddings tokens or more, or too long for the KV pool): ValueError naming
-  the request index. max_tokens is capped so that prompt + output fits max_position_embeddings
-  (vLLM's behaviour at max_model_len); such an output ends with finish_reason "length".
+  prompt of max_model_len tokens or more, or too long for the KV pool): ValueError naming the
+  request index. max_tokens is capped so that prompt + output fits max_model_len (vLLM's
+  behaviour); such an output ends with finish_reason "length".
 - An exception during generation names the request(s) it concerns; the engine is then reset
   (all blocks released) and stays usable.
 - The n samples of a request are n sequences; the prefix cache makes them share the prompt's full
   blocks (allocated once). Each sample has its own generator: from (seed, index) when seeded.
-- Devices: on CPU with srlm_engine._C built, the C++ paged attention and small-batch linear
-  (engine/linear.py); on CUDA, the Triton paged attention, one SDPA call for a step's prefills,
-  and CUDA graphs for decode steps (engine/cuda_graph.py; enforce_eager=True turns them off).
+- The model runner (engine/model_runner.py) owns the model's inputs, forward and CUDA graphs
+  (enforce_eager=True turns the graphs off); this file owns the requests.
 - Tensor parallelism (tensor_parallel_size=k > 1, engine/tensor_parallel.py): inside an initialized
   torch.distributed process group of k ranks (tp_group, default the whole default group), every
   rank builds an LLM with the same arguments and calls generate with the same requests; each holds
@@ -29,92 +37,80 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from srlm_engine.engine.attention import KVCache, PagedAttention, StepMetadata, select_backend
+from srlm_engine.device import default_device, resolve_dtype
 from srlm_engine.engine.blocks import BlockPool
+from srlm_engine.engine.model_runner import ModelRunner
+from srlm_engine.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from srlm_engine.engine.sampler import Sampler, SamplingParams, check_stop, make_generator, top_logprobs
-from srlm_engine.engine.scheduler import Scheduled, Scheduler, Sequence
+from srlm_engine.engine.scheduler import Scheduled, Scheduler
+from srlm_engine.engine.sequence import Sequence
 from srlm_engine.model.weights import load_config, load_model
 from srlm_engine.tokenizer import Tokenizer
 
-# A step that computes prompt tokens runs every linear layer on at least MIN_ROWS rows: below about
-# 12 rows the CPU matmul takes another path whose sums round differently, and a prompt's logits
-# would depend on how many other tokens shared its step (see attention.INVARIANT_KV).
-MIN_ROWS = 16
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    cumulative_logprob: float
-    logprobs: list[dict[int, float]] | None = None
-
-
-@dataclass
-class RequestOutput:
-    request_id: int
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
+DTYPE_NAMES = {"auto": "auto", "bfloat16": "bfloat16", "float16": "float16", "half": "float16",
+               "float32": "float32", "float": "float32"}  # vLLM's names
+# vLLM arguments with no meaning here, and what to use instead
+NOT_HERE = {"gpu_memory_utilization": "the KV cache is sized in tokens: pass kv_cache_tokens",
+            "swap_space": "preempted sequences are recomputed, never swapped out",
+            "quantization": "weights load unquantized, in `dtype`"}
 
 
 class LLM:
-    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 block_size: int = 16, max_num_seqs: int = 128, kv_cache_tokens: int = 32768,
-                 max_num_batched_tokens: int = 2048, attention_backend: str | None = None,
-                 num_threads: int | None = None, seed: int = 0, enforce_eager: bool = False,
-                 tensor_parallel_size: int = 1, tp_group=None):
+    def __init__(self, model: str | Path, *, tokenizer: str | Path | None = None,
+                 dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
+                 seed: int | None = 0, tensor_parallel_size: int = 1, enforce_eager: bool = False,
+                 block_size: int = 16, max_num_seqs: int = 128, max_num_batched_tokens: int = 2048,
+                 max_model_len: int | None = None, kv_cache_tokens: int = 32768,
+                 attention_backend: str | None = None, num_threads: int | None = None, tp_group=None,
+                 trust_remote_code: bool = False, **unsupported):
+        if unsupported:
+            name = sorted(unsupported)[0]
+            why = NOT_HERE.get(name, "not an argument of this engine (see srlm_engine/engine/llm.py)")
+            raise TypeError(f"LLM: unsupported argument {name}={unsupported[name]!r}: {why}")
+        if trust_remote_code:
+            raise ValueError("LLM: trust_remote_code=True is refused: this engine runs its own Llama code "
+                             "and never code shipped with a checkpoint")
         if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
             raise ValueError(f"LLM: tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
-        if torch.device(device).type == "cpu":
-            # one thread per core this process may use, shared by the group's ranks (on one
-            # machine, the usual CPU case); more only adds contention
-            cores = len(os.sched_getaffinity(0))
-            torch.set_num_threads(num_threads or max(1, cores // tensor_parallel_size))
         for name, v in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                         ("kv_cache_tokens", kv_cache_tokens),
                         ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"LLM: {name} must be a positive integer, got {v!r}")
+        self.device = torch.device(device) if device is not None else default_device()
+        dtype = _dtype(dtype, self.device)
+        if self.device.type == "cpu":
+            # one thread per core this process may use, shared by the group's ranks (on one
+            # machine, the usual CPU case); more only adds contention
+            cores = len(os.sched_getaffinity(0))
+            torch.set_num_threads(num_threads or max(1, cores // tensor_parallel_size))
+        if seed is None:
+            seed = torch.Generator().seed() % 2**62
         self.tp_group = None
         if tensor_parallel_size == 1 and tp_group is None:
-            self.model = load_model(model_dir, dtype=dtype, device=device)
+            self.model = load_model(model, dtype=dtype, device=self.device)
             self.config = self.model.config
         else:
             from srlm_engine.engine import tensor_parallel as tp
-            self.config = load_config(model_dir)
+            self.config = load_config(model)
             tp.check_divides(self.config, tensor_parallel_size)
             self.tp_group = tp.process_group(tensor_parallel_size, tp_group)
-            self.model = tp.load_tensor_parallel(model_dir, self.config, self.tp_group, dtype, device)
+            self.model = tp.load_tensor_parallel(model, self.config, self.tp_group, dtype, self.device)
             seed = tp.broadcast_int(seed, self.tp_group)  # the unseeded requests' seeds agree too
-        self.tokenizer = Tokenizer.from_pretrained(model_dir)
-        cfg = self.model.config  # this rank's: its kv heads size the KV cache
-        self.max_model_len = cfg.max_position_embeddings
-        self.device = torch.device(device)
-        num_blocks = -(-kv_cache_tokens // block_size)
-        self.pool = BlockPool(num_blocks, block_size)
-        self.cache = KVCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
-                             cfg.head_dim, dtype, device)
-        self.scale = cfg.head_dim ** -0.5
-        self.backend = select_backend(self.device, block_size, attention_backend)
-        if self.backend.name == "cpp":  # the extension is there: small-batch decode streams weights
-            from srlm_engine.engine.linear import use_small_batch_linear
-            use_small_batch_linear(self.model)
-        # CUDA graphs for decode steps (vLLM's default; enforce_eager=True turns them off)
-        self.graphs = None
-        if (self.device.type == "cuda" and not enforce_eager and self.backend.name == "triton"
-                and self.tp_group is None):
-            from srlm_engine.engine.cuda_graph import DecodeGraphs
-            self.graphs = DecodeGraphs(self.model, self.backend, self.cache, self.scale, max_num_seqs,
-                                       -(-self.max_model_len // block_size))
+        self.tokenizer = Tokenizer.from_pretrained(tokenizer if tokenizer is not None else model)
+        longest = self.config.max_position_embeddings
+        if max_model_len is not None and (not isinstance(max_model_len, int) or not 1 <= max_model_len <= longest):
+            raise ValueError(f"LLM: max_model_len must be an integer in 1..{longest} (the model's "
+                             f"max_position_embeddings), got {max_model_len!r}")
+        self.max_model_len = max_model_len or longest
+        self.pool = BlockPool.for_tokens(kv_cache_tokens, block_size)
+        self.runner = ModelRunner(self.model, self.pool, dtype, self.device, attention_backend, max_num_seqs,
+                                  self.max_model_len, cuda_graphs=not enforce_eager and self.tp_group is None)
         self.scheduler = Scheduler(self.pool, max_num_seqs, max_num_batched_tokens)
         self.sampler = Sampler()
         self.eos_ids = set(self.tokenizer.eos_token_ids)
@@ -126,7 +122,21 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """One RequestOutput per prompt, in order; each holds params.n CompletionOutputs."""
         prompts, params = as_requests(prompts, sampling_params)
-        ids = self._encode_all(prompts)
+        texts = [p if isinstance(p, str) else None for p in prompts]
+        return self._generate(texts, self._encode_all(prompts), params, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True, *, chat_template: str | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """generate() over one conversation ([{"role", "content"}, ...]) or a list of them, each
+        rendered by the model's chat template or by `chat_template` (jinja text, sandboxed)."""
+        texts = render_chats(self.tokenizer, messages, chat_template, add_generation_prompt)
+        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        _, params = as_requests(ids, sampling_params)
+        return self._generate(texts, self._encode_all(ids), params, use_tqdm)
+
+    def _generate(self, texts: list[str | None], ids: list[list[int]], params: list,
+                  use_tqdm: bool) -> list[RequestOutput]:
         seqs = []
         for r, (toks, p) in enumerate(zip(ids, params)):
             if not isinstance(p, SamplingParams):
@@ -140,20 +150,10 @@ class LLM:
                 seqs.append(Sequence(r, i, list(toks), p, max_tokens, make_generator(seed, i)))
         self._run(seqs, use_tqdm)
         outs, k = [], 0
-        for r, (prompt, toks, p) in enumerate(zip(prompts, ids, params)):
+        for r, (text, toks, p) in enumerate(zip(texts, ids, params)):
             mine, k = seqs[k:k + p.n], k + p.n  # made in request order, then index order
-            outs.append(RequestOutput(r, prompt if isinstance(prompt, str) else None, list(toks),
-                                      [self._completion(s) for s in mine]))
+            outs.append(RequestOutput(str(r), text, list(toks), [self._completion(s) for s in mine]))
         return outs
-
-    def chat(self, messages: list[list[dict]], sampling_params=None, use_tqdm: bool = True,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """generate() over conversations rendered by the model's chat template."""
-        if messages and isinstance(messages[0], dict):
-            messages = [messages]
-        ids = [self.tokenizer.encode(self.tokenizer.apply_chat_template(m, add_generation_prompt),
-                                     add_special_tokens=False) for m in messages]
-        return self.generate(ids, sampling_params, use_tqdm)
 
     @torch.inference_mode()
     def next_token_logprobs(self, prompts, token_ids: list[int] | None = None) -> torch.Tensor:
@@ -174,7 +174,8 @@ class LLM:
         return {"allocated_blocks": self.pool.allocated, "prefix_hit_tokens": self.pool.hit_tokens,
                 "prefix_queried_tokens": self.pool.queried_tokens, "prefix_hit_rate": self.pool.hit_rate(),
                 "preemptions": self.scheduler.num_preemptions, "steps": self.num_steps,
-                "backend": self.backend.name, "cuda_graph_steps": self.graphs.replays if self.graphs else 0}
+                "backend": self.runner.backend.name,
+                "cuda_graph_steps": self.runner.graphs.replays if self.runner.graphs else 0}
 
     # ------------------------------------------------------------------ validation
     def _encode_all(self, prompts) -> list[list[int]]:
@@ -203,10 +204,9 @@ class LLM:
                              f"{self.max_model_len} tokens (at least one token must be generated)")
         cap = self.max_model_len - n
         max_tokens = cap if max_tokens is None else min(max_tokens, cap)
-        pool_tokens = self.pool.num_blocks * self.pool.block_size
-        if n + max_tokens > pool_tokens:
+        if n + max_tokens > self.pool.capacity:
             raise ValueError(f"request {r}: prompt of {n} tokens + max_tokens {max_tokens} exceeds "
-                             f"the KV cache of {pool_tokens} tokens (raise kv_cache_tokens)")
+                             f"the KV cache of {self.pool.capacity} tokens (raise kv_cache_tokens)")
         return max_tokens
 
     # ------------------------------------------------------------------ the loop
@@ -253,10 +253,12 @@ class LLM:
         if not sched.seqs:
             raise RuntimeError("scheduler found nothing to run: the KV pool cannot hold one sequence")
         self.num_steps += 1
-        step = self._prepare(sched)
-        samplers = step[-1]
+        step = self.runner.prepare(sched)
+        for s, n in zip(sched.seqs, sched.num_new):
+            s.num_computed += n
+        samplers = step.samplers
         try:
-            logits = self._forward(sched, *step)
+            logits = self.runner.forward(step)
         except Exception as e:
             reqs = sorted({s.request for s in sched.seqs})
             raise RuntimeError(f"model step failed for request(s) {reqs}: {e}") from e
@@ -276,7 +278,8 @@ class LLM:
                     s.token_ids.append(tokens[j])
                     s.cumulative_logprob += chosen[j]
                     if tops[j] is not None:
-                        s.logprobs = (s.logprobs or []) + [tops[j]]
+                        s.logprobs = s.logprobs if s.logprobs is not None else []
+                        s.logprobs.append(tops[j])
                     s.finish_reason = check_stop(s, self.tokenizer, self.eos_ids, self.max_model_len)
             except Exception as e:
                 raise RuntimeError(f"request {s.request} (sample {s.index}): {e}") from e
@@ -285,55 +288,6 @@ class LLM:
                 done += 1
         return done
 
-    def _forward(self, sched: Scheduled, ids, pos, slots, ctx, tables, q_starts, q_lens, sample_rows,
-                 samplers) -> torch.Tensor | None:
-        """Logits [len(samplers), V] of the step's sampling rows (None if none samples)."""
-        if self.graphs is not None and len(samplers) == len(ids) and self.graphs.fits(len(ids)):
-            # one token per sequence and every row samples: a pure decode step
-            return self.graphs.run(ids, pos, slots, tables, ctx)
-        width = max(len(t) for t in tables)
-        dev = self.device
-        meta = StepMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
-                                      device=dev),
-            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
-            num_decode=sched.num_decode, query_starts=q_starts, query_lens=q_lens, ctx_lens=ctx)
-        attend = PagedAttention(self.backend, self.cache, meta, self.scale)
-        rows = len(ids)
-        if q_starts and rows < MIN_ROWS:  # pad rows: never written to the cache, dropped after
-            ids, pos = ids + [0] * (MIN_ROWS - rows), pos + [0] * (MIN_ROWS - rows)
-        h = self.model.hidden_states(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev),
-                                     attend=attend)
-        if not samplers:
-            return None
-        if q_starts and len(sample_rows) < MIN_ROWS:
-            sample_rows = sample_rows + [sample_rows[-1]] * (MIN_ROWS - len(sample_rows))
-        return self.model.logits(h[torch.tensor(sample_rows, device=dev)])[:len(samplers)]
-
-    def _prepare(self, sched: Scheduled):
-        """The step as lists: packed ids and positions, cache slots, context lengths, block
-        tables, the prefill sequences' rows, and which rows sample (and whose they are)."""
-        bs = self.pool.block_size
-        ids, pos, slots, ctx, tables = [], [], [], [], []
-        q_starts, q_lens, sample_rows, samplers = [], [], [], []
-        for i, (s, n) in enumerate(zip(sched.seqs, sched.num_new)):
-            start, end = s.num_computed, s.num_computed + n
-            if i >= sched.num_decode:
-                q_starts.append(len(ids))
-                q_lens.append(n)
-            ids += s.token_ids[start:end]
-            pos += range(start, end)
-            bt = s.block_table
-            slots += [-1 if p < s.num_shared else bt[p // bs] * bs + p % bs for p in range(start, end)]
-            ctx.append(end)
-            tables.append(bt)
-            s.num_computed = end
-            if end == s.num_tokens:  # the chunk reaches the last token: sample from it
-                sample_rows.append(len(ids) - 1)
-                samplers.append(s)
-        return ids, pos, slots, ctx, tables, q_starts, q_lens, sample_rows, samplers
-
     def _completion(self, s: Sequence) -> CompletionOutput:
         # cut at a stop string: the incrementally decoded text; else decode the whole output once,
         # without the text of a stop token (EOS or stop_token_ids) unless asked, as vLLM does
@@ -341,8 +295,32 @@ class LLM:
         if s.finish_reason == "stop" and s.stop_text_end is None and not s.params.include_stop_str_in_output:
             ids = ids[:-1]
         text = s.text if s.stop_text_end is not None else self.tokenizer.decode(ids)
-        return CompletionOutput(s.index, text, list(s.output_ids), s.finish_reason,
-                                s.cumulative_logprob, s.logprobs)
+        logprobs = None
+        if s.logprobs is not None:
+            words: dict[int, str] = {}
+            for step in s.logprobs:
+                for t in step:
+                    if t not in words:
+                        words[t] = self.tokenizer.decode([t], skip_special_tokens=False)
+            logprobs = [{t: Logprob(lp, rank, words[t]) for t, (lp, rank) in step.items()} for step in s.logprobs]
+        return CompletionOutput(s.index, text, list(s.output_ids), s.cumulative_logprob, logprobs,
+                                s.finish_reason, s.stop_reason)
+
+
+def render_chats(tokenizer: Tokenizer, messages, chat_template: str | None = None,
+                 add_generation_prompt: bool = True) -> list[str]:
+    """The prompt texts of one conversation (a list of {"role", "content"} dicts) or of a list of
+    them, rendered by the tokenizer's chat template or by `chat_template`."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("chat: messages must be a conversation (a non-empty list of "
+                         f"{{'role', 'content'}} dicts) or a list of them, got {messages!r:.80}")
+    convs = [messages] if isinstance(messages[0], dict) else list(messages)
+    for i, conv in enumerate(convs):
+        if not isinstance(conv, (list, tuple)) or not conv or not all(isinstance(m, dict) for m in conv):
+            raise ValueError(f"chat: conversation {i} must be a non-empty list of {{'role', 'content'}} "
+                             f"dicts, got {conv!r:.80}")
+    return [tokenizer.apply_chat_template(list(c), add_generation_prompt, chat_template=chat_template)
+            for c in convs]
 
 
 def as_requests(prompts, sampling_params=None) -> tuple[list, list]:
@@ -359,3 +337,13 @@ def as_requests(prompts, sampling_params=None) -> tuple[list, list]:
 
 def _is_ids(p) -> bool:
     return isinstance(p, (list, tuple)) and len(p) > 0 and all(isinstance(t, int) for t in p)
+
+
+def _dtype(dtype, device: torch.device) -> torch.dtype:
+    """vLLM's dtype argument (a name or a torch dtype) -> the torch dtype on `device`."""
+    if isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
+        return resolve_dtype(DTYPE_NAMES[dtype], device)
+    raise ValueError(f"LLM: dtype must be one of {', '.join(DTYPE_NAMES)} or torch.float32, torch.bfloat16, "
+                     f"torch.float16, got {dtype!r}")

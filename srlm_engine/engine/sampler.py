@@ -288,21 +288,26 @@ def _draw(x: torch.Tensor, ids: torch.Tensor | None, u: torch.Tensor) -> torch.T
 
 def top_logprobs(logits: torch.Tensor, lse: torch.Tensor, tokens: list[int],
                  ks: list[int | None]) -> list[dict | None]:
-    """Per row, {token_id: logprob} for the top-k plus the sampled token (None where k is None);
-    raw log-probs, logits [R, V] - lse [R]."""
+    """Per row, {token_id: (logprob, rank)} for the sampled token and the top-k (None where k is
+    None); raw log-probs, logits [R, V] - lse [R]. Ranks are 1-based as vLLM's: the top-k are
+    1..k; the sampled token, where it is not among them, counts the tokens whose log-prob is >=
+    its own (itself included)."""
     out: list[dict | None] = [None] * len(tokens)
     want = [i for i, k in enumerate(ks) if k is not None]
     if not want:
         return out
+    rows = logits[want] - lse[want][:, None]  # [W, V] raw log-probs
+    chosen = rows.gather(1, torch.tensor([tokens[i] for i in want], device=rows.device)[:, None])
+    ranks = (rows >= chosen).sum(-1).tolist()
+    chosen = chosen[:, 0].tolist()
     kmax = max(ks[i] for i in want)
     if kmax > 0:
-        vals, idx = logits[want].topk(kmax, dim=-1)
-        vals, idx = (vals - lse[want][:, None]).tolist(), idx.tolist()
+        vals, idx = rows.topk(kmax, dim=-1)
+        vals, idx = vals.tolist(), idx.tolist()
     for j, i in enumerate(want):
-        d = {}
-        if ks[i] > 0:
-            d = dict(zip(idx[j][:ks[i]], vals[j][:ks[i]]))
-        d[tokens[i]] = float(logits[i, tokens[i]] - lse[i])
+        d = {tokens[i]: (chosen[j], ranks[j])}
+        for r in range(ks[i]):
+            d[idx[j][r]] = (vals[j][r], r + 1)
         out[i] = d
     return out
 
@@ -310,9 +315,14 @@ def top_logprobs(logits: torch.Tensor, lse: torch.Tensor, tokens: list[int],
 def check_stop(seq, tokenizer, eos_ids: set[int], max_model_len: int) -> str | None:
     """After seq's newest token: "stop", "length" or None. Stop strings are searched in text
     decoded incrementally (vLLM's prefix/read offsets: only a few tail tokens are decoded per
-    step); on a hit seq.text is cut at the stop string (kept if include_stop_str_in_output)."""
+    step); on a hit seq.text is cut at the stop string (kept if include_stop_str_in_output).
+    seq.stop_reason becomes the stop token id or stop string that ended it (None for EOS), as
+    vLLM's."""
     p, tok = seq.params, seq.token_ids[-1]
-    if (tok in eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+    if tok in eos_ids and not p.ignore_eos:
+        return "stop"
+    if tok in p.stop_token_ids:
+        seq.stop_reason = tok
         return "stop"
     if p.stop_list and _append_text(seq, tokenizer):
         return "stop"
@@ -335,5 +345,6 @@ def _append_text(seq, tokenizer) -> bool:
         if j >= 0:
             seq.text = seq.text[:j + len(s) if seq.params.include_stop_str_in_output else j]
             seq.stop_text_end = len(seq.text)
+            seq.stop_reason = s
             return True
     return False

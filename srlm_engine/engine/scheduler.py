@@ -12,54 +12,10 @@ for any workload to finish.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
-from itertools import count
-
-import torch
+from dataclasses import dataclass
 
 from srlm_engine.engine.blocks import BlockPool
-from srlm_engine.engine.sampler import SamplingParams
-
-_ids = count()
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One sample of one request: its tokens, its KV blocks and its output state."""
-    request: int
-    index: int
-    token_ids: list[int]
-    params: SamplingParams
-    max_tokens: int
-    generator: torch.Generator | None = None
-    keep_logprobs: bool = False   # next_token_logprobs: keep the full row, sample nothing
-    seq_id: int = field(default_factory=lambda: next(_ids))
-    num_prompt: int = 0
-    num_computed: int = 0         # tokens whose KV is in the cache (or written this step)
-    num_shared: int = 0           # tokens in prefix-cache hit blocks (written already: slot -1)
-    block_table: list[int] = field(default_factory=list)
-    keys: list[int] = field(default_factory=list)  # prefix keys of the full blocks committed
-    finish_reason: str | None = None
-    cumulative_logprob: float = 0.0
-    logprobs: list[dict] | None = None
-    full_logprobs: torch.Tensor | None = None
-    # incremental detokenization (only used when the request has stop strings)
-    text: str = ""
-    prefix_offset: int = 0
-    read_offset: int = 0
-    stop_text_end: int | None = None
-
-    def __post_init__(self):
-        self.num_prompt = len(self.token_ids)
-        self.prefix_offset = self.read_offset = self.num_prompt
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt:]
+from srlm_engine.engine.sequence import Sequence
 
 
 @dataclass
@@ -84,9 +40,6 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _blocks_needed(self, seq: Sequence, upto: int) -> int:
-        return max(0, -(-upto // self.pool.block_size) - len(seq.block_table))
-
     def _preempt(self, seq: Sequence) -> None:
         self.pool.release(seq.block_table)
         seq.block_table, seq.keys = [], []
@@ -96,10 +49,7 @@ class Scheduler:
 
     def _commit(self, seq: Sequence, upto: int) -> None:
         """Key every block of seq that is full once its first `upto` tokens are written."""
-        bs = self.pool.block_size
-        for i in range(len(seq.keys), upto // bs):
-            parent = seq.keys[-1] if seq.keys else None
-            seq.keys.append(self.pool.commit(seq.block_table[i], parent, seq.token_ids[i * bs:(i + 1) * bs]))
+        self.pool.commit_full(seq.block_table, seq.keys, seq.token_ids, upto)
 
     def schedule(self) -> Scheduled:
         budget = self.max_num_batched_tokens
@@ -109,7 +59,7 @@ class Scheduler:
         while i < len(running) and budget > 0:
             seq = running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
-            need = self._blocks_needed(seq, seq.num_computed + n)
+            need = self.pool.blocks_needed(len(seq.block_table), seq.num_computed + n)
             while not self.pool.can_allocate(need):
                 victim = running.pop()  # the newest
                 self._preempt(victim)
@@ -129,9 +79,9 @@ class Scheduler:
             shared = len(hits) * self.pool.block_size
             cached = min(shared, seq.num_tokens - 1)  # the last token is always run for its logits
             n = min(seq.num_tokens - cached, budget)
-            need = -(-(cached + n) // self.pool.block_size) - len(hits)
+            need = self.pool.blocks_needed(len(hits), cached + n)
             # hits that sit in the free list are not free for this request's new blocks
-            if not self.pool.can_allocate(need + sum(self.pool.ref[b] == 0 for b in hits)):
+            if not self.pool.can_allocate(need + self.pool.num_idle(hits)):
                 break
             self.waiting.popleft()
             self.pool.take(hits)

@@ -41,3 +41,23 @@ def random_prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
     return [torch.randint(2, VOCAB, (L,), generator=g).tolist() for L in lens]
+
+
+BYTE_EOS = "<|eos|>"
+BYTE_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|eos|>{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def write_byte_tokenizer(path, chat_template: str | None = BYTE_CHAT_TEMPLATE) -> int:
+    """A byte-level tokenizer (ids 0..255: the 256 bytes, 256: <|eos|>), so any text encodes to
+    real tokens and decodes back; returns its vocabulary size (257)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([BYTE_EOS])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": BYTE_EOS, "chat_template": chat_template}))
+    return tok.get_vocab_size()

@@ -60,8 +60,8 @@ def test_batched_prefill_matches_per_sequence(tiny_dir, tiny_model):
 
     shared = list(range(2, 50))
     prompts = random_prompts(9, 2, 40, seed=5) + [shared + [60, 61], shared + [70], shared]
-    llm = LLM(tiny_dir, kv_cache_tokens=4096, max_num_batched_tokens=64, attention_backend="torch")
-    llm.backend.batched_prefill = True
+    llm = LLM(tiny_dir, device="cpu", kv_cache_tokens=4096, max_num_batched_tokens=64, attention_backend="torch")
+    llm.runner.backend.batched_prefill = True
     calls = []
     orig = PagedAttention._prefill_batched
     PagedAttention._prefill_batched = lambda self, *a: calls.append(1) or orig(self, *a)

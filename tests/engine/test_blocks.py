@@ -54,3 +54,26 @@ def test_take_revives_a_free_cached_block_and_double_release_is_caught():
     pool.release(a)
     with pytest.raises(AssertionError, match="released twice"):
         pool.release(a)
+
+
+def test_token_arithmetic_and_slots():
+    pool = BlockPool.for_tokens(10, 4)  # rounded up to whole blocks
+    assert (pool.num_blocks, pool.capacity) == (3, 12)
+    assert [pool.blocks_for(t) for t in (0, 1, 4, 5)] == [0, 1, 1, 2]
+    assert pool.blocks_needed(1, 9) == 2 and pool.blocks_needed(3, 9) == 0
+    table = [2, 0]  # token t sits in slot table[t // 4] * 4 + t % 4
+    assert pool.slots(table, 2, 7) == [10, 11, 0, 1, 2]
+    assert pool.slots(table, 2, 7, shared=4) == [-1, -1, 0, 1, 2]  # prefix hits are written already
+
+
+def test_commit_full_keys_only_the_full_blocks_once():
+    pool = BlockPool(4, 2)
+    table, keys, toks = pool.allocate(3), [], [5, 6, 7, 8, 9]
+    pool.commit_full(table, keys, toks, 3)
+    assert keys == pool.block_keys(toks, 1)
+    pool.commit_full(table, keys, toks, 5)  # the third block holds one token: not keyed
+    assert keys == pool.block_keys(toks, 2) and pool.lookup(toks) == table[:2]
+    pool.release(table)
+    assert pool.num_idle(table) == 3
+    pool.take(pool.lookup(toks))
+    assert pool.num_idle(table) == 1

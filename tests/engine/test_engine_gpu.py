@@ -25,8 +25,8 @@ def test_greedy_matches_plain_loop(tiny_dir, tiny_model, eager):
     # 37 sequences: the batch shrinks through 37, 36, ... as they stop, so decode steps replay
     # graphs of several padded sizes (48, 32, 24, ...) with padding rows each time.
     prompts = random_prompts(37, 1, 40, seed=3) + [list(range(2, 34))]
-    llm = LLM(tiny_dir, device="cuda", kv_cache_tokens=4096, max_num_seqs=64, enforce_eager=eager)
-    assert llm.backend.name == "triton"
+    llm = LLM(tiny_dir, device="cuda", dtype=torch.float32, kv_cache_tokens=4096, max_num_seqs=64, enforce_eager=eager)
+    assert llm.runner.backend.name == "triton"
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == reference(tiny_model, prompts, 24)
     steps = llm.stats()["cuda_graph_steps"]
@@ -37,8 +37,8 @@ def test_greedy_matches_plain_loop(tiny_dir, tiny_model, eager):
 def test_graphs_equal_eager_sampling_and_seed_is_batch_independent(tiny_dir):
     target = list(range(5, 30))
     p = SamplingParams(n=4, temperature=0.7, top_p=0.9, max_tokens=16, seed=1234, ignore_eos=True, logprobs=2)
-    graphs = LLM(tiny_dir, device="cuda", kv_cache_tokens=8192)
-    eager = LLM(tiny_dir, device="cuda", kv_cache_tokens=8192, enforce_eager=True)
+    graphs = LLM(tiny_dir, device="cuda", dtype=torch.float32, kv_cache_tokens=8192)
+    eager = LLM(tiny_dir, device="cuda", dtype=torch.float32, kv_cache_tokens=8192, enforce_eager=True)
     alone = graphs.generate([target], p, use_tqdm=False)[0]
     others = random_prompts(31, 3, 50, seed=7)
     mixed = [SamplingParams(n=2, temperature=1.0, top_k=20, max_tokens=12)] * 31
@@ -57,14 +57,15 @@ def test_graphs_equal_eager_sampling_and_seed_is_batch_independent(tiny_dir):
 
 def test_preemption_keeps_outputs(tiny_dir, tiny_model):
     prompts = random_prompts(10, 1, 40, seed=1)
-    llm = LLM(tiny_dir, device="cuda", kv_cache_tokens=80, max_num_batched_tokens=7, max_num_seqs=8)
+    llm = LLM(tiny_dir, device="cuda", dtype=torch.float32, kv_cache_tokens=80, max_num_batched_tokens=7,
+              max_num_seqs=8)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == reference(tiny_model, prompts, 24)
     assert llm.stats()["preemptions"] > 0 and llm.stats()["cuda_graph_steps"] > 0
 
 
 def test_next_token_logprobs_on_cpu(tiny_dir, tiny_model):
-    llm = LLM(tiny_dir, device="cuda", kv_cache_tokens=1024)
+    llm = LLM(tiny_dir, device="cuda", dtype=torch.float32, kv_cache_tokens=1024)
     ps = random_prompts(5, 1, 30, seed=9)
     lp = llm.next_token_logprobs(ps)
     assert lp.device.type == "cpu" and lp.shape == (5, 256)
@@ -93,7 +94,7 @@ def test_flash_attn_backend_matches_triton(tiny_dir):
     shared = list(range(2, 60))
     prompts = random_prompts(6, 1, 40, seed=2) + [shared + [70], shared + [71, 72]]
     llm = LLM(tiny_dir, device="cuda", dtype=torch.bfloat16, block_size=256, kv_cache_tokens=8192)
-    assert llm.backend.name == "flash-attn"
+    assert llm.runner.backend.name == "flash-attn"
     ref = LLM(tiny_dir, device="cuda", dtype=torch.bfloat16, kv_cache_tokens=8192, enforce_eager=True)
     p = SamplingParams(temperature=0, max_tokens=16)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)]

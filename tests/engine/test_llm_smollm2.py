@@ -35,7 +35,7 @@ def model_dir():
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    return LLM(model_dir, kv_cache_tokens=8192)
+    return LLM(model_dir, device="cpu", kv_cache_tokens=8192)
 
 
 def test_greedy_matches_transformers(llm, model_dir):

@@ -95,6 +95,6 @@ def test_wide_layer_takes_the_chunked_path(monkeypatch):
 
 @pytest.mark.parametrize("backend, kind", [("cpp", SmallBatchLinear), ("torch", nn.Linear)])
 def test_engine_swaps_linears_with_the_extension_only(tiny_dir, backend, kind):
-    llm = LLM(tiny_dir, kv_cache_tokens=1024, attention_backend=backend)
-    assert llm.backend.name == backend
+    llm = LLM(tiny_dir, device="cpu", kv_cache_tokens=1024, attention_backend=backend)
+    assert llm.runner.backend.name == backend
     assert {type(m) for m in llm.model.modules() if isinstance(m, nn.Linear)} == {kind}

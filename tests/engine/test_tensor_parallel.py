@@ -70,7 +70,7 @@ def assert_same_outputs(got: dict, want: dict) -> None:
 
 def reference(model_dir: str, prompts, seed: int) -> dict:
     """One process, the same calls as each rank makes (LLM's seed: its group's rank 0's)."""
-    llm = LLM(model_dir, num_threads=1, kv_cache_tokens=1024, seed=seed)
+    llm = LLM(model_dir, device="cpu", num_threads=1, kv_cache_tokens=1024, seed=seed)
     return {**json.loads(json.dumps(run_requests(llm, prompts))), **holdings(llm)}
 
 

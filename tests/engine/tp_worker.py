@@ -43,8 +43,8 @@ def holdings(llm: LLM) -> dict:
     params = dict(llm.model.named_parameters())  # a tied lm_head is the embedding: counted once
     return {"shapes": {k: list(v.shape) for k, v in params.items()},
             "param_bytes": sum(p.numel() * p.element_size() for p in params.values()),
-            "kv_cache_shape": list(llm.cache.k[0].shape),
-            "backend": llm.backend.name,
+            "kv_cache_shape": list(llm.runner.cache.k[0].shape),
+            "backend": llm.runner.backend.name,
             "small_batch_linears": sum(isinstance(m, SmallBatchLinear) for m in llm.model.modules())}
 
 
@@ -58,12 +58,12 @@ def main(spec_file: str, out_dir: str) -> None:
     result = {"rank": rank, "replica": replica, "models": {}, "refused": []}
     for name, model_dir in spec["models"].items():
         # seed differs per rank on purpose: the group takes its rank 0's
-        llm = LLM(model_dir, tensor_parallel_size=k, tp_group=groups[replica], num_threads=1,
+        llm = LLM(model_dir, device="cpu", tensor_parallel_size=k, tp_group=groups[replica], num_threads=1,
                   kv_cache_tokens=1024, seed=rank)
         result["models"][name] = {**run_requests(llm, spec["prompts"][replica]), **holdings(llm)}
     for model_dir, size in spec["refuse"]:
         try:
-            LLM(model_dir, tensor_parallel_size=size, num_threads=1)
+            LLM(model_dir, device="cpu", tensor_parallel_size=size, num_threads=1)
             result["refused"].append(None)
         except ValueError as e:
             result["refused"].append(str(e))
