@@ -97,10 +97,10 @@ def _open_llm(args):
 def cmd_generate(args) -> int:
     params = _sampling(args, args.n)  # a bad value fails before the model loads
     outs = _open_llm(args).generate(args.prompt, params, use_tqdm=False)
-    for r in outs:
+    for i, r in enumerate(outs):
         for c in r.outputs:
             if len(outs) * args.n > 1:
-                print(f"--- prompt {r.request_id + 1}, completion {c.index + 1} ---")
+                print(f"--- prompt {i + 1}, completion {c.index + 1} ---")
             print(c.text)
     return 0
 
@@ -150,7 +150,7 @@ def _loop_config(args) -> LoopConfig:
                 over[stage] = table
         cfg = LoopConfig.build(args.preset, read_toml(args.config) if args.config else None, args.config, **over)
         nproc = args.nproc or 1
-        for tcfg in (cfg.sft, cfg.dpo):  # a batch that nproc does not divide, now rather than hours into the run
+        for tcfg in (cfg.sft, cfg.dpo):  # a batch that nproc does not divide: refused at the start, not hours into the run
             tcfg.accum_steps(int(os.environ.get("WORLD_SIZE", nproc)))
         if nproc > 1 and not in_torchrun() and nproc % args.tp:
             raise ConfigError(f"--tp {args.tp} must divide --nproc {nproc}")

@@ -121,10 +121,6 @@ class ModelConfig:
             raise ConfigError(f"rope_scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor and "
                               f"original_max_position_embeddings > 0, got {asdict(rs)}")
 
-    @property
-    def n_rep(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     @classmethod
     def from_hf(cls, d: dict, source: str = "config.json") -> "ModelConfig":
         if not isinstance(d, dict):

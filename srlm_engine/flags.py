@@ -64,7 +64,7 @@ def add_setting_flags(q, cls, stage: str | None = None, prefix: str | None = Non
         flag, dest = "--" + name.replace("_", "-"), f"{prefix}.{f.name}" if prefix else f.name
         kind, metavar = _TYPES.get(f.type, (None, None))
         kw = {"dest": dest, "default": argparse.SUPPRESS, "metavar": metavar, **setting_help(cls, f.name)}
-        if f.name == "mixed_precision":  # a bare --mixed-precision is bf16, as when it was a switch
+        if f.name == "mixed_precision":  # a bare --mixed-precision means bf16
             q.add_argument(flag, nargs="?", const="bf16", **kw)
             q.add_argument("--no-" + flag[2:], dest=dest, action="store_const", const="none",
                            default=argparse.SUPPRESS, help=f"the same as {flag} none")

@@ -275,9 +275,9 @@ def test_chat_keeps_the_conversation_until_reset_and_ends_at_exit(chat_model, ca
     from srlm_engine.engine.llm import LLM
     seen, real = [], LLM.chat
 
-    def chat(self, messages, params=None, use_tqdm=True, add_generation_prompt=True):
+    def chat(self, messages, params=None, use_tqdm=True, **kw):
         seen.append(json.loads(json.dumps(messages)))
-        outs = real(self, messages, params, use_tqdm, add_generation_prompt)
+        outs = real(self, messages, params, use_tqdm, **kw)
         replies.append(outs[0].outputs[0].text)
         return outs
     replies = []

@@ -175,7 +175,7 @@ def test_installed_wheel_runs_judge_eval_on_its_packaged_seed_data(sdist, tmp_pa
 
     cwd = tmp_path / "elsewhere"  # not the checkout: nothing there on sys.path
     cwd.mkdir()
-    paths = sh(venv / "bin" / "python", "-c", "import srlm_engine, srlm_engine._C, srlm_kernels; "
+    paths = sh(venv / "bin" / "python", "-c", "import torch, srlm_engine, srlm_engine._C, srlm_kernels; "
                "from srlm_engine.config import SEED_DIR; "
                "print(srlm_engine.__file__, srlm_engine._C.__file__, srlm_kernels.__file__, SEED_DIR)", cwd=cwd).split()
     assert len(paths) == 4 and all(Path(p).is_relative_to(purelib) for p in paths), paths

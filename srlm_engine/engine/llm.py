@@ -31,7 +31,7 @@ Contracts:
   and reads from disk only its slice of the weights and nkv/k heads of the KV cache. The logits are
   all-gathered, so all ranks sample the same tokens and return the same outputs. Several groups
   (dist.new_group) serve as data-parallel replicas, each with its own requests. CUDA graphs are
-  off under tensor parallelism: captured collectives are untested here.
+  off under tensor parallelism: no test captures a collective in a graph.
 """
 from __future__ import annotations
 

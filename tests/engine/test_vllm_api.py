@@ -14,7 +14,7 @@ import torch
 
 from srlm_engine.device import default_device
 from srlm_engine.engine import LLM, Logprob, SamplingParams
-from srlm_engine.model.greedy import greedy_generate
+from greedy import greedy_generate
 from srlm_engine.model.llama import Llama
 from srlm_engine.model.weights import save_model
 from srlm_engine.tokenizer import TokenizerError
