@@ -15,7 +15,7 @@
 # Prepare them here: `mkdir -p .gpu/smollm2 && cp ~/.cache/srlm/models/smollm2-135m-instruct/*.json
 # .gpu/smollm2/` and `pip download --no-deps liger-kernel -d .whl` (both folders git-ignored).
 # Each part has its own time limit and the script goes on after a failure; it exits non-zero if
-# any part failed. Not covered: flash-attn (no wheel for this torch/CUDA), multi-GPU FSDP.
+# any part failed. Not covered: multi-GPU FSDP.
 # Part times on an H100 80GB HBM3 (torch 2.11, triton 3.6; 449 s in all; bench/RESULTS.md, gpu_check.sh):
 # gpu tests 92 s, tune 31, bench_train 41, paged attention 16, bench_train bf16 35, loop 26. Limits
 # of 70, 40 and 80 s cut bench_fused_logprob (its big shape takes ~52 s alone), bench_dpo_loss (each

@@ -2,7 +2,6 @@
 `attend` callable the model calls per layer.
 
 Backends (picked once per engine by `select_backend`):
-- "flash-attn": CUDA, flash_attn importable and block_size % 256 == 0 (flash-attn's paged layout);
 - "triton":     CUDA, srlm_kernels.paged_attention for decode and cache writes;
 - "cpp":        CPU, torch.ops.srlm_C (csrc/) for decode and cache writes;
 - "torch":      anywhere; srlm_kernels.reference.paged_attention, the plain-PyTorch ops the
@@ -71,21 +70,16 @@ class StepMetadata:
 class Backend:
     """The op set of one backend: cache writes, paged decode, and how prefill attends."""
 
-    def __init__(self, name: str, reshape_and_cache, decode, flash=None, batched_prefill=False):
-        self.name, self.reshape_and_cache, self.decode, self.flash = name, reshape_and_cache, decode, flash
+    def __init__(self, name: str, reshape_and_cache, decode, batched_prefill=False):
+        self.name, self.reshape_and_cache, self.decode = name, reshape_and_cache, decode
         self.batched_prefill = batched_prefill
 
 
-def select_backend(device: torch.device, block_size: int, prefer: str | None = None) -> Backend:
-    """The fastest available backend for `device` (or `prefer`, if given and available)."""
+def select_backend(device: torch.device, prefer: str | None = None) -> Backend:
+    """The fastest available backend for `device` (or `prefer`, if given and available); each
+    takes any block size."""
     device = torch.device(device)
-    if device.type == "cuda" and prefer in (None, "flash-attn") and block_size % 256 == 0:
-        try:
-            import flash_attn
-            return Backend("flash-attn", None, None, flash=flash_attn)
-        except ImportError:
-            pass
-    if device.type == "cuda" and prefer in (None, "triton", "flash-attn"):
+    if device.type == "cuda" and prefer in (None, "triton"):
         from srlm_kernels import paged_attention as tri
         # The engine builds slots and tables itself: skip the ops' checks, which sync with the
         # host every layer and would keep decode steps out of CUDA graphs.
@@ -160,12 +154,8 @@ class PagedAttention:
     def __init__(self, backend: Backend, cache: KVCache, meta: StepMetadata, scale: float):
         self.backend, self.cache, self.meta, self.scale = backend, cache, meta, scale
         self._batch = None  # the batched prefill's indices and mask, built at the first layer
-        if backend.flash is not None:
-            self._flash_prep()
 
     def __call__(self, layer: int, q, k, v):
-        if self.backend.flash is not None:
-            return self._flash(layer, q, k, v)
         m, kc, vc = self.meta, self.cache.k[layer], self.cache.v[layer]
         rows = m.slot_mapping.shape[0]
         if q.shape[0] > rows:  # the step's padding rows (model_runner.MIN_ROWS) attend to nothing
@@ -241,26 +231,3 @@ class PagedAttention:
                                            enable_gqa=True)
         return o[0].transpose(0, 1)  # (n, nh, hd)
 
-    # ---- flash-attn (CUDA; no test runs it: bench/gpu_check.sh has no flash-attn wheel to install)
-    def _flash_prep(self):
-        m = self.meta
-        dev = m.slot_mapping.device
-        lens = [1] * m.num_decode + m.query_lens
-        self._cu_q = torch.tensor([0] + lens, device=dev).cumsum(0).to(torch.int32)
-        self._cu_k = F.pad(m.context_lens.cumsum(0), (1, 0)).to(torch.int32)
-        self._max_q, self._max_k = max(lens), int(max(m.ctx_lens))
-
-    def _flash(self, layer, q, k, v):
-        fa, m = self.backend.flash, self.meta
-        kc, vc = self.cache.k[layer], self.cache.v[layer]
-        keep = m.slot_mapping >= 0
-        kc.view(-1, *kc.shape[2:])[m.slot_mapping[keep]] = k[keep]
-        vc.view(-1, *vc.shape[2:])[m.slot_mapping[keep]] = v[keep]
-        if m.num_decode == q.shape[0]:
-            o = fa.flash_attn_with_kvcache(q[:, None], kc, vc, cache_seqlens=m.context_lens,
-                                           block_table=m.block_tables, softmax_scale=self.scale,
-                                           causal=True)
-            return o[:, 0]
-        return fa.flash_attn_varlen_func(q, kc, vc, self._cu_q, self._cu_k, self._max_q, self._max_k,
-                                         softmax_scale=self.scale, causal=True,
-                                         block_table=m.block_tables)

@@ -55,7 +55,7 @@ class ModelRunner:
         self.cache = KVCache(cfg.num_hidden_layers, pool.num_blocks, pool.block_size, cfg.num_key_value_heads,
                              cfg.head_dim, dtype, self.device)
         self.scale = cfg.head_dim ** -0.5
-        self.backend = select_backend(self.device, pool.block_size, attention_backend)
+        self.backend = select_backend(self.device, attention_backend)
         if self.backend.name == "cpp":  # the extension is there: small-batch decode streams weights
             from srlm_engine.engine.linear import use_small_batch_linear
             use_small_batch_linear(model)

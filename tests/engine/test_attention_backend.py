@@ -20,7 +20,7 @@ def dense(q, k, v):
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 def test_mixed_step_matches_dense(backend):
-    b = select_backend("cpu", BS, backend)
+    b = select_backend("cpu", backend)
     if b.name != backend:
         pytest.skip("srlm_engine._C is not built")
     g = torch.Generator().manual_seed(0)
