@@ -1,14 +1,14 @@
-"""The cost of batch-invariant CPU prefill: the engine's prefill as it is (engine/attention.py's
+"""The cost of batch-invariant CPU prefill: LLM.next_token_logprobs as it is (engine/attention.py's
 invariant_attention, linear layers on at least model_runner.MIN_ROWS rows) against per-sequence
-SDPA (a causal SDPA call when nothing is cached, a masked one over the cached prefix otherwise, linear
+SDPA, generate()'s prefill (a causal SDPA call when nothing is cached, a masked one over the cached prefix otherwise, linear
 layers on the step's rows alone), in the same process, rounds interleaved.
 
     python bench/bench_prefill.py [--model DIR] [--dtype auto|float32|bfloat16] [--items 12] [--rounds 3] [--no-record]
 
-Workloads, prefill only (what the judge's expected mode and every prompt's first token cost):
+Workloads, next-token log-probs (prefill only):
 - judge: the expected-score judge over eft_eval items (instruction x response in the judge
   template, ~300-700 tokens; the template's head comes from the prefix cache after the first);
-- short: 64 chat-rendered IFT instructions (~20-60 tokens), one token each.
+- short: 64 chat-rendered IFT instructions (~20-60 tokens).
 The prefix cache is emptied before each timed call. Prints seconds per workload and variant and
 the ratio invariant / SDPA; appends the rows to RESULTS.md.
 """
@@ -61,16 +61,16 @@ def workloads(engine, items: int):
     import json
 
     from srlm_engine.config import SEED_DIR
-    from srlm_engine.engine.sampler import SamplingParams
     from srlm_engine.judge import judge_expected
     recs = [json.loads(line) for line in open(SEED_DIR / "eft_eval.jsonl")][:items]
     ins = [r["instruction"] for r in recs for _ in r["responses"]]
     res = [x for r in recs for x in r["responses"]]
     ift = [json.loads(line) for line in open(SEED_DIR / "ift.jsonl")][:64]
-    chats = [[m for m in r["messages"] if m["role"] != "assistant"] for r in ift]
-    one = SamplingParams(temperature=0, max_tokens=1)
+    chats = [engine.tokenizer.apply_chat_template([m for m in r["messages"] if m["role"] != "assistant"], True)
+             for r in ift]
+    ids = [engine.tokenizer.encode(c, add_special_tokens=False) for c in chats]
     return {"judge": lambda: judge_expected(engine, ins, res),
-            "short": lambda: engine.chat(chats, one, use_tqdm=False)}, len(ins), len(chats)
+            "short": lambda: engine.next_token_logprobs(ids)}, len(ins), len(chats)
 
 
 def main(argv=None):
@@ -99,7 +99,7 @@ def main(argv=None):
                     times[w, v].append(time.perf_counter() - t)
     dev = device_name("cpu") + f", {str(dtype).removeprefix('torch.')}"
     rows = []
-    for w, size in (("judge", f"{n_judge} judge prompts, expected mode"), ("short", f"{n_short} chat prompts, 1 token")):
+    for w, size in (("judge", f"{n_judge} judge prompts, expected mode"), ("short", f"{n_short} chat prompts")):
         inv, ref = statistics.median(times[w, "invariant"]), statistics.median(times[w, "sdpa"])
         print(f"{w}: invariant {inv:.2f} s, sdpa {ref:.2f} s, ratio {inv / ref:.2f}x ({args.rounds} rounds)")
         rows.append((f"{size}, median of {args.rounds} interleaved rounds",

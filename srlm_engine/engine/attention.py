@@ -7,15 +7,19 @@ Backends (picked once per engine by `select_backend`):
 - "torch":      anywhere; srlm_kernels.reference.paged_attention, the plain-PyTorch ops the
                 others are tested against. Correct but re-gathers each sequence's whole cache
                 every decode step.
-Prefill (a chunk of prompt, even of one token) runs per sequence on the CPU backends, through
-`invariant_attention` over the context read back from the blocks: a prompt's logits are the same
-bits whatever part of it was cached and whatever else ran in its step (see its docstring; the
-runner also runs a prefill step's linear layers on at least model_runner.MIN_ROWS rows). On the
-Triton backend (GPU) all prefill sequences of a step go through one SDPA call instead: contexts
-gathered from the cache into a padded [S, C] batch, queries padded to [S, Q], and a mask that is
-causal with each sequence's offset and hides the padding; the indices and mask are built once per
-step and serve every layer. Per-sequence calls would cost ~5 kernel launches per sequence per
-layer, which on a GPU took longer than the model's arithmetic at judge-prompt lengths.
+Prefill (a chunk of prompt, even of one token) runs SDPA per sequence on the CPU backends: over
+the new tokens alone when nothing is cached, else over the gathered prefix + new tokens with the
+causal diagonal offset by the cached length. A batch-invariant step (LLM.next_token_logprobs, whose
+logits become artifacts: the judge's expected scores) runs `invariant_attention` instead, over the
+context read back from the blocks, and its linear layers on at least model_runner.MIN_ROWS rows:
+a prompt's logits are then the same bits whatever part of it was cached, however it was chunked
+and whatever else ran in its step. Those blocks form their own prefix tree (blocks.INVARIANT), so
+KV computed the other way is never mixed in. It takes 1.1-1.3x SDPA's time (bench_prefill).
+On the Triton backend (GPU) all prefill sequences of a step go through one SDPA call instead:
+contexts gathered from the cache into a padded [S, C] batch, queries padded to [S, Q], and a mask
+that is causal with each sequence's offset and hides the padding; the indices and mask are built
+once per step and serve every layer. Per-sequence calls would cost ~5 kernel launches per sequence
+per layer, which on a GPU took longer than the model's arithmetic at judge-prompt lengths.
 
 Cache layout, per layer: k, v [num_blocks, block_size, num_kv_heads, head_dim], contiguous.
 Within a layer, every new token's K/V is written before any attention reads: a sequence may read
@@ -65,6 +69,7 @@ class StepMetadata:
     query_starts: list[int]
     query_lens: list[int]
     ctx_lens: list[int]  # context_lens as Python ints, for the prefill loop
+    invariant: bool = False  # CPU prefills through invariant_attention
 
 
 class Backend:
@@ -110,41 +115,46 @@ def invariant_attention(q, k, v, scale: float, key_block: int = 128, row_quantum
 
     Online softmax over key blocks of a fixed size, every operation on fixed shapes: queries
     padded to a multiple of `row_quantum` rows (CPU matmuls take another path below about 12 rows
-    and sum in another order), keys padded to whole blocks. Rows for which a key block lies
-    entirely in the future skip it, in steps of `row_quantum` rows; a fully masked block adds
-    exact zeros to a row that does compute it. fp32 throughout; reference: SDPA (is_causal)."""
+    and sum in another order), keys padded to whole blocks, the g query heads of a kv head stacked
+    as rows of one matmul. Queries for which a key block lies entirely in the future skip it, in
+    steps of `row_quantum`; a fully masked block adds exact zeros to a row that does compute it,
+    and masking a block a row sees whole changes none of its scores. fp32 throughout; reference:
+    SDPA (is_causal)."""
     n, nh, hd = q.shape
     ctx, nkv = k.shape[0], k.shape[1]
     g = nh // nkv
     Q = -(-n // row_quantum) * row_quantum
     C = -(-ctx // key_block) * key_block
-    qq = q.new_zeros(Q, nh, hd, dtype=torch.float32)
-    qq[:n] = q
-    qq = qq.view(Q, nkv, g, hd).permute(1, 2, 0, 3) * scale  # (nkv, g, Q, hd)
-    K = q.new_zeros(nkv, C, hd, dtype=torch.float32)
-    V = q.new_zeros(nkv, C, hd, dtype=torch.float32)
+    f32 = torch.float32
+    # row i * g + j of kv head h: query i, query head h * g + j (the g heads that read kv head h)
+    qq = q.new_zeros(nkv, Q, g, hd, dtype=f32)
+    qq[:, :n] = q.view(n, nkv, g, hd).transpose(0, 1)
+    qq = qq.mul_(scale).view(nkv, Q * g, hd)
+    K = q.new_zeros(nkv, C, hd, dtype=f32)
+    V = q.new_zeros(nkv, C, hd, dtype=f32)
     K[:, :ctx] = k.transpose(0, 1)
     V[:, :ctx] = v.transpose(0, 1)
-    # query i sits at position ctx - n + i; a padding query (i >= n) sees key 0 alone
-    last = torch.arange(Q, device=q.device)
-    last = torch.where(last < n, last + ctx - n, 0)
-    m = q.new_full((nkv, g, Q), float("-inf"), dtype=torch.float32)
-    l = q.new_zeros(nkv, g, Q, dtype=torch.float32)
-    acc = q.new_zeros(nkv, g, Q, hd, dtype=torch.float32)
+    # query i sits at position ctx - n + i and sees keys 0 .. last[i]; padding queries see all
+    last = torch.arange(Q, device=q.device).clamp_(max=n - 1) + (ctx - n)
+    last_rows = last.repeat_interleave(g)
+    m = q.new_full((nkv, Q * g), float("-inf"), dtype=f32)
+    l = q.new_zeros(nkv, Q * g, dtype=f32)
+    acc = q.new_zeros(nkv, Q * g, hd, dtype=f32)
     for j0 in range(0, C, key_block):
-        r0 = max(0, j0 - (ctx - n))  # rows before r0 see none of this block
+        r0 = max(0, j0 - (ctx - n))  # queries before r0 see none of this block
         r0 = min(r0 // row_quantum * row_quantum, Q - row_quantum)
-        Kb, Vb = K[:, None, j0:j0 + key_block], V[:, None, j0:j0 + key_block]
-        s = qq[:, :, r0:] @ Kb.transpose(-1, -2)  # (nkv, g, rows, key_block)
-        keys = torch.arange(j0, j0 + key_block, device=q.device)
-        s = s.masked_fill(keys[None, :] > last[r0:, None], float("-inf"))
-        m_new = torch.maximum(m[:, :, r0:], s.amax(-1))
-        alpha = torch.exp(m[:, :, r0:] - m_new)
-        p = torch.exp(s - m_new[..., None])
-        l[:, :, r0:] = l[:, :, r0:] * alpha + p.sum(-1)
-        acc[:, :, r0:] = acc[:, :, r0:] * alpha[..., None] + p @ Vb
-        m[:, :, r0:] = m_new
-    out = (acc / l[..., None]).permute(2, 0, 1, 3).reshape(Q, nh, hd)
+        R = r0 * g
+        s = torch.bmm(qq[:, R:], K[:, j0:j0 + key_block].transpose(1, 2))  # (nkv, rows, key_block)
+        if j0 + key_block - 1 > int(last[r0]):  # a row sees part of the block (masking the others changes nothing)
+            keys = torch.arange(j0, j0 + key_block, device=q.device)
+            s.masked_fill_(keys[None, :] > last_rows[R:, None], float("-inf"))
+        m_new = torch.maximum(m[:, R:], s.amax(-1))
+        alpha = (m[:, R:] - m_new).exp_()
+        p = s.sub_(m_new[..., None]).exp_()
+        l[:, R:].mul_(alpha).add_(p.sum(-1))
+        acc[:, R:].mul_(alpha[..., None]).add_(torch.bmm(p, V[:, j0:j0 + key_block]))
+        m[:, R:] = m_new
+    out = acc.div_(l[..., None]).view(nkv, Q, g, hd).transpose(0, 1).reshape(Q, nh, hd)
     return out[:n].to(q.dtype)
 
 
@@ -217,17 +227,17 @@ class PagedAttention:
                 torch.tensor(src, device=device), torch.tensor([qrows[i] for i in src], device=device))
 
     def _prefill(self, q, k, v, kc, vc, seq: int):
-        """One sequence's n new queries over its context (cached prefix + the new tokens), read
-        back from the blocks whether cached or just written, so both cases compute alike."""
+        """One sequence's n new queries over its context (cached prefix + the new tokens)."""
         n, ctx = q.shape[0], self.meta.ctx_lens[seq]
-        bt = self.meta.block_tables[seq, :-(-ctx // kc.shape[1])].long()
-        k, v = kc[bt].flatten(0, 1)[:ctx], vc[bt].flatten(0, 1)[:ctx]
-        if q.device.type == "cpu":
+        if ctx > n or self.meta.invariant:  # read the whole context back from the blocks
+            bt = self.meta.block_tables[seq, :-(-ctx // kc.shape[1])].long()
+            k, v = kc[bt].flatten(0, 1)[:ctx], vc[bt].flatten(0, 1)[:ctx]
+        if self.meta.invariant and q.device.type == "cpu":
             return invariant_attention(q, k, v, self.scale)
-        # a GPU step with one prefill: one SDPA call (a loop over key blocks would launch tens)
-        mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
-        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                           v.transpose(0, 1)[None], attn_mask=mask, scale=self.scale,
-                                           enable_gqa=True)
+        # query i sits at position ctx - n + i and sees keys 0 .. ctx - n + i
+        mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n) if ctx > n else None
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True)
         return o[0].transpose(0, 1)  # (n, nh, hd)
 

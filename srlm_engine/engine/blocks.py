@@ -19,6 +19,9 @@ from __future__ import annotations
 from collections import OrderedDict
 
 
+INVARIANT = "batch-invariant"  # the prefix tree of the blocks the batch-invariant prefill wrote
+
+
 class BlockPool:
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1 or block_size < 1:
@@ -69,9 +72,10 @@ class BlockPool:
     def chain_key(parent: int | None, tokens) -> int:
         return hash((parent, tuple(tokens)))
 
-    def lookup(self, token_ids: list[int]) -> list[int]:
-        """Blocks holding the longest cached prefix of token_ids (full blocks only); no refs taken."""
-        bs, hits, parent = self.block_size, [], None
+    def lookup(self, token_ids: list[int], root=None) -> list[int]:
+        """Blocks holding the longest cached prefix of token_ids (full blocks only) in the prefix
+        tree `root` (see commit_full); no refs taken."""
+        bs, hits, parent = self.block_size, [], root
         for i in range(len(token_ids) // bs):
             chunk = tuple(token_ids[i * bs:(i + 1) * bs])
             parent = self.chain_key(parent, chunk)
@@ -117,12 +121,15 @@ class BlockPool:
             self.key[block], self.tokens[block] = k, chunk
         return k
 
-    def commit_full(self, table: list[int], keys: list[int], token_ids: list[int], upto: int) -> None:
+    def commit_full(self, table: list[int], keys: list[int], token_ids: list[int], upto: int,
+                    root=None) -> None:
         """Key every block of `table` that is full once the first `upto` of `token_ids` are
-        written, after the len(keys) already keyed; their keys are appended to `keys`."""
+        written, after the len(keys) already keyed; their keys are appended to `keys`. `root`
+        names a separate prefix tree: blocks whose KV was computed another way (the batch-invariant
+        prefill, INVARIANT) are found only by lookups from the same root."""
         bs = self.block_size
         for i in range(len(keys), upto // bs):
-            keys.append(self.commit(table[i], keys[-1] if keys else None, token_ids[i * bs:(i + 1) * bs]))
+            keys.append(self.commit(table[i], keys[-1] if keys else root, token_ids[i * bs:(i + 1) * bs]))
 
     def forget_prefixes(self) -> None:
         """Drop every key: no cached prefix is hit again (after a step failed between keying its

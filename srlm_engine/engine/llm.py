@@ -165,7 +165,7 @@ class LLM:
         seqs = []
         for r, toks in enumerate(ids):
             self._check_lengths(r, toks, 1)
-            seqs.append(Sequence(r, 0, list(toks), p, 1, None, keep_logprobs=True))
+            seqs.append(Sequence(r, 0, list(toks), p, 1, None, keep_logprobs=True, invariant=True))
         self._run(seqs, use_tqdm=False)
         out = torch.stack([s.full_logprobs for s in seqs])
         return (out if token_ids is None else out[:, torch.tensor(token_ids, device=out.device)]).cpu()

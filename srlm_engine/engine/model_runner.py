@@ -20,9 +20,10 @@ from srlm_engine.engine.blocks import BlockPool
 from srlm_engine.engine.scheduler import Scheduled
 from srlm_engine.engine.sequence import Sequence
 
-# A step that computes prompt tokens runs every linear layer on at least MIN_ROWS rows: below about
-# 12 rows the CPU matmul takes another path whose sums round differently, and a prompt's logits
-# would depend on how many other tokens shared its step (see attention.invariant_attention).
+# A batch-invariant step (next_token_logprobs' prefills) runs every linear layer on at least
+# MIN_ROWS rows: below about 12 rows the CPU matmul takes another path whose sums round
+# differently, and a prompt's logits would depend on how many other tokens shared its step (see
+# attention.invariant_attention).
 MIN_ROWS = 16
 
 
@@ -40,6 +41,7 @@ class StepInput:
     query_lens: list[int]          # and its number of new tokens
     sample_rows: list[int]         # rows whose logits are sampled: a sequence's last token
     samplers: list[Sequence]       # the sequence of each sample row
+    invariant: bool = False        # the step's prefills take the batch-invariant path
 
     @property
     def pure_decode(self) -> bool:
@@ -82,7 +84,8 @@ class ModelRunner:
             if end == s.num_tokens:  # the chunk reaches the last token: sample from it
                 sample_rows.append(len(ids) - 1)
                 samplers.append(s)
-        return StepInput(ids, pos, slots, ctx, tables, sched.num_decode, q_starts, q_lens, sample_rows, samplers)
+        return StepInput(ids, pos, slots, ctx, tables, sched.num_decode, q_starts, q_lens, sample_rows, samplers,
+                         invariant=any(s.invariant for s in sched.seqs))
 
     def forward(self, step: StepInput) -> torch.Tensor | None:
         """Logits [len(step.samplers), V] of the step's sampling rows (None if none samples)."""
@@ -98,14 +101,14 @@ class ModelRunner:
                                       device=dev),
             context_lens=torch.tensor(step.context_lens, dtype=torch.int32, device=dev),
             num_decode=step.num_decode, query_starts=step.query_starts, query_lens=step.query_lens,
-            ctx_lens=step.context_lens)
+            ctx_lens=step.context_lens, invariant=step.invariant)
         attend = PagedAttention(self.backend, self.cache, meta, self.scale)
         ids, pos, rows = step.token_ids, step.positions, step.sample_rows
-        if step.query_starts and len(ids) < MIN_ROWS:  # padding rows: never cached, dropped after
+        if step.invariant and len(ids) < MIN_ROWS:  # padding rows: never cached, dropped after
             ids, pos = ids + [0] * (MIN_ROWS - len(ids)), pos + [0] * (MIN_ROWS - len(pos))
         h = self.model.hidden_states(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), attend=attend)
         if not step.samplers:
             return None
-        if step.query_starts and len(rows) < MIN_ROWS:
+        if step.invariant and len(rows) < MIN_ROWS:
             rows = rows + [rows[-1]] * (MIN_ROWS - len(rows))
         return self.model.logits(h[torch.tensor(rows, device=dev)])[:len(step.samplers)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from srlm_engine.engine.blocks import BlockPool
+from srlm_engine.engine.blocks import INVARIANT, BlockPool
 from srlm_engine.engine.sequence import Sequence
 
 
@@ -49,7 +49,7 @@ class Scheduler:
 
     def _commit(self, seq: Sequence, upto: int) -> None:
         """Key every block of seq that is full once its first `upto` tokens are written."""
-        self.pool.commit_full(seq.block_table, seq.keys, seq.token_ids, upto)
+        self.pool.commit_full(seq.block_table, seq.keys, seq.token_ids, upto, _root(seq))
 
     def schedule(self) -> Scheduled:
         budget = self.max_num_batched_tokens
@@ -75,7 +75,7 @@ class Scheduler:
         self.running = running
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            hits = self.pool.lookup(seq.token_ids)
+            hits = self.pool.lookup(seq.token_ids, _root(seq))
             shared = len(hits) * self.pool.block_size
             cached = min(shared, seq.num_tokens - 1)  # the last token is always run for its logits
             n = min(seq.num_tokens - cached, budget)
@@ -107,3 +107,9 @@ class Scheduler:
         self.running.remove(seq)
         self.pool.release(seq.block_table)
         seq.block_table = []
+
+
+def _root(seq: Sequence):
+    """The prefix tree of seq's blocks: KV from the batch-invariant prefill is shared only with
+    sequences computed the same way, so that their logits keep its guarantee."""
+    return INVARIANT if seq.invariant else None

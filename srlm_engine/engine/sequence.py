@@ -25,6 +25,7 @@ class Sequence:
     max_tokens: int
     generator: torch.Generator | None = None
     keep_logprobs: bool = False   # next_token_logprobs: keep the full row, sample nothing
+    invariant: bool = False       # prefill by the batch-invariant path (attention.invariant_attention)
     seq_id: int = field(default_factory=lambda: next(_ids))
     num_prompt: int = 0
     num_computed: int = 0         # tokens whose KV is in the cache (or written this step)

@@ -1,6 +1,6 @@
-"""CPU prefill is batch-invariant: a prompt's logits are the same bits however it was computed
-(alone, in a batch, chunked, from a cached prefix, on 1 or 2 threads). This is what makes the
-loop's expected-score judgments byte-identical for any number of data-parallel ranks."""
+"""next_token_logprobs is batch-invariant on the CPU: a prompt's logits are the same bits however
+it was computed (alone, in a batch, chunked, from a cached prefix, on 1 or 2 threads). This is what
+makes the loop's expected-score judgments byte-identical for any number of data-parallel ranks."""
 from __future__ import annotations
 
 import pytest
@@ -68,3 +68,22 @@ def test_next_token_logprobs_are_the_same_bits_in_any_batch(tiny_dir):
     assert torch.equal(llm.next_token_logprobs(ps[::-1], token_ids=cols).flip(0), alone)  # all cached
     chunked = LLM(tiny_dir, kv_cache_tokens=4096, max_num_batched_tokens=37, num_threads=1)
     assert torch.equal(chunked.next_token_logprobs(ps[4:], token_ids=cols), alone[4:])
+
+
+def test_invariant_prefixes_are_a_tree_of_their_own(tiny_dir):
+    """KV that generate() computed (SDPA prefill) is never reused by next_token_logprobs, nor the reverse."""
+    from srlm_engine.engine.sampler import SamplingParams
+    llm = LLM(tiny_dir, kv_cache_tokens=4096)
+    p = list(range(2, 60))
+    llm.generate([p], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    hits = llm.pool.hit_tokens
+    llm.next_token_logprobs([p])
+    assert llm.pool.hit_tokens == hits  # generate's blocks are not in its tree
+    llm.next_token_logprobs([p])
+    assert llm.pool.hit_tokens > hits  # its own are
+    fresh = LLM(tiny_dir, kv_cache_tokens=4096)
+    fresh.next_token_logprobs([p])
+    fresh.generate([p], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    assert fresh.pool.hit_tokens == 0  # next_token_logprobs' blocks are not in generate's tree
+    fresh.generate([p], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    assert fresh.pool.hit_tokens == 48  # its own are: the prompt's 3 full blocks
