@@ -308,9 +308,13 @@ def test_ctrl_c_in_a_running_srlm_exits_130_without_a_traceback(chat_model):
     proc = subprocess.Popen([sys.executable, "-m", "srlm_engine.cli", "chat", str(chat_model)], cwd=ROOT, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert "generation on cpu" in proc.stderr.readline()  # main() runs: loading the model or reading stdin
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        assert "generation on cpu" in proc.stderr.readline()
+        proc.stdin.write("Hi\n")
+        proc.stdin.flush()
+        proc.stdout.readline()  # the reply: the model is loaded and the chat waits for the next line
+        proc.send_signal(signal.SIGINT)  # stdin stays open: only the interrupt can end it
+        proc.wait(timeout=120)
+        err = proc.stderr.read()
     finally:
         proc.kill()
     assert proc.returncode == 130, err
