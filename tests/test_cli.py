@@ -305,7 +305,11 @@ def test_chat_turn_longer_than_the_context_is_dropped_not_fatal(chat_model, caps
 
 
 def test_ctrl_c_in_a_running_srlm_exits_130_without_a_traceback(chat_model):
-    proc = subprocess.Popen([sys.executable, "-m", "srlm_engine.cli", "chat", str(chat_model)], cwd=ROOT, text=True,
+    # Ctrl-C as a terminal delivers it. A test run started in the background of a non-interactive
+    # shell inherits SIGINT ignored, and Python then leaves it ignored: the child restores it.
+    srlm = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "sys.argv[0] = 'srlm'; runpy.run_module('srlm_engine.cli', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", srlm, "chat", str(chat_model)], cwd=ROOT, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert "generation on cpu" in proc.stderr.readline()

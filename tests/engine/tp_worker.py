@@ -68,6 +68,7 @@ def main(spec_file: str, out_dir: str) -> None:
         except ValueError as e:
             result["refused"].append(str(e))
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 
