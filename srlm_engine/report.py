@@ -134,7 +134,8 @@ def _plots(root: Path, evals: dict, iters: dict, runs: dict) -> list[str]:
         ax.bar([k + i * width for k in range(len(keys))], [d[k] for k in keys], width, label=n.upper())
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(keys))], keys)
     ax.set_title(f"judge score distribution on EFT-eval ({mode} mode)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no bars where no model was judged in that mode
+        ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, out / "score_distribution.png")
     made.append("score_distribution.png")
