@@ -107,10 +107,10 @@ def select_backend(device: torch.device, prefer: str | None = None) -> Backend:
 
 def invariant_attention(q, k, v, scale: float, key_block: int = 128, row_quantum: int = 16):
     """Causal attention of the last n = len(q) positions of a context of len(k) tokens: q [n, nh,
-    hd], k and v [ctx, nkv, hd] -> [n, nh, hd], with each query's output a function of its own
-    context alone. The CPU prefill path: a prompt's logits come out bit for bit the same whatever
-    part of it was in the prefix cache, however its prompt was chunked, whatever else ran in its
-    step, and on any thread count (tests/engine/test_batch_invariance.py), so an artifact of
+    hd], k and v [ctx, nkv, hd] -> [n, nh, hd], with each query's output a function of its own context
+    alone. The CPU prefill of next_token_logprobs: a prompt's logits come out bit for bit the same
+    whatever part of it was in the prefix cache, however its prompt was chunked, whatever else ran
+    in its step, and on any thread count (tests/engine/test_batch_invariance.py), so an artifact of
     logits (the judge's expected scores) does not depend on how requests were spread over ranks.
 
     Online softmax over key blocks of a fixed size, every operation on fixed shapes: queries
