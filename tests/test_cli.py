@@ -2,7 +2,6 @@
 configs, generate / chat / report, --version, a --help that does not load torch, and exit status
 1 (the work failed), 2 (the command line is wrong), 130 (interrupted)."""
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -236,18 +235,9 @@ def test_ctrl_c_under_torchrun_exits_130(monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory, smollm2_dir):
-    """A tiny random Llama beside SmolLM2's tokenizer and chat template."""
-    from srlm_engine.config import ModelConfig
-    from srlm_engine.model.llama import Llama
-    from srlm_engine.model.weights import save_model
-    d = tmp_path_factory.mktemp("chat")
-    cfg = ModelConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
-    save_model(Llama(cfg).init_weights(0), d)
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(smollm2_dir / f, d / f)
-    return d
+    """test_loop's tiny model with 512 positions: a long chat turn outgrows it."""
+    from test_loop import write_tiny_smollm2
+    return write_tiny_smollm2(tmp_path_factory.mktemp("chat"), smollm2_dir, max_position_embeddings=512)
 
 
 def test_generate_prints_the_engines_completions(chat_model, capsys):

@@ -53,16 +53,20 @@ SETTINGS = dict(top_p=1.0, judge_top_p=1.0, iterations=2, prompts=3, n=3, judge_
                          progress=False))
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, smollm2_dir):
-    d = tmp_path_factory.mktemp("tiny")
+def write_tiny_smollm2(d: Path, smollm2_dir: Path, max_position_embeddings: int = 1024) -> Path:
+    """A tiny random Llama beside SmolLM2's tokenizer and chat template, in `d`."""
     cfg = ModelConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
                       tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
     save_model(Llama(cfg).init_weights(0), d)
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(smollm2_dir / f, d / f)
     return d
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, smollm2_dir):
+    return write_tiny_smollm2(tmp_path_factory.mktemp("tiny"), smollm2_dir)
 
 
 @pytest.fixture(scope="module")
