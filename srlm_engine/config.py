@@ -393,7 +393,7 @@ class LoopConfig:
     seed: int = setting(0, "seed of the loop's sampling and judging (training's: sft.seed, dpo.seed)")
     seed_dir: str = setting(str(SEED_DIR), "folder of the seed data: ift.jsonl, eft_train.jsonl, eft_eval.jsonl")
     judge_template: str | None = setting(None, "judge prompt file with {instruction} and {response} (default: "
-                                               "the paper's)")
+                                               "the paper's additive rubric, judge.DEFAULT_TEMPLATE)")
     prompt_writer: str | None = setting(None, "model directory that writes new prompts (default: M_t)")
     prompt_pool: str | None = setting(None, 'JSONL of {"prompt"} to draw new prompts from instead of writing '
                                             "them")
@@ -403,6 +403,13 @@ class LoopConfig:
     max_num_seqs: int = setting(64, "sequences each generation engine decodes together")
     dtype: str = setting("auto", "dtype of generation and judging (auto: bf16 where the device computes it "
                                  "natively, else float32)", GENERATION_DTYPES)
+    eft_target: str = setting("judgment", "what EFT teaches M1 to write as a judge: a justification, then the "
+                                           "score line (judgment, the paper's), or the score line alone (score: "
+                                           "the digit the expected mode reads at once)", ("judgment", "score"))
+    eft_augment: int = setting(0, "graded EFT examples derived from each IFT seed record and added to M1's "
+                                  "EFT data (srlm_engine/augment.py, as `srlm data eft-augment`); 0: none")
+    eft_share: float | None = setting(None, "EFT's share of M1's SFT records, the IFT seed records drawn "
+                                            "(seeded) to make it so ('none': every IFT and EFT record)")
     sft: TrainConfig = setting(TrainConfig, "SFT of M0 on IFT + EFT, giving M1")
     dpo: TrainConfig = setting(TrainConfig, "DPO of each iteration, from M_t")
 
@@ -426,10 +433,14 @@ class LoopConfig:
         for name in ("top_p", "prompt_top_p", "judge_top_p"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)!r}")
+        if self.eft_share is not None and not 0 < self.eft_share <= 1:
+            raise ConfigError(f"eft_share must be in (0, 1], got {self.eft_share!r}")
+        if self.eft_augment < 0:
+            raise ConfigError(f"eft_augment must be >= 0, got {self.eft_augment!r}")
         if not 0 <= self.min_margin < 5:
             raise ConfigError(f"min_margin must be in [0, 5) (scores are 0 to 5), got {self.min_margin!r}")
 
-    PRESETS = ("quick", "paper")  # srlm_engine/configs/<name>.toml
+    PRESETS = ("quick", "small", "paper")  # srlm_engine/configs/<name>.toml
 
     @classmethod
     def build(cls, preset: str | None = None, toml: dict | None = None, source: str = "config",

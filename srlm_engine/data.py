@@ -219,17 +219,26 @@ def load_eft_eval(path: str | Path) -> list[dict]:
     return read_jsonl(path, check_eft_eval)
 
 
-def eft_to_sft(records: Iterable[dict], template: str = DEFAULT_TEMPLATE) -> list[dict]:
-    """EFT train records -> SFT records: the user turn is the filled judge prompt, the assistant
-    turn is the justification followed by "\\nScore: <n>" (the form `parse_score` reads)."""
+EFT_TARGETS = ("judgment", "score")
+
+
+def eft_to_sft(records: Iterable[dict], template: str = DEFAULT_TEMPLATE, target: str = "judgment") -> list[dict]:
+    """EFT train records -> SFT records: the user turn is the filled judge prompt; the assistant
+    turn is, for target "judgment" (the paper's), the justification followed by "\\nScore: <n>",
+    what the sampled judge writes; for target "score", the score line "Score: <n>" alone, the very
+    tokens the expected-score judge reads when it asks for the digit at once (judge_expected with
+    after="prefix"). Either form is what `parse_score` reads."""
     check_template(template)
+    if target not in EFT_TARGETS:
+        raise ValueError(f"EFT target must be one of {EFT_TARGETS}, got {target!r}")
     out = []
     for r in records:
         check_eft_train(r)
         prompt = fill_template(template, r["instruction"], r["response"])
-        target = f"{r['justification'].rstrip()}\nScore: {r['score']}"
+        score = f"Score: {r['score']}"
+        target_text = f"{r['justification'].rstrip()}\n{score}" if target == "judgment" else score
         out.append({"messages": [{"role": "user", "content": prompt},
-                                 {"role": "assistant", "content": target}]})
+                                 {"role": "assistant", "content": target_text}]})
     return out
 
 
@@ -304,5 +313,5 @@ def convert_oasst(path: str | Path, out_dir: str | Path, lang: str = "en", eval_
 
 
 __all__ = ["DataError", "check_eft_eval", "check_eft_train", "check_ift", "check_pair", "check_sft",
-           "convert_oasst", "eft_to_sft", "load_eft_eval", "load_eft_train", "load_ift", "load_pairs",
+           "EFT_TARGETS", "convert_oasst", "eft_to_sft", "load_eft_eval", "load_eft_train", "load_ift", "load_pairs",
            "load_sft", "pair_conversations", "sft_conversation"]

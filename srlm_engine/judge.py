@@ -28,21 +28,17 @@ PLACEHOLDERS = ("{instruction}", "{response}")
 SCORE_PREFIX = "Score:"
 MAX_SCORE = 5
 
+# The paper's additive rubric, one line per point. Every judge prompt holds it, so its length is
+# paid on every judgment and every EFT example: this wording (180 SmolLM2 tokens) keeps each
+# criterion's sense in a third of the paper's words.
 DEFAULT_TEMPLATE = """\
-You are grading how well an AI assistant answered a user. Read the user's request and the \
-assistant's answer, then build a score from 0 to 5: start at 0 and give one point for each of \
-the five criteria below that the answer meets.
-
-1. Relevance: the answer is on topic and offers some information that bears on the request, even \
-if it is partial or carries some unrelated material.
-2. Coverage: the answer deals with a good part of what was asked, though it may leave pieces out \
-or stop short of a direct, complete resolution.
-3. Usefulness: the answer handles the core of the request in a way the user can act on, even if \
-it does not read like the work of an assistant or leans on general sources.
-4. Clarity: the answer speaks to the request directly and completely from an assistant's point \
-of view, and is well organised, even if it could be tighter or more focused.
-5. Expertise: the answer is fitted closely to the request with nothing extraneous, shows expert \
-knowledge, and is accurate, engaging and insightful.
+Grade the assistant's answer to the user's request from 0 to 5: start at 0 and add one point for \
+each criterion the answer meets.
+1. Relevance: it is on topic and bears on the request, even if partly.
+2. Coverage: it deals with a good part of what was asked.
+3. Usefulness: it handles the core of the request in a way the user can act on.
+4. Clarity: it answers directly and completely, as an assistant, and is well organised.
+5. Expertise: it is accurate, expert and closely fitted to the request, with nothing extraneous.
 
 [Request]
 {instruction}
@@ -50,8 +46,7 @@ knowledge, and is accurate, engaging and insightful.
 [Answer]
 {response}
 
-Explain your total in a brief justification of at most 100 words. Then write the result as the \
-final line, in exactly this form:
+Justify the total in at most 100 words, then write it as the final line:
 Score: <points>"""
 
 

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from srlm_engine import data, judge, pairs as pairing, selfinstruct
+from srlm_engine import augment, data, judge, pairs as pairing, selfinstruct
 from srlm_engine.config import LoopConfig
 from srlm_engine.device import describe
 from srlm_engine.engine import SamplingParams
@@ -62,7 +62,7 @@ class Inputs:
     """The seed data, checked, and the prompt sets drawn from it."""
     template: str
     ift: list[dict]
-    eft: list[dict]
+    eft: list[dict]          # the EFT seed, and the graded examples derived from IFT (cfg.eft_augment)
     eft_eval: list[dict]
     lengthfree: list[dict] | None  # a second judge eval set where length says nothing, where the seeds have one
     seed_prompts: list[str]  # each IFT record's user turn
@@ -76,8 +76,11 @@ class Inputs:
         eft_eval = data.load_eft_eval(seed_dir / "eft_eval.jsonl")
         lengthfree = seed_dir / LENGTHFREE
         seed_prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in ift]
+        eft = data.load_eft_train(seed_dir / "eft_train.jsonl")
+        if cfg.eft_augment:
+            eft += augment.eft_augment(ift, seed=cfg.seed, per_record=cfg.eft_augment)
         return cls(judge.load_template(cfg.judge_template) if cfg.judge_template else judge.DEFAULT_TEMPLATE,
-                   ift, data.load_eft_train(seed_dir / "eft_train.jsonl"), eft_eval,
+                   ift, eft, eft_eval,
                    data.load_eft_eval(lengthfree) if lengthfree.is_file() else None, seed_prompts,
                    [it["instruction"] for it in eft_eval][: cfg.eval_prompts], seed_prompts[: cfg.select_prompts])
 
@@ -144,10 +147,21 @@ def _iterate(folder: RunFolder, m0: Path, inputs: Inputs) -> Path:
 def train_m1(folder: RunFolder, m0: Path, inputs: Inputs) -> Path:
     """M1: SFT on instruction following (IFT) and evaluation fine-tuning (EFT) together."""
     m1 = folder.root / "m1" / "model"
-    records = inputs.ift + data.eft_to_sft(inputs.eft, inputs.template)
+    records = m1_records(inputs, folder.cfg)
     folder.step(m1, lambda: folder.move(train("sft", m0, records, folder.root / "m1" / "train", folder.cfg.sft), m1),
                 "M1 = SFT(M0, IFT + EFT)", folder.root / "m1" / "timings.json")
     return m1
+
+
+def m1_records(inputs: Inputs, cfg: LoopConfig) -> list[dict]:
+    """M1's SFT records: the IFT seed, or as many of its records (drawn with cfg.seed) as make
+    EFT `cfg.eft_share` of the whole, then the EFT examples in the form `cfg.eft_target`."""
+    eft = data.eft_to_sft(inputs.eft, inputs.template, cfg.eft_target)
+    ift = inputs.ift
+    if cfg.eft_share is not None:
+        keep = min(len(ift), round(len(eft) * (1 - cfg.eft_share) / cfg.eft_share))
+        ift = [ift[i] for i in sorted(random.Random(cfg.seed).sample(range(len(ift)), keep))]
+    return ift + eft
 
 
 def evaluate_judge(folder: RunFolder, name: str, model: Path, inputs: Inputs) -> None:

@@ -13,6 +13,7 @@ engine/data_parallel.py).
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ import torch
 from srlm_engine.config import LoopConfig
 from srlm_engine.engine.data_parallel import DataParallelLLM, ShardStore
 from srlm_engine.io import file_sha256, read_json, write_json, write_jsonl
+from srlm_engine.judge import DEFAULT_TEMPLATE
 from srlm_engine.runtime import Runtime, open_engine
 
 
@@ -48,12 +50,14 @@ class RunFolder:
         inputs["model/config.json"] = file_sha256(model_dir / "config.json")
         for w in sorted(model_dir.glob("model*.safetensors")):  # ~2 s for SmolLM2's 538 MB
             inputs[f"model/{w.name}"] = file_sha256(w)
-        if cfg.judge_template:
-            inputs["judge_template"] = file_sha256(Path(cfg.judge_template))
-        manifest = {"config": json.loads(json.dumps(cfg.to_dict())), "model": str(model_dir), "inputs": inputs}
+        inputs["judge_template"] = (file_sha256(Path(cfg.judge_template)) if cfg.judge_template
+                                    else hashlib.sha256(DEFAULT_TEMPLATE.encode("utf-8")).hexdigest())
+        manifest = {"config": _plain(cfg.to_dict()), "model": str(model_dir), "inputs": inputs}
         path = root / "manifest.json"
         if path.is_file():
             old = read_json(path)
+            # a setting added since the folder was made ran there as its default does now
+            old["config"] = _with_defaults(old.get("config", {}), _plain(LoopConfig().to_dict()))
             diff = [k for k in ("config", "inputs") if old.get(k) != manifest[k]]
             if diff:
                 keys = _changed(old.get("config", {}), manifest["config"]) if "config" in diff else []
@@ -139,6 +143,22 @@ class _Lease:
             gc.collect()  # engines hold reference cycles: only the collector frees them
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+def _plain(d: dict) -> dict:
+    """A config dict as manifest.json holds it (tuples as lists)."""
+    return json.loads(json.dumps(d))
+
+
+def _with_defaults(old: dict, defaults: dict) -> dict:
+    """`old` with each key it lacks taken from `defaults`, table by table."""
+    out = dict(old)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = _with_defaults(out[k], v)
+    return out
 
 
 def _changed(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -151,9 +151,13 @@ def test_presets_are_the_shipped_config_files():
         text = f.read_text(encoding="utf-8")
         assert read_toml(name) == tomllib.loads(text)
         assert LoopConfig.build(name) == LoopConfig.build(None, tomllib.loads(text))
-    quick, paper = LoopConfig.build("quick"), LoopConfig.build("paper")
-    # what the presets are for (README): the demo's short CPU run, the paper's batch of 16 and checkpoint selection
-    assert (quick.iterations, quick.judge_mode, quick.sft.max_seq_len) == (1, "expected", 576)
+    quick, small, paper = (LoopConfig.build(p) for p in ("quick", "small", "paper"))
+    # what the presets are for (README): the demo's short CPU run, whose judge learns the digit the expected
+    # mode reads; the same loop with a longer M1 on derived EFT examples; the paper's batch of 16 and
+    # checkpoint selection
+    assert (quick.iterations, quick.judge_mode, quick.eft_target, quick.sft.max_seq_len) == (1, "expected", "score",
+                                                                                             448)
+    assert (small.eft_augment, small.sft.epochs) == (2, 2.0) and small.dpo == quick.dpo
     assert (paper.prompts, paper.sft.global_batch_size, paper.dpo.lr, paper.select_checkpoints) == (5000, 16, 1e-6,
                                                                                                      True)
 
@@ -171,7 +175,7 @@ def test_config_file_errors_name_the_file(tmp_path):
     bad.write_text("iterations = \n")
     with pytest.raises(ConfigError, match=rf"{re.escape(str(bad))}: invalid TOML: .*line 1"):
         read_toml(bad)
-    with pytest.raises(ConfigError, match=r"missing\.toml: No such file or directory \(shipped configs: quick, "
+    with pytest.raises(ConfigError, match=r"missing\.toml: No such file or directory \(shipped configs: quick, small, "
                                           r"paper\)"):
         read_toml(tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match=r"run\.toml: unknown loop setting 'iteratoins'"):

@@ -164,6 +164,18 @@ def test_eft_train_and_conversion(tmp_path):
         eft_to_sft(recs, "no placeholders here")
 
 
+def test_eft_score_target_is_the_score_line_alone(tmp_path):
+    # what the expected-score judge reads right after the judge prompt (judge_expected, after="prefix")
+    recs = load_eft_train(write(tmp_path / "eft.jsonl", [EFT]))
+    (judgment,) = eft_to_sft(recs, DEFAULT_TEMPLATE, "judgment")
+    (score,) = eft_to_sft(recs, DEFAULT_TEMPLATE, "score")
+    assert score["messages"][0] == judgment["messages"][0]
+    assert score["messages"][1] == {"role": "assistant", "content": "Score: 4"}
+    assert parse_score(score["messages"][1]["content"]) == 4
+    with pytest.raises(ValueError, match="EFT target"):
+        eft_to_sft(recs, DEFAULT_TEMPLATE, "justification")
+
+
 @pytest.mark.parametrize("change, msg", [
     ({"score": 6}, "'score' must be an integer 0..5"),
     ({"score": 3.0}, "'score' must be an integer"),

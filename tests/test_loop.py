@@ -235,6 +235,22 @@ def test_choose_checkpoint_keeps_the_best_so_far():
     assert selection.choose_checkpoint([[2.0]]) == (0, [])
 
 
+def test_m1_records_follow_eft_share_and_eft_target():
+    from srlm_engine.judge import DEFAULT_TEMPLATE
+    ift = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+           for i in range(10)]
+    eft = [{"instruction": f"q{i}", "response": f"r{i}", "justification": "Fine.", "score": i % 6} for i in range(9)]
+    inputs = loop.Inputs(DEFAULT_TEMPLATE, ift, eft, [], None, [], [], [])
+    assert loop.m1_records(inputs, LoopConfig())[:10] == ift  # every IFT record, then the 9 EFT ones
+    recs = loop.m1_records(inputs, LoopConfig(eft_share=0.75, eft_target="score"))
+    assert len(recs) == 3 + 9 and all(r in ift for r in recs[:3])  # 9 EFT records are 75% of 12
+    assert [r["messages"][1]["content"] for r in recs[3:]] == [f"Score: {e['score']}" for e in eft]
+    assert recs == loop.m1_records(inputs, LoopConfig(eft_share=0.75, eft_target="score"))  # seeded
+    assert len(loop.m1_records(inputs, LoopConfig(eft_share=1.0))) == 9
+    with pytest.raises(ConfigError, match="eft_share"):
+        LoopConfig(eft_share=0.0)
+
+
 @pytest.mark.slow  # one iteration whose DPO keeps 3 checkpoints' weights and scores each: ~40 s
 def test_checkpoint_selection_picks_m2_among_the_dpo_checkpoints(tmp_path, tiny_model, seeds):
     cfg = config(seeds, iterations=1, select_checkpoints=True, select_prompts=3,

@@ -67,14 +67,20 @@ def test_justifications_are_brief(records):
 
 
 @pytest.mark.slow  # the real SmolLM2 tokenizer (pulled once into the user cache)
-def test_the_quick_preset_trains_every_seed_record_whole(smollm2_dir):
-    # SFT cuts a record longer than max_seq_len from the left: the head of the judge rubric would go
+@pytest.mark.parametrize("preset", ["quick", "small"])
+def test_the_cpu_presets_train_every_seed_record_whole(smollm2_dir, preset):
+    # SFT cuts a record longer than max_seq_len from the left: the head of the judge rubric would go.
+    # The preset's M1 data: IFT, the EFT seed and the examples derived from IFT, in its EFT target.
     from srlm_engine import data
+    from srlm_engine.augment import eft_augment
     from srlm_engine.config import SEED_DIR, LoopConfig
     from srlm_engine.tokenizer import Tokenizer
     from srlm_engine.train.batches import encode_sft
 
-    cfg = LoopConfig.build("quick")
-    records = data.load_ift(SEED_DIR / "ift.jsonl") + data.eft_to_sft(data.load_eft_train(SEED_DIR / "eft_train.jsonl"))
+    cfg = LoopConfig.build(preset)
+    ift = data.load_ift(SEED_DIR / "ift.jsonl")
+    eft = data.load_eft_train(SEED_DIR / "eft_train.jsonl") + (eft_augment(ift, cfg.seed, cfg.eft_augment)
+                                                              if cfg.eft_augment else [])
+    records = ift + data.eft_to_sft(eft, target=cfg.eft_target)
     enc = encode_sft(Tokenizer.from_pretrained(smollm2_dir), records, cfg.sft.max_seq_len)
     assert enc.truncated == 0
