@@ -418,6 +418,7 @@ class LoopConfig:
             self.sft = TrainConfig.from_dict(self.sft, "sft")
         if isinstance(self.dpo, dict):
             self.dpo = TrainConfig.from_dict(self.dpo, "dpo")
+        _none_words(self)
         _check_types(self)
         _check_choices(self)
         for name in ("iterations", "prompts", "n", "judge_samples", "max_new_tokens", "judge_max_tokens",
