@@ -189,6 +189,7 @@ CHECKPOINTING = ("none", "selective", "full")  # activation checkpointing modes 
 MIXED_PRECISION = ("auto", "bf16", "none")  # TrainConfig.mixed_precision
 REPORT_TO = ("none", "tensorboard")  # TrainConfig.report_to
 GENERATION_DTYPES = ("auto", "float32", "bfloat16", "float16")  # device.DTYPES, without importing torch here
+EFT_TARGETS = ("judgment", "score")  # what an EFT example teaches the judge to write (data.eft_to_sft)
 
 
 def setting(default, help: str, choices: tuple | None = None, only: str | None = None):
@@ -405,7 +406,7 @@ class LoopConfig:
                                  "natively, else float32)", GENERATION_DTYPES)
     eft_target: str = setting("judgment", "what EFT teaches M1 to write as a judge: a justification, then the "
                                            "score line (judgment, the paper's), or the score line alone (score: "
-                                           "the digit the expected mode reads at once)", ("judgment", "score"))
+                                           "the digit the expected mode reads at once)", EFT_TARGETS)
     eft_augment: int = setting(0, "graded EFT examples derived from each IFT seed record and added to M1's "
                                   "EFT data (srlm_engine/augment.py, as `srlm data eft-augment`); 0: none")
     eft_share: float | None = setting(None, "EFT's share of M1's SFT records, the IFT seed records drawn "

@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from .config import EFT_TARGETS
 from .io import DataError, read_jsonl, write_jsonl
 from .judge import DEFAULT_TEMPLATE, MAX_SCORE, check_template, fill_template, has_score_line
 
@@ -219,9 +220,6 @@ def load_eft_eval(path: str | Path) -> list[dict]:
     return read_jsonl(path, check_eft_eval)
 
 
-EFT_TARGETS = ("judgment", "score")
-
-
 def eft_to_sft(records: Iterable[dict], template: str = DEFAULT_TEMPLATE, target: str = "judgment") -> list[dict]:
     """EFT train records -> SFT records: the user turn is the filled judge prompt; the assistant
     turn is, for target "judgment" (the paper's), the justification followed by "\\nScore: <n>",
@@ -313,5 +311,5 @@ def convert_oasst(path: str | Path, out_dir: str | Path, lang: str = "en", eval_
 
 
 __all__ = ["DataError", "check_eft_eval", "check_eft_train", "check_ift", "check_pair", "check_sft",
-           "EFT_TARGETS", "convert_oasst", "eft_to_sft", "load_eft_eval", "load_eft_train", "load_ift", "load_pairs",
+           "convert_oasst", "eft_to_sft", "load_eft_eval", "load_eft_train", "load_ift", "load_pairs",
            "load_sft", "pair_conversations", "sft_conversation"]
