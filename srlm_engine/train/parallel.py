@@ -25,7 +25,9 @@ there the trainer runs the forward under torch.autocast(bf16) instead (`bf16_com
 same fp32 weights, gradients and optimizer state.
 FSDP2 reduce-scatters each gradient as its mean over the W ranks (its default divide factor, W);
 the trainer's loss carries the factor W that makes a step's gradient the global batch's mean
-(train/trainer.py, `accumulate`).
+(train/trainer.py, `accumulate`). On the CPU the reduce-scatter adds the ranks' parts in rank
+order (OrderedReduceScatter), so the weights do not depend on the world size where each rank runs
+one micro-batch per step.
 """
 from __future__ import annotations
 
@@ -150,7 +152,39 @@ def parallelize(root: nn.Module, blocks: nn.ModuleList, d: Dist, mixed_precision
         # The last block's parameters are needed again at once by backward: keep them gathered.
         fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(root, mp_policy=mp)
+    if d.device.type == "cpu" and hasattr(root, "set_custom_reduce_scatter"):  # FSDP2 with custom comms
+        ordered = OrderedReduceScatter()
+        for module in (*blocks, root):
+            module.set_custom_reduce_scatter(ordered)
     return root
+
+
+class OrderedReduceScatter:
+    """FSDP2's gradient reduce-scatter with the ranks' parts summed in rank order,
+    ((g0 + g1) + g2) + ..., the order in which one process accumulating the same micro-batches one
+    after another adds them (batches.micro_batches gives rank r the step's r-th micro-batch when
+    each rank runs one). gloo and NCCL sum in an order of their own, which changes the last bits of
+    the weights with the world size. all_to_all_single brings each rank the W parts of its shard:
+    (W - 1) / W of the buffer sent per rank, as in a ring reduce-scatter. The trainer uses it on
+    CPU, where the forward and backward are batch-invariant too, so a step whose ranks run one
+    micro-batch each trains the weights to the bits of one process (for W a power of two: the
+    loss's factor W and FSDP2's mean over W are then exact)."""
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, op, async_op: bool = False):
+        w = group.size()
+        parts = torch.empty((w, output_tensor.numel()), dtype=input_tensor.dtype, device=input_tensor.device)
+        dist.all_to_all_single(parts, input_tensor.view(w, -1), group=group)
+        output_tensor.copy_(parts[0])
+        for part in parts[1:]:
+            output_tensor.add_(part)
+        if op == dist.ReduceOp.AVG:
+            output_tensor.div_(w)
+        elif op != dist.ReduceOp.SUM:
+            raise ValueError(f"OrderedReduceScatter sums or averages, not {op}")
+        return None
 
 
 def all_reduce_sum(values: list[float], d: Dist) -> list[float]:

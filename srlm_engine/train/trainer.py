@@ -156,7 +156,7 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
             micro = batches.micro_batches(enc, step, gb, d.world, d.rank, accum, cfg.seed)
             with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=mixed and not d.distributed):
                 sums = accumulate(root, enc, micro, pad_id, d, cfg, refs)
-            norm = _grad_norm(params)
+            norm = _grad_norm(params, d)
             tot = dict(zip(SUMS, all_reduce_sum(sums, d)))
             loss_val = tot["loss"]
             skipped = not (math.isfinite(loss_val) and math.isfinite(norm))
@@ -277,12 +277,16 @@ def save_final(out_dir: Path, root, d: Dist, mcfg, tokenizer_src: Path) -> Path:
     return path
 
 
-def _grad_norm(params) -> float:
-    """Global L2 norm of all gradients (all ranks' shards), the same float on every rank."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
-    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2: a partial sum over the shards
-        norm = norm.full_tensor()
-    return float(norm)
+def _grad_norm(params, d: Dist) -> float:
+    """Global L2 norm of all gradients (all ranks' shards), the same float on every rank. The
+    squares are summed in float64, where a float32 gradient's squares are exact and their sum
+    rounds near 1e-16: the float32 norm that clipping uses (and the log shows) is then the same however the gradients
+    are cut into shards, so one process and W ranks clip a step alike."""
+    sq = None
+    for p in params:
+        if p.grad is not None:
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # DTensor: this rank's shard
+            n = torch.linalg.vector_norm(g, dtype=torch.float64).square()
+            sq = n if sq is None else sq + n
+    total = all_reduce_sum([float(sq) if sq is not None else 0.0], d)[0]
+    return float(torch.tensor(math.sqrt(total), dtype=torch.float32))  # the float32 that clipping uses
