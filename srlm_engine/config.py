@@ -261,6 +261,9 @@ class TrainConfig:
     # reduces gradients in fp32; one process runs the forward under torch.autocast.
     mixed_precision: str = setting("auto", "bf16 compute over fp32 weights (auto: where the device computes "
                                            "bf16 natively); ignored for bf16 weights", MIXED_PRECISION)
+    trainable_layers: int | None = setting(None, "train only the top N transformer blocks and the final norm; "
+                                                 "the embeddings and the blocks below stay frozen, and backward "
+                                                 "stops above them ('none': every weight)")
     activation_checkpointing: str = setting("none", "recompute activations in the backward pass: whole "
                                                     "blocks (full), or all but matmul and attention outputs "
                                                     "(selective)",
@@ -280,7 +283,7 @@ class TrainConfig:
         _check_types(self)
         _check_choices(self)
         for name in ("max_seq_len", "micro_batch_size", "grad_accum", "global_batch_size", "lr_batch_size",
-                     "save_every", "keep_last", "ref_batch_size"):
+                     "save_every", "keep_last", "ref_batch_size", "trainable_layers"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from srlm_engine.config import TrainConfig
+from srlm_engine.config import ConfigError, TrainConfig
 from srlm_engine.device import auto_dtype
 from srlm_engine.io import DataError, atomic_dir
 from srlm_engine.model.weights import load_config, load_model
@@ -102,7 +102,7 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
             "data": ckpt.fingerprint(records), "global_batch": gb, "max_seq_len": cfg.max_seq_len,
             "seed": cfg.seed, "total_steps": total, "lr": lr, "min_lr": min_lr, "warmup_steps": cfg.warmup_steps,
             "schedule": cfg.schedule, "weight_decay": cfg.weight_decay, "adam_betas": list(cfg.adam_betas),
-            "adam_eps": cfg.adam_eps, "max_grad_norm": cfg.max_grad_norm}
+            "adam_eps": cfg.adam_eps, "max_grad_norm": cfg.max_grad_norm, "trainable_layers": cfg.trainable_layers}
     if dpo:
         meta.update(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
 
@@ -113,6 +113,7 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
     src = found[-1] / "model" if found else model_dir
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     model = load_model(src, dtype=dtype, device=d.device)
+    freeze_below(model, cfg.trainable_layers, model_dir)
     lost = bf16_lost_share(model, lr) if d.main and dtype == torch.bfloat16 else 0.0
     mixed = bf16_compute(cfg, d.device)
     root = parallelize(TokenLogprobs(model), model.layers, d, mixed, cfg.activation_checkpointing)
@@ -187,6 +188,22 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
         if log is not None:
             log.close()
     return save_final(out_dir, root, d, mcfg, model_dir)
+
+
+def freeze_below(model, trainable_layers: int | None, model_dir: Path) -> None:
+    """Freeze all but the top `trainable_layers` blocks and the final norm (None: freeze nothing).
+    The embeddings and the output head (tied or not) and the lower blocks then compute no gradient: autograd
+    records nothing below the lowest trained block, so backward costs that block upwards only, and
+    AdamW holds state for the trained weights alone."""
+    if trainable_layers is None:
+        return
+    layers = len(model.layers)
+    if trainable_layers > layers:
+        raise ConfigError(f"trainable_layers is {trainable_layers}, but {model_dir} has {layers} blocks")
+    trained = {id(p) for block in model.layers[layers - trainable_layers:] for p in block.parameters()}
+    trained |= {id(p) for p in model.norm.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trained)
 
 
 def accumulate(root, enc: batches.Encoded, micro: list[list[int]], pad_id: int, d: Dist, cfg: TrainConfig,

@@ -20,7 +20,7 @@ from srlm_engine.train.losses import TokenLogprobs
 from srlm_engine.train.optim import lr_factor, resolve_lr
 from srlm_engine.train.parallel import Dist
 from srlm_engine.train.refs import cached_reference_logps, compute_reference_logps
-from srlm_engine.train.trainer import accumulate, train_dpo, train_sft
+from srlm_engine.train.trainer import accumulate, freeze_below, train_dpo, train_sft
 from trainkit import DATA, make_model_dir, tiny_config
 
 
@@ -300,3 +300,29 @@ def test_trls_conversational_records_train_as_their_string_forms(tiny_model, pai
                      "--out", str(tmp_path / f"sft-{name}"), *fast]) == 0
     assert [r["loss"] for r in read_jsonl(tmp_path / "sft-m" / "metrics.jsonl")] == \
         [r["loss"] for r in read_jsonl(tmp_path / "sft-pc" / "metrics.jsonl")]
+
+
+def test_trainable_layers_freeze_the_embeddings_and_lower_blocks_and_backward_stops_above_them(
+        sft_records, tmp_path):
+    model_dir = make_model_dir(tmp_path / "m", num_hidden_layers=3)
+    model = load_model(model_dir)
+    freeze_below(model, 1, model_dir)
+    outs = {}
+    for i in (1, 2):
+        model.layers[i].register_forward_hook(lambda m, a, out, i=i: outs.__setitem__(i, out))
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    TokenLogprobs(model)(ids, ids).sum().backward()
+    assert not outs[1].requires_grad and outs[2].requires_grad  # autograd recorded block 2 only
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == \
+        {n for n, _ in model.named_parameters() if n.startswith(("layers.2.", "norm."))}
+
+    cfg = TrainConfig(max_seq_len=64, micro_batch_size=2, grad_accum=1, max_steps=2, lr=1e-3, progress=False,
+                      trainable_layers=1)
+    a = load_model(model_dir).state_dict()
+    b = load_model(train_sft(model_dir, sft_records, tmp_path / "o", cfg)).state_dict()
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    assert moved == {k for k in a if k.startswith(("layers.2.", "norm."))}
+    with pytest.raises(ConfigError, match=r"trainable_layers is 4, but .* has 3 blocks"):
+        train_sft(model_dir, sft_records, tmp_path / "o4", TrainConfig(trainable_layers=4, progress=False))
+    with pytest.raises(ConfigError, match="trainable_layers must be a positive integer"):
+        TrainConfig(trainable_layers=0)
