@@ -261,6 +261,9 @@ class TrainConfig:
     # reduces gradients in fp32; one process runs the forward under torch.autocast.
     mixed_precision: str = setting("auto", "bf16 compute over fp32 weights (auto: where the device computes "
                                            "bf16 natively); ignored for bf16 weights", MIXED_PRECISION)
+    share_prefix: bool = setting(False, "pack each micro-batch into one row with no padding, holding the prompt "
+                                        "prefix its sequences share once (a mask keeps each sequence to the prefix "
+                                        "and itself), where that saves a quarter of its tokens")
     trainable_layers: int | None = setting(None, "train only the top N transformer blocks and the final norm; "
                                                  "the embeddings and the blocks below stay frozen, and backward "
                                                  "stops above them ('none': every weight)")

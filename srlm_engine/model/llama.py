@@ -104,6 +104,20 @@ def causal_attend(layer: int, q, k, v) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
 
 
+def segment_attend(segments: torch.Tensor) -> Attend:
+    """Attention over one packed row [1, N] of sequences that share a prefix (train/batches.Packed):
+    `segments` [N] is 0 for the shared prefix and r + 1 for sequence r's own tokens, which follow
+    it in order. A token attends to the tokens before it that are in the prefix or in its own
+    segment: what it attends to in its own unpacked sequence. A dense [N, N] mask."""
+    i = torch.arange(len(segments), device=segments.device)
+    mask = (i[None, :] <= i[:, None]) & ((segments[None, :] == 0) | (segments[None, :] == segments[:, None]))
+
+    def attend(layer: int, q, k, v) -> torch.Tensor:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (1, heads, N, hd)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    return attend
+
+
 class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -195,9 +195,60 @@ def micro_batches(enc: Encoded, step: int, global_batch: int, world: int, rank: 
 
 def collate(enc: Encoded, idx: list[int], pad_id: int, dpo: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids, targets [B, T] for SFT; [2B, T] for DPO (B chosen rows, then B rejected)."""
+    return pad(*_rows(enc, idx, dpo), pad_id)
+
+
+def _rows(enc: Encoded, idx: list[int], dpo: bool) -> tuple[list[list[int]], list[list[bool]]]:
     seqs = [enc.ids[i] for i in idx]
     masks = [enc.mask[i] for i in idx]
     if dpo:
         seqs += [enc.rejected_ids[i] for i in idx]
         masks += [enc.rejected_mask[i] for i in idx]
-    return pad(seqs, masks, pad_id)
+    return seqs, masks
+
+
+@dataclass
+class Packed:
+    """A micro-batch as one row of N tokens: the prompt prefix its R sequences share, once, then
+    each sequence's own tokens, with no padding. Each token attends to the prefix tokens before it
+    and to its own sequence's (model/llama.segment_attend), so it computes what it computes in
+    its own row of the padded batch, and the shared prefix is computed once instead of R times."""
+    ids: torch.Tensor        # [1, N]
+    targets: torch.Tensor    # [1, N]: IGNORE throughout the prefix
+    positions: torch.Tensor  # [1, N]: each token's position in its own sequence
+    segments: torch.Tensor   # [N]: 0 for the shared prefix, r + 1 for sequence r's own tokens
+    rows: torch.Tensor       # [R, T]: where (r, t) of the padded batch lies in the packed row; -1: padding
+
+    def to(self, device) -> "Packed":
+        return Packed(*(t.to(device) for t in (self.ids, self.targets, self.positions, self.segments, self.rows)))
+
+
+def pack(enc: Encoded, idx: list[int], dpo: bool, min_saving: float = 0.25) -> Packed | None:
+    """The rows of collate(enc, idx, ...) packed (Packed), or None when that saves less than
+    `min_saving` of the padded batch's tokens. The shared prefix is the longest run of equal
+    leading tokens in which no token is a target (so every token a loss reads keeps its own
+    context), and every sequence keeps at least one token of its own."""
+    seqs, masks = _rows(enc, idx, dpo)
+    lens = [len(x) for x in seqs]
+    limit = min(lens) - 1
+    for m in masks:  # position t's target is token t + 1: no target may fall inside the prefix
+        limit = min(limit, next((j for j, trained in enumerate(m) if trained), len(m)) - 1)
+    shared = 0
+    while shared < limit and all(x[shared] == seqs[0][shared] for x in seqs):
+        shared += 1
+    n = shared + sum(x - shared for x in lens)
+    if len(seqs) < 2 or n > (1 - min_saving) * len(seqs) * max(lens):
+        return None
+    ids, tgt = pad(seqs, masks, 0)
+    keep = [ids[0, :shared]] + [ids[r, shared:x] for r, x in enumerate(lens)]
+    keep_tgt = [tgt[0, :shared]] + [tgt[r, shared:x] for r, x in enumerate(lens)]
+    positions = [torch.arange(shared)] + [torch.arange(shared, x) for x in lens]
+    segments = [torch.zeros(shared, dtype=torch.long)] + [torch.full((x - shared,), r + 1) for r, x in enumerate(lens)]
+    rows = torch.full(ids.shape, -1, dtype=torch.long)
+    start = shared
+    for r, x in enumerate(lens):
+        rows[r, :shared] = torch.arange(shared)
+        rows[r, shared:x] = torch.arange(start, start + x - shared)
+        start += x - shared
+    return Packed(torch.cat(keep)[None], torch.cat(keep_tgt)[None], torch.cat(positions)[None], torch.cat(segments),
+                  rows)

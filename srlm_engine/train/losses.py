@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from srlm_kernels import dpo_loss, fused_linear_logprob
-from srlm_engine.train.batches import IGNORE
+from srlm_engine.model.llama import segment_attend
+from srlm_engine.train.batches import IGNORE, Packed
 
 
 class TokenLogprobs(nn.Module):
@@ -34,27 +35,42 @@ class TokenLogprobs(nn.Module):
         super().__init__()
         self.llama = llama
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, mean_logits: bool = False):
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, mean_logits: bool = False,
+                packed: Packed | None = None):
         """input_ids, targets [B, T] -> logp [B, T] float32, 0 where targets == IGNORE.
         (Cloned out of the kernel's flat [B*T]: FSDP2 warns on a root returning a view.)
+        packed: the same batch as one packed row (train/batches.pack), which is what runs; its
+        log-probs come back in the [B, T] layout of input_ids.
         mean_logits: -> (logp, m) with m [B, T] float32, no grad, the mean over the vocabulary of
         each position's logits (0 where targets == IGNORE), for TRL's logits/* metrics. The mean
         of h . W_v over v is h . mean_v(W_v): no [B, T, V] logits are made for it."""
-        h = self.llama.hidden_states(input_ids)  # (B, T, H)
+        if packed is None:
+            h, tgt = self.llama.hidden_states(input_ids), targets  # (B, T, H)
+        else:
+            h = self.llama.hidden_states(packed.ids, packed.positions, segment_attend(packed.segments))  # (1, N, H)
+            tgt = packed.targets
         w = self.llama.lm_head.weight
         m = None
         if mean_logits:
             with torch.no_grad():  # elementwise in float32: autocast leaves it alone
                 w_mean = w.detach().sum(0, dtype=torch.float32) / w.shape[0]  # (H,); no float copy of a bf16 W on CUDA
-                m = (h.detach().float() * w_mean).sum(-1).masked_fill(targets == IGNORE, 0.0)  # (B, T)
+                m = (h.detach().float() * w_mean).sum(-1).masked_fill(tgt == IGNORE, 0.0)
         if torch.is_autocast_enabled(h.device.type):
             # autocast casts torch's matmuls, not our op: give it the autocast dtype as it would a
             # linear (the cast of w is in the graph, so its gradient still reaches the fp32 weight)
             dt = torch.get_autocast_dtype(h.device.type)
             h, w = h.to(dt), w.to(dt)
-        logp = fused_linear_logprob(h.flatten(0, 1), w, targets.flatten(), ignore_index=IGNORE)  # (B*T,)
-        logp = logp.view(targets.shape).clone()
+        logp = fused_linear_logprob(h.flatten(0, 1), w, tgt.flatten(), ignore_index=IGNORE)
+        if packed is None:
+            logp = logp.view(targets.shape).clone()
+        else:
+            logp, m = _unpack(logp, packed.rows), None if m is None else _unpack(m.flatten(), packed.rows)
         return logp if m is None else (logp, m)
+
+
+def _unpack(flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Values of a packed row [N] -> the padded layout [B, T] of `rows` (0 at padding)."""
+    return torch.where(rows >= 0, flat[rows.clamp(min=0)], flat.new_zeros(()))
 
 
 def sft_loss(logp: torch.Tensor, targets: torch.Tensor, num_items: int | None = None) -> tuple[torch.Tensor, int]:

@@ -216,15 +216,16 @@ def accumulate(root, enc: batches.Encoded, micro: list[list[int]], pad_id: int, 
     -> this rank's sums, in the order of SUMS (the loss: its share of the step's mean), to be
     summed over ranks."""
     dpo = refs is not None
-    mbs = [(idx, *batches.collate(enc, idx, pad_id, dpo)) for idx in micro]
-    mine = sum(len(idx) if dpo else int((tgt != batches.IGNORE).sum()) for idx, _, tgt in mbs)
+    mbs = [(idx, *batches.collate(enc, idx, pad_id, dpo), batches.pack(enc, idx, dpo) if cfg.share_prefix else None)
+           for idx in micro]
+    mine = sum(len(idx) if dpo else int((tgt != batches.IGNORE).sum()) for idx, _, tgt, _ in mbs)
     n = int(all_reduce_sum([mine], d)[0])  # the step's trained tokens (SFT) or pairs (DPO), all ranks
     s = dict.fromkeys(SUMS, 0.0)
-    for idx, ids, tgt in mbs:
-        ids, tgt = ids.to(d.device), tgt.to(d.device)
+    for idx, ids, tgt, packed in mbs:
+        ids, tgt, packed = ids.to(d.device), tgt.to(d.device), packed and packed.to(d.device)
         if dpo:
             b = len(idx)
-            logp, mean_logit = root(ids, tgt, mean_logits=True)  # (2B, T) each
+            logp, mean_logit = root(ids, tgt, mean_logits=True, packed=packed)  # (2B, T) each
             r = refs[idx].to(d.device)
             loss, cr, rr = dpo_batch_loss(logp, r[:, 0], r[:, 1], cfg.beta, cfg.loss_type, cfg.label_smoothing,
                                           num_items=n, targets=tgt)
@@ -237,7 +238,7 @@ def accumulate(root, enc: batches.Encoded, micro: list[list[int]], pad_id: int, 
                          ("chosen_tokens", trained[:b].sum()), ("rejected_tokens", trained[b:].sum())):
                 s[k] += float(v)
         else:
-            loss, _ = sft_loss(root(ids, tgt), tgt, num_items=n)  # root: (B, T)
+            loss, _ = sft_loss(root(ids, tgt, packed=packed), tgt, num_items=n)  # root: (B, T)
         (loss * d.world).backward()  # x W: FSDP2 divides the summed gradients by W (train/parallel.py)
         s["loss"] += float(loss.detach())
         s["tokens"] += sum(len(enc.ids[i]) + (len(enc.rejected_ids[i]) if dpo else 0) for i in idx)

@@ -1,6 +1,7 @@
 """Records -> tokens with exact assistant masks, the truncation rule, and batches that do not
 depend on the number of processes."""
 import pytest
+import torch
 
 from srlm_engine.io import DataError
 from srlm_engine.model.pull import pull
@@ -166,3 +167,30 @@ def test_micro_batches_same_global_batch_for_any_world(world, accum):
     # Every record is seen once per epoch.
     seen = batches.sample_order(13, 0, 26, seed=3)
     assert sorted(seen[:13]) == list(range(13)) and sorted(seen[13:]) == list(range(13))
+
+
+def test_pack_holds_the_shared_prefix_once_and_every_token_in_its_own_context(tok):
+    same = "What is the capital of France? Answer in one sentence, please."
+    recs = [{"messages": conv(("user", same), ("assistant", a))}
+            for a in ("Paris.", "Paris is the capital of France.", "It is Paris, on the Seine.")]
+    recs.append({"messages": conv(("user", same + " Be brief."), ("assistant", "Paris."))})
+    enc = batches.encode_sft(tok, recs, 128)
+    idx = [0, 1, 2, 3]
+    ids, tgt = batches.collate(enc, idx, 0, False)
+    p = batches.pack(enc, idx, False)
+    lens = [len(enc.ids[i]) for i in idx]
+    shared = int((p.segments == 0).sum())
+    assert shared > 20 and p.ids.shape[1] == shared + sum(x - shared for x in lens) < ids.numel()
+    assert (tgt[:, :shared] == IGNORE).all()  # no token a loss reads lies in the shared prefix
+    for r, x in enumerate(lens):
+        at = p.rows[r, :x]
+        assert torch.equal(p.ids[0, at], ids[r, :x]) and torch.equal(p.positions[0, at], torch.arange(x))
+        assert torch.equal(p.targets[0, at], tgt[r, :x])
+        assert p.segments[at].tolist() == [0] * shared + [r + 1] * (x - shared) and (p.rows[r, x:] == -1).all()
+    # the first three differ only from the reply on: the prefix stops one token before the first
+    # trained one, the last position whose target (that token) a loss reads
+    first = enc.mask[0].index(True)
+    p3 = batches.pack(enc, [0, 1, 2], False)
+    assert int((p3.segments == 0).sum()) == first - 1 and enc.ids[0][:first] == enc.ids[1][:first]
+    assert batches.pack(enc, [0], False) is None  # one sequence: nothing to share
+    assert batches.pack(enc, [0, 1], False, min_saving=0.99) is None  # saves too little

@@ -108,3 +108,41 @@ def test_mean_logits_are_the_mean_of_the_materialized_logits(batch, tied):
     torch.testing.assert_close(m.double(), want, rtol=1e-5, atol=1e-6)  # m is float32
     assert not m.requires_grad and m.abs().sum() > 0 and (m[~trained] == 0).all()
     torch.testing.assert_close(logp, TokenLogprobs(model)(ids, tgt), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dpo", [False, True])
+def test_a_packed_batch_gives_the_padded_batchs_logps_and_gradients(dpo):
+    """batches.pack + segment_attend against the padded batch: the same log-probs in the same
+    [B, T] layout, TRL's mean logits and every parameter's gradient. Odd sizes: 3 records of
+    uneven length, hidden 40, 5 heads over 1 kv head (head_dim 8), vocab 49152 (not a multiple of
+    any kernel block). The shared prefix's gradient is the sum of what each row sends it, added
+    in another order than the padded rows' weight gradients: equal to rounding, not bit for bit."""
+    tok = Tokenizer.from_pretrained(pull())
+    q = "Grade the answer from 0 to 5, adding one point per criterion met. Request: name a prime."
+    if dpo:
+        recs = [{"prompt": q, "chosen": c, "rejected": r} for c, r in
+                (("7.", "9 is prime."), ("2, the only even prime.", "1."), ("13", "Fifteen, I think."))]
+        enc = batches.encode_pairs(tok, recs, max_seq_len=96)
+    else:
+        recs = [{"messages": [{"role": "user", "content": q + a}, {"role": "assistant", "content": s}]}
+                for a, s in ((" Answer: 4.", "Score: 0"), (" Answer: 11, since no smaller number divides it.",
+                                                            "Score: 5"), (" Answer: 3", "Score: 4"))]
+        enc = batches.encode_sft(tok, recs, max_seq_len=96)
+    ids, tgt = batches.collate(enc, [0, 1, 2], pad_id=2, dpo=dpo)
+    packed = batches.pack(enc, [0, 1, 2], dpo)
+    assert packed is not None and int((packed.segments == 0).sum()) > 30
+    model = Llama(tiny_config(hidden_size=40, num_attention_heads=5, num_key_value_heads=1,
+                              intermediate_size=72)).init_weights(0)
+    root = TokenLogprobs(model)
+    got = [root(ids, tgt, mean_logits=True, packed=packed), root(ids, tgt, mean_logits=True)]
+    grads = []
+    for logp, _ in got:
+        model.zero_grad()
+        logp.sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    (logp_p, m_p), (logp_u, m_u) = got
+    assert logp_p.shape == tgt.shape and (logp_p[tgt == IGNORE] == 0).all() and (logp_p[tgt != IGNORE] < 0).all()
+    torch.testing.assert_close(logp_p, logp_u, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m_p, m_u, rtol=1e-5, atol=1e-6)
+    for n in grads[1]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)

@@ -21,6 +21,7 @@ from srlm_engine.train.optim import lr_factor, resolve_lr
 from srlm_engine.train.parallel import Dist
 from srlm_engine.train.refs import cached_reference_logps, compute_reference_logps
 from srlm_engine.train.trainer import accumulate, freeze_below, train_dpo, train_sft
+from srlm_engine.tokenizer import Tokenizer
 from trainkit import DATA, make_model_dir, tiny_config
 
 
@@ -326,3 +327,24 @@ def test_trainable_layers_freeze_the_embeddings_and_lower_blocks_and_backward_st
         train_sft(model_dir, sft_records, tmp_path / "o4", TrainConfig(trainable_layers=4, progress=False))
     with pytest.raises(ConfigError, match="trainable_layers must be a positive integer"):
         TrainConfig(trainable_layers=0)
+
+
+def test_share_prefix_trains_the_same_model_to_rounding(tiny_model, tmp_path):
+    rubric = ("Grade the answer from 0 to 5: one point each for relevance, coverage, usefulness, clarity "
+              "and expertise. ")
+    recs = [{"messages": [{"role": "user", "content": f"{rubric}Request: add {a} and {b}. Answer: {a + b + e}."},
+                          {"role": "assistant", "content": f"Score: {5 if e == 0 else 1}"}]}
+            for a, b, e in ((2, 3, 0), (17, 25, 1), (40, 2, 0), (9, 9, 2), (123, 456, 0), (8, 1, 3))]
+    runs = []
+    for share in (False, True):
+        cfg = TrainConfig(max_seq_len=128, micro_batch_size=3, grad_accum=1, max_steps=3, lr=1e-3, progress=False,
+                          share_prefix=share, mixed_precision="none")
+        out = train_sft(tiny_model, recs, tmp_path / str(share), cfg)
+        runs.append(([json.loads(x)["loss"] for x in (out.parent / "metrics.jsonl").read_text().splitlines()],
+                      load_model(out).state_dict()))
+    (la, a), (lb, b) = runs
+    enc = batches.encode_sft(Tokenizer.from_pretrained(tiny_model), recs, 128)
+    assert batches.pack(enc, [0, 1, 2], False) is not None  # the rubric is shared: these batches pack
+    assert la == pytest.approx(lb, rel=1e-5)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert max(float((a[k] - load_model(tiny_model).state_dict()[k]).abs().max()) for k in a) > 1e-3  # it trained
