@@ -267,6 +267,10 @@ class TrainConfig:
     trainable_layers: int | None = setting(None, "train only the top N transformer blocks and the final norm; "
                                                  "the embeddings and the blocks below stay frozen, and backward "
                                                  "stops above them ('none': every weight)")
+    cache_frozen: bool = setting(False, "with trainable_layers: keep each sample's input to the lowest trained "
+                                        "block after its first pass and start later epochs there, so the frozen "
+                                        "blocks run once per sample (memory: tokens x hidden floats per sample; "
+                                        "one process)")
     activation_checkpointing: str = setting("none", "recompute activations in the backward pass: whole "
                                                     "blocks (full), or all but matmul and attention outputs "
                                                     "(selective)",
@@ -293,6 +297,8 @@ class TrainConfig:
         if self.grad_accum is not None and self.global_batch_size is not None:
             raise ConfigError(f"set grad_accum ({self.grad_accum}) or global_batch_size ({self.global_batch_size}), "
                               f"not both: one decides the other")
+        if self.cache_frozen and self.trainable_layers is None:
+            raise ConfigError("cache_frozen keeps the output of frozen blocks: set trainable_layers too")
         if self.max_seq_len < 4:
             raise ConfigError(f"max_seq_len must be at least 4, got {self.max_seq_len}")
         if self.max_steps is not None and self.max_steps <= 0:

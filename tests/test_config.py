@@ -2,6 +2,7 @@
 DPO loss would otherwise reject only at their first step."""
 import math
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -157,7 +158,11 @@ def test_presets_are_the_shipped_config_files():
     # checkpoint selection
     assert (quick.iterations, quick.judge_mode, quick.eft_target, quick.sft.max_seq_len) == (1, "expected", "score",
                                                                                              448)
-    assert (small.eft_augment, small.sft.epochs) == (2, 2.0) and small.dpo == quick.dpo
+    # quick fits 30 minutes on a 2-core CPU in float32: the rubric computed once per micro-batch, the top 8
+    # blocks trained, the frozen ones run once per record; small trains every weight
+    assert (quick.sft.share_prefix, quick.sft.trainable_layers, quick.sft.cache_frozen) == (True, 8, True)
+    assert (small.eft_augment, small.sft.epochs, small.sft.trainable_layers) == (2, 2.0, None)
+    assert small.dpo == replace(quick.dpo, share_prefix=False, trainable_layers=None, cache_frozen=False)
     assert (paper.prompts, paper.sft.global_batch_size, paper.dpo.lr, paper.select_checkpoints) == (5000, 16, 1e-6,
                                                                                                      True)
 

@@ -150,14 +150,15 @@ class Llama(nn.Module):
         return emb.cos().to(dtype).unsqueeze(-2), emb.sin().to(dtype).unsqueeze(-2)
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                      attend: Attend = causal_attend) -> torch.Tensor:
-        """Final-norm hidden states [..., H]. Dense default: input_ids [B, T], positions 0..T-1."""
+                      attend: Attend = causal_attend, start: int = 0, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states [..., H]. Dense default: input_ids [B, T], positions 0..T-1.
+        start, x: begin at block `start` with its input x [..., H] (the embedding when 0)."""
         if positions is None:
             positions = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if x is None else x
         cos, sin = self.rope(positions, x.dtype)
-        for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, attend, i)
+        for i in range(start, len(self.layers)):
+            x = self.layers[i](x, cos, sin, attend, i)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

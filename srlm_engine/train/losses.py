@@ -36,18 +36,20 @@ class TokenLogprobs(nn.Module):
         self.llama = llama
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, mean_logits: bool = False,
-                packed: Packed | None = None):
+                packed: Packed | None = None, start: int = 0, x: torch.Tensor | None = None):
         """input_ids, targets [B, T] -> logp [B, T] float32, 0 where targets == IGNORE.
         (Cloned out of the kernel's flat [B*T]: FSDP2 warns on a root returning a view.)
         packed: the same batch as one packed row (train/batches.pack), which is what runs; its
         log-probs come back in the [B, T] layout of input_ids.
+        start, x: begin at block `start` with its input x, in the layout that runs (train/trunk_cache.py).
         mean_logits: -> (logp, m) with m [B, T] float32, no grad, the mean over the vocabulary of
         each position's logits (0 where targets == IGNORE), for TRL's logits/* metrics. The mean
         of h . W_v over v is h . mean_v(W_v): no [B, T, V] logits are made for it."""
         if packed is None:
-            h, tgt = self.llama.hidden_states(input_ids), targets  # (B, T, H)
+            h, tgt = self.llama.hidden_states(input_ids, start=start, x=x), targets  # (B, T, H)
         else:
-            h = self.llama.hidden_states(packed.ids, packed.positions, segment_attend(packed.segments))  # (1, N, H)
+            h = self.llama.hidden_states(packed.ids, packed.positions, segment_attend(packed.segments),
+                                         start=start, x=x)  # (1, N, H)
             tgt = packed.targets
         w = self.llama.lm_head.weight
         m = None

@@ -43,6 +43,7 @@ from srlm_engine.train.metrics import MetricsLog, summary_writer
 from srlm_engine.train.optim import build_optimizer, resolve_lr
 from srlm_engine.train.parallel import Dist, all_reduce_sum, barrier, bf16_compute, parallelize, setup
 from srlm_engine.train.refs import policy_dtype
+from srlm_engine.train.trunk_cache import TrunkCache
 
 REF_FIELDS = ("ref_chosen_logp", "ref_rejected_logp")
 # What `accumulate` sums over a step's micro-batches (and the trainer over ranks), in this order.
@@ -148,6 +149,11 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
 
     if d.device.type == "cpu":
         use_caching_cpu_allocator()  # train/cpu_allocator.py: resident memory near the live tensors
+    cache = None
+    if cfg.cache_frozen and not d.distributed:
+        cache = TrunkCache(model, len(model.layers) - cfg.trainable_layers)
+    elif cfg.cache_frozen and d.main:  # ranks that skip frozen blocks others run would desynchronize FSDP2
+        print(f"srlm {kind}: cache_frozen is for one process; off with {d.world}", flush=True)
     params = [p for p in root.parameters() if p.requires_grad]
     bar = tqdm(total=total, initial=start, disable=not (d.main and cfg.progress), desc=kind, dynamic_ncols=True)
     try:
@@ -156,7 +162,7 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
             lr_now = sched.get_last_lr()[0]
             micro = batches.micro_batches(enc, step, gb, d.world, d.rank, accum, cfg.seed)
             with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=mixed and not d.distributed):
-                sums = accumulate(root, enc, micro, pad_id, d, cfg, refs)
+                sums = accumulate(root, enc, micro, pad_id, d, cfg, refs, cache)
             norm = _grad_norm(params, d)
             tot = dict(zip(SUMS, all_reduce_sum(sums, d)))
             loss_val = tot["loss"]
@@ -207,7 +213,7 @@ def freeze_below(model, trainable_layers: int | None, model_dir: Path) -> None:
 
 
 def accumulate(root, enc: batches.Encoded, micro: list[list[int]], pad_id: int, d: Dist, cfg: TrainConfig,
-               refs: torch.Tensor | None = None) -> list[float]:
+               refs: torch.Tensor | None = None, cache: TrunkCache | None = None) -> list[float]:
     """Forward and backward of this rank's micro-batches `micro` of one step (DPO when `refs`
     [pairs, 2] is given); the gradients add up in .grad. Every trained token (SFT) or pair (DPO)
     of the step weighs 1 / N, N counted over all micro-batches and ranks: a mean of micro-batch
@@ -223,9 +229,11 @@ def accumulate(root, enc: batches.Encoded, micro: list[list[int]], pad_id: int, 
     s = dict.fromkeys(SUMS, 0.0)
     for idx, ids, tgt, packed in mbs:
         ids, tgt, packed = ids.to(d.device), tgt.to(d.device), packed and packed.to(d.device)
+        x = cache.inputs(enc, idx, dpo, tgt.shape, packed, d.device) if cache else None
+        fwd = {"packed": packed, "start": cache.start if x is not None else 0, "x": x}
         if dpo:
             b = len(idx)
-            logp, mean_logit = root(ids, tgt, mean_logits=True, packed=packed)  # (2B, T) each
+            logp, mean_logit = root(ids, tgt, mean_logits=True, **fwd)  # (2B, T) each
             r = refs[idx].to(d.device)
             loss, cr, rr = dpo_batch_loss(logp, r[:, 0], r[:, 1], cfg.beta, cfg.loss_type, cfg.label_smoothing,
                                           num_items=n, targets=tgt)
@@ -238,7 +246,7 @@ def accumulate(root, enc: batches.Encoded, micro: list[list[int]], pad_id: int, 
                          ("chosen_tokens", trained[:b].sum()), ("rejected_tokens", trained[b:].sum())):
                 s[k] += float(v)
         else:
-            loss, _ = sft_loss(root(ids, tgt, packed=packed), tgt, num_items=n)  # root: (B, T)
+            loss, _ = sft_loss(root(ids, tgt, **fwd), tgt, num_items=n)  # root: (B, T)
         (loss * d.world).backward()  # x W: FSDP2 divides the summed gradients by W (train/parallel.py)
         s["loss"] += float(loss.detach())
         s["tokens"] += sum(len(enc.ids[i]) + (len(enc.rejected_ids[i]) if dpo else 0) for i in idx)

@@ -348,3 +348,32 @@ def test_share_prefix_trains_the_same_model_to_rounding(tiny_model, tmp_path):
     assert la == pytest.approx(lb, rel=1e-5)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     assert max(float((a[k] - load_model(tiny_model).state_dict()[k]).abs().max()) for k in a) > 1e-3  # it trained
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_cache_frozen_runs_the_frozen_blocks_once_per_sample_and_trains_the_same_model(share, tmp_path,
+                                                                                       monkeypatch):
+    from srlm_engine.model import llama
+    model_dir = make_model_dir(tmp_path / "m", num_hidden_layers=3)
+    recs = [{"messages": [{"role": "user", "content": f"Grade the answer from 0 to 5. Request: add {a} and {b}. "
+                                                      f"Answer: {a + b + e}."},
+                          {"role": "assistant", "content": f"Score: {5 if e == 0 else 1}"}]}
+            for a, b, e in ((2, 3, 0), (17, 25, 1), (40, 2, 0), (9, 9, 2), (123, 456, 0), (8, 1, 3))]
+    calls = []
+    forward = llama.Block.forward
+    monkeypatch.setattr(llama.Block, "forward", lambda self, x, cos, sin, attend, layer:
+                        calls.append(layer) or forward(self, x, cos, sin, attend, layer))
+    runs = []
+    for cache in (False, True):
+        calls.clear()
+        cfg = TrainConfig(max_seq_len=128, micro_batch_size=3, grad_accum=1, epochs=3.0, lr=1e-3, progress=False,
+                          trainable_layers=1, cache_frozen=cache, share_prefix=share, mixed_precision="none")
+        out = train_sft(model_dir, recs, tmp_path / f"o{cache}", cfg)
+        runs.append(([json.loads(x)["loss"] for x in (out.parent / "metrics.jsonl").read_text().splitlines()],
+                     load_model(out).state_dict(), calls.count(0), calls.count(2)))
+    (la, a, low_a, top_a), (lb, b, low_b, top_b) = runs
+    assert (low_a, top_a, low_b, top_b) == (6, 6, 2, 6)  # 6 micro-batches; the first epoch's 2 see every sample
+    assert la == pytest.approx(lb, rel=1e-5) and len(la) == 6
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    with pytest.raises(ConfigError, match="cache_frozen keeps the output of frozen blocks: set trainable_layers"):
+        TrainConfig(cache_frozen=True)
