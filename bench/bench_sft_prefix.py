@@ -10,7 +10,8 @@ SmolLM2-135M-Instruct (pulled; or --model) for `--steps` optimizer steps per var
                   template and the judge rubric, 163 of an EFT example's ~263 tokens) once;
   trainable N:    only the top N blocks and the final norm trained: backward stops above the rest;
   both.
-Every variant trains on the same global batches (the same seed). The variants run one after the
+The preset's own cache_frozen only pays from the second epoch on, past these steps, so no
+variant uses it. Every variant trains on the same global batches (the same seed). The variants run one after the
 other in this process, `--rounds` times, so load from other jobs falls on all alike; the first
 step of each run is left out (warm-up). Reports the median seconds per step and the speed-up over
 padded. The loss of the padded and share_prefix runs must agree (the same model to rounding); the
@@ -62,7 +63,8 @@ def main() -> None:
             for name, over in variants.items():
                 out = Path(tmp) / "run"
                 shutil.rmtree(out, ignore_errors=True)
-                train_sft(model, records, out, replace(cfg.sft, max_steps=args.steps, progress=False,
+                base = replace(cfg.sft, share_prefix=False, trainable_layers=None, cache_frozen=False)  # padded
+                train_sft(model, records, out, replace(base, max_steps=args.steps, progress=False,
                                                        save_every=10 ** 6, **over))
                 rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
                 seconds[name] += [r["seconds"] for r in rows[1:]]
