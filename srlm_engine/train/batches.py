@@ -223,23 +223,22 @@ class Packed:
         return Packed(*(t.to(device) for t in (self.ids, self.targets, self.positions, self.segments, self.rows)))
 
 
-def pack(enc: Encoded, idx: list[int], dpo: bool, min_saving: float = 0.25) -> Packed | None:
-    """The rows of collate(enc, idx, ...) packed (Packed), or None when that saves less than
-    `min_saving` of the padded batch's tokens. The shared prefix is the longest run of equal
-    leading tokens in which no token is a target (so every token a loss reads keeps its own
-    context), and every sequence keeps at least one token of its own."""
-    seqs, masks = _rows(enc, idx, dpo)
-    lens = [len(x) for x in seqs]
-    limit = min(lens) - 1
-    for m in masks:  # position t's target is token t + 1: no target may fall inside the prefix
-        limit = min(limit, next((j for j, trained in enumerate(m) if trained), len(m)) - 1)
-    shared = 0
-    while shared < limit and all(x[shared] == seqs[0][shared] for x in seqs):
-        shared += 1
+def row_lengths(enc: Encoded, idx: list[int], dpo: bool) -> list[int]:
+    """Tokens of each row of collate(enc, idx, ...)."""
+    return [len(x) for x in _rows(enc, idx, dpo)[0]]
+
+
+def pack(ids: torch.Tensor, tgt: torch.Tensor, lens: list[int], min_saving: float = 0.25) -> Packed | None:
+    """A padded micro-batch (collate's ids, targets [R, T]; each row's length) packed (Packed), or
+    None when that saves less than `min_saving` of its R x T tokens. The shared prefix is the
+    longest run of leading columns equal in every row where no row has a target (so every token a
+    loss reads keeps its own context); every row keeps at least one token of its own."""
+    limit = max(min(lens) - 1, 0)
+    differ = (ids[:, :limit] != ids[:1, :limit]).any(0) | (tgt[:, :limit] != IGNORE).any(0)
+    shared = int(differ.int().argmax()) if differ.any() else limit
     n = shared + sum(x - shared for x in lens)
-    if len(seqs) < 2 or n > (1 - min_saving) * len(seqs) * max(lens):
+    if len(lens) < 2 or n > (1 - min_saving) * ids.numel():
         return None
-    ids, tgt = pad(seqs, masks, 0)
     keep = [ids[0, :shared]] + [ids[r, shared:x] for r, x in enumerate(lens)]
     keep_tgt = [tgt[0, :shared]] + [tgt[r, shared:x] for r, x in enumerate(lens)]
     positions = [torch.arange(shared)] + [torch.arange(shared, x) for x in lens]

@@ -198,9 +198,9 @@ def _train(kind: str, model_dir: Path, records: list[dict], out_dir: Path, cfg: 
 
 def freeze_below(model, trainable_layers: int | None, model_dir: Path) -> None:
     """Freeze all but the top `trainable_layers` blocks and the final norm (None: freeze nothing).
-    The embeddings and the output head (tied or not) and the lower blocks then compute no gradient: autograd
-    records nothing below the lowest trained block, so backward costs that block upwards only, and
-    AdamW holds state for the trained weights alone."""
+    The embeddings, the output head (tied or not) and the lower blocks then compute no gradient:
+    autograd records nothing below the lowest trained block, so backward costs that block upwards
+    only, and AdamW holds state for the trained weights alone."""
     if trainable_layers is None:
         return
     layers = len(model.layers)
@@ -222,8 +222,11 @@ def accumulate(root, enc: batches.Encoded, micro: list[list[int]], pad_id: int, 
     -> this rank's sums, in the order of SUMS (the loss: its share of the step's mean), to be
     summed over ranks."""
     dpo = refs is not None
-    mbs = [(idx, *batches.collate(enc, idx, pad_id, dpo), batches.pack(enc, idx, dpo) if cfg.share_prefix else None)
-           for idx in micro]
+    mbs = []
+    for idx in micro:
+        ids, tgt = batches.collate(enc, idx, pad_id, dpo)
+        mbs.append((idx, ids, tgt, batches.pack(ids, tgt, batches.row_lengths(enc, idx, dpo)) if cfg.share_prefix
+                    else None))
     mine = sum(len(idx) if dpo else int((tgt != batches.IGNORE).sum()) for idx, _, tgt, _ in mbs)
     n = int(all_reduce_sum([mine], d)[0])  # the step's trained tokens (SFT) or pairs (DPO), all ranks
     s = dict.fromkeys(SUMS, 0.0)
@@ -306,8 +309,8 @@ def save_final(out_dir: Path, root, d: Dist, mcfg, tokenizer_src: Path) -> Path:
 def _grad_norm(params, d: Dist) -> float:
     """Global L2 norm of all gradients (all ranks' shards), the same float on every rank. The
     squares are summed in float64, where a float32 gradient's squares are exact and their sum
-    rounds near 1e-16: the float32 norm that clipping uses (and the log shows) is then the same however the gradients
-    are cut into shards, so one process and W ranks clip a step alike."""
+    rounds near 1e-16: the float32 norm that clipping uses (and the log shows) is then the same
+    however the gradients are cut into shards, so one process and W ranks clip a step alike."""
     sq = None
     for p in params:
         if p.grad is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from srlm_engine.train.batches import Encoded, Packed
+from srlm_engine.train.batches import Encoded, Packed, row_lengths
 
 
 class TrunkCache:
@@ -39,7 +39,7 @@ class TrunkCache:
         keys = self.keys(idx, dpo)
         missing = [k for k in keys if k not in self.rows]
         if missing:
-            lens = [len(enc.ids[i] if kind == 0 else enc.rejected_ids[i]) for i, kind in keys]
+            lens = row_lengths(enc, idx, dpo)
             self._pending = [(k, packed.rows[r, :n] if packed is not None else (r, n))
                              for r, (k, n) in enumerate(zip(keys, lens)) if k in missing]
             return None

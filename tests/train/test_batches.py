@@ -177,8 +177,8 @@ def test_pack_holds_the_shared_prefix_once_and_every_token_in_its_own_context(to
     enc = batches.encode_sft(tok, recs, 128)
     idx = [0, 1, 2, 3]
     ids, tgt = batches.collate(enc, idx, 0, False)
-    p = batches.pack(enc, idx, False)
-    lens = [len(enc.ids[i]) for i in idx]
+    lens = batches.row_lengths(enc, idx, False)
+    p = batches.pack(ids, tgt, lens)
     shared = int((p.segments == 0).sum())
     assert shared > 20 and p.ids.shape[1] == shared + sum(x - shared for x in lens) < ids.numel()
     assert (tgt[:, :shared] == IGNORE).all()  # no token a loss reads lies in the shared prefix
@@ -190,7 +190,7 @@ def test_pack_holds_the_shared_prefix_once_and_every_token_in_its_own_context(to
     # the first three differ only from the reply on: the prefix stops one token before the first
     # trained one, the last position whose target (that token) a loss reads
     first = enc.mask[0].index(True)
-    p3 = batches.pack(enc, [0, 1, 2], False)
+    p3 = batches.pack(ids[:3], tgt[:3], lens[:3])
     assert int((p3.segments == 0).sum()) == first - 1 and enc.ids[0][:first] == enc.ids[1][:first]
-    assert batches.pack(enc, [0], False) is None  # one sequence: nothing to share
-    assert batches.pack(enc, [0, 1], False, min_saving=0.99) is None  # saves too little
+    assert batches.pack(ids[:1], tgt[:1], lens[:1]) is None  # one sequence: nothing to share
+    assert batches.pack(ids[:2], tgt[:2], lens[:2], min_saving=0.99) is None  # saves too little

@@ -129,7 +129,7 @@ def test_a_packed_batch_gives_the_padded_batchs_logps_and_gradients(dpo):
                                                             "Score: 5"), (" Answer: 3", "Score: 4"))]
         enc = batches.encode_sft(tok, recs, max_seq_len=96)
     ids, tgt = batches.collate(enc, [0, 1, 2], pad_id=2, dpo=dpo)
-    packed = batches.pack(enc, [0, 1, 2], dpo)
+    packed = batches.pack(ids, tgt, batches.row_lengths(enc, [0, 1, 2], dpo))
     assert packed is not None and int((packed.segments == 0).sum()) > 30
     model = Llama(tiny_config(hidden_size=40, num_attention_heads=5, num_key_value_heads=1,
                               intermediate_size=72)).init_weights(0)

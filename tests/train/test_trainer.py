@@ -344,7 +344,8 @@ def test_share_prefix_trains_the_same_model_to_rounding(tiny_model, tmp_path):
                       load_model(out).state_dict()))
     (la, a), (lb, b) = runs
     enc = batches.encode_sft(Tokenizer.from_pretrained(tiny_model), recs, 128)
-    assert batches.pack(enc, [0, 1, 2], False) is not None  # the rubric is shared: these batches pack
+    ids, tgt = batches.collate(enc, [0, 1, 2], 0, False)
+    assert batches.pack(ids, tgt, batches.row_lengths(enc, [0, 1, 2], False)) is not None  # the rubric is shared
     assert la == pytest.approx(lb, rel=1e-5)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     assert max(float((a[k] - load_model(tiny_model).state_dict()[k]).abs().max()) for k in a) > 1e-3  # it trained
