@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip "setuptools>=77" wheel
+	$(BIN)/pip install -q --upgrade pip "setuptools>=77" wheel ninja
 
 # torch first, pinned to the CPU build that lies on this machine's disk: a bare `pip install torch`
 # would pull a multi-GB CUDA build. Where torch is already importable (a GPU image), keep it.

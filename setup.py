@@ -5,6 +5,7 @@ The extension compiles against the torch this process imports. An isolated build
 --no-build-isolation uses the torch already installed, so the extension links against the torch
 that runs it. Without torch there is nothing to compile against: the build stops and says so.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,15 @@ if sources:
         sys.exit(f"srlm-engine: building its C++ extension (csrc/) needs torch, which this build cannot import "
                  f"({e}). Install torch first (pip install 'torch>=2.6'), then build against it: "
                  f"pip install --no-build-isolation .")
+
+    # With ninja on PATH, BuildExtension compiles the sources in parallel (one job per core and
+    # more); without it, one after the other. The ninja wheel keeps its binary in ninja.BIN_DIR,
+    # which is not on PATH when pip runs this file from outside the environment's bin/.
+    try:
+        import ninja
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
 
     ext_modules = [CppExtension("srlm_engine._C", sources, extra_compile_args=["-O3", "-fopenmp"],
                                 extra_link_args=["-fopenmp"])]

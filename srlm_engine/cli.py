@@ -207,7 +207,8 @@ def cmd_judge_eval(args) -> int:
     from srlm_engine.evaluate import JudgeMetrics, format_table, judge_eval, length_rule
     from srlm_engine.runtime import open_engine
     with _usage():
-        cfg = LoopConfig.build(None, None, judge_samples=args.judge_samples, seed=args.seed, dtype=args.dtype)
+        cfg = LoopConfig.build(None, None, judge_samples=args.judge_samples, seed=args.seed, dtype=args.dtype,
+                               judge_max_tokens=args.judge_max_tokens)
     sets = {"EFT-eval": data.load_eft_eval(args.data)}
     if args.lengthfree and os.path.isfile(args.lengthfree):
         sets["length-free"] = data.load_eft_eval(args.lengthfree)
@@ -425,6 +426,8 @@ def build() -> argparse.ArgumentParser:
                    help="a second set, where the longer answer is not the better one; skipped if absent")
     q.add_argument("--template", default=None, help="judge template file with {instruction} and {response}")
     q.add_argument("--judge-samples", type=int, default=3, help="judgments per response in sample mode")
+    q.add_argument("--judge-max-tokens", type=int, default=None, metavar="N",
+                   **setting_help(LoopConfig, "judge_max_tokens"))
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--dtype", **setting_help(LoopConfig, "dtype"), choices=GENERATION_DTYPES, default=None)
     q.set_defaults(fn=cmd_judge_eval)

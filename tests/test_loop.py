@@ -174,6 +174,7 @@ judge_mode = "expected"
 expected_after = "judgment"
 judge_max_tokens = 500
 judge_samples = 1
+judge_eval_modes = "loop"
 max_new_tokens = 8
 eval_prompts = 2
 eval_max_tokens = 4
@@ -282,7 +283,7 @@ def test_checkpoint_selection_picks_m2_among_the_dpo_checkpoints(tmp_path, tiny_
     assert not any("running" in line for line in logs)
 
 
-@pytest.mark.slow  # three loop runs in subprocesses, two of them killed and resumed: ~2 min
+@pytest.mark.slow  # four loop runs in subprocesses, two of them killed: ~1 min
 def test_killed_in_judging_and_in_dpo_resumes_to_identical_artifacts(tmp_path, tiny_model, seeds):
     cfg_file = _write_toml(tmp_path / "loop.toml", seeds)
     ref = tmp_path / "uninterrupted"
@@ -534,18 +535,20 @@ def test_judge_eval_command_judges_as_the_loop_does(monkeypatch, capsys, tiny_mo
     # `srlm judge-eval` opened its engine in float32 while the loop judges in cfg.dtype (bfloat16):
     # its figures did not match eval/judge_m*.json
     from srlm_engine.cli import main
-    dtypes, real = [], runtime.open_engine
+    dtypes, maxes, real = [], [], runtime.open_engine
 
     def opened(d, cfg):
         dtypes.append(cfg.dtype)
+        maxes.append(cfg.judge_max_tokens)
         return real(d, cfg)
     monkeypatch.setattr(runtime, "open_engine", opened)
     lengthfree = tmp_path / "lengthfree.jsonl"  # two items of the shipped set keep it short
     lengthfree.write_text("".join((SEED_DIR / "eft_eval_lengthfree.jsonl").read_text().splitlines(True)[:2]))
     args = ["judge-eval", "--model", str(tiny_model), "--data", str(seeds / "eft_eval.jsonl"), "--judge-samples", "1",
-            "--lengthfree", str(lengthfree)]
+            "--judge-max-tokens", "12", "--lengthfree", str(lengthfree)]
     assert main(args) == 0 and main(args + ["--dtype", "float32"]) == 0
     assert dtypes == [LoopConfig().dtype, "float32"] and LoopConfig().dtype == "auto"
+    assert maxes == [12, 12]
     out = capsys.readouterr().out
     for name in ("EFT-eval", "length-free"):  # both sets, each beside the length rule
         assert f"{name}, sample mode: parse rate" in out and f"{name}, expected mode: parse rate" in out
