@@ -162,7 +162,9 @@ def test_presets_are_the_shipped_config_files():
     # blocks trained, the frozen ones run once per record; small trains every weight
     assert (quick.sft.share_prefix, quick.sft.trainable_layers, quick.sft.cache_frozen) == (True, 8, True)
     assert (small.eft_augment, small.sft.epochs, small.sft.trainable_layers) == (2, 2.0, None)
-    assert small.dpo == replace(quick.dpo, share_prefix=False, trainable_layers=None, cache_frozen=False)
+    # DPO on the top 8 blocks at 10x the lr of DPO on every weight
+    assert small.dpo == replace(quick.dpo, lr=5e-6, min_lr=5e-7, share_prefix=False, trainable_layers=None,
+                                cache_frozen=False)
     assert (paper.prompts, paper.sft.global_batch_size, paper.dpo.lr, paper.select_checkpoints) == (5000, 16, 1e-6,
                                                                                                      True)
 
