@@ -1,6 +1,7 @@
-"""The hand-written EFT seed (srlm_engine/seed/eft_train.jsonl): size, score spread, no leak of the EFT
-eval set, and length that does not predict the score."""
+"""The hand-written EFT seed (srlm_engine/seed/eft_train.jsonl): size, score spread, no leak of either
+EFT eval set, and length that does not predict the score."""
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -42,10 +43,11 @@ def test_every_score_is_well_represented(records):
     assert not thin, f"scores with fewer than {MIN_PER_SCORE} records: {thin} (histogram {sorted(hist.items())})"
 
 
-def test_no_eval_instruction_leaks_into_train(records):
-    eval_instr = {norm(r["instruction"]) for r in load_eft_eval(SEED / "eft_eval.jsonl")}
+@pytest.mark.parametrize("eval_set", ["eft_eval.jsonl", "eft_eval_lengthfree.jsonl"])
+def test_no_eval_instruction_leaks_into_train(records, eval_set):
+    eval_instr = {norm(r["instruction"]) for r in load_eft_eval(SEED / eval_set)}
     leaked = sorted({r["instruction"] for r in records if norm(r["instruction"]) in eval_instr})
-    assert not leaked, f"EFT eval instructions in eft_train: {leaked}"
+    assert not leaked, f"{eval_set} instructions in eft_train: {leaked}"
 
 
 def test_length_does_not_predict_score(records):
@@ -84,3 +86,21 @@ def test_the_cpu_presets_train_every_seed_record_whole(smollm2_dir, preset):
     records = ift + data.eft_to_sft(eft, target=cfg.eft_target)
     enc = encode_sft(Tokenizer.from_pretrained(smollm2_dir), records, cfg.sft.max_seq_len)
     assert enc.truncated == 0
+
+
+def test_near_topic_examples_of_docs_judge_md():
+    """docs/data/eft_near_topic.jsonl (docs/JUDGE.md): four kinds per request, graded as written, the
+    right long answer the longest, and no eval request among them."""
+    extra = load_eft_train(Path(__file__).resolve().parents[1] / "docs" / "data" / "eft_near_topic.jsonl")
+    by_request: dict[str, dict] = {}
+    for r in extra:
+        by_request.setdefault(r["instruction"], {})[r["kind"]] = r
+    assert len(by_request) == 48 and all(set(k) == {"near", "wrong", "short", "best"} for k in by_request.values())
+    for kinds in by_request.values():
+        assert kinds["near"]["score"] in (0, 1) and kinds["wrong"]["score"] == 1
+        assert (kinds["short"]["score"], kinds["best"]["score"]) == (4, 5)
+        assert len(kinds["best"]["response"]) > max(len(kinds[k]["response"]) for k in ("near", "wrong", "short"))
+        assert min(len(kinds[k]["response"]) for k in ("near", "wrong")) >= len(kinds["short"]["response"])
+    for name in ("eft_eval.jsonl", "eft_eval_lengthfree.jsonl", "eft_train.jsonl"):
+        seen = {norm(r["instruction"]) for r in (load_eft_eval if "eval" in name else load_eft_train)(SEED / name)}
+        assert not seen & {norm(q) for q in by_request}, name
