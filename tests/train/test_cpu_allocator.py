@@ -38,8 +38,8 @@ SCRIPT = textwrap.dedent('''
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         x = torch.randn(4096, 576) * 2               # 9 MiB temporary + 9 MiB result
     assert sum(e.self_cpu_memory_usage for e in prof.events()) == 9 * MiB
-    # oneDNN's bf16 GEMM raw-allocates its scratch and result (small, and 4.4 MB for 1000 rows) and
-    # frees them through the raw deleter. Small enough for CPUs without native bf16, where it is slow.
+    # oneDNN's bf16 GEMM raw-allocates its scratch, for 8 rows and for 1000, and frees it through the
+    # raw deleter. The shapes stay small for CPUs without native bf16, where this GEMM is slow.
     w = torch.randn(1024, 2200, dtype=torch.bfloat16)
     for rows in (8, 1000):
         xb = torch.randn(rows, 1024, dtype=torch.bfloat16)
