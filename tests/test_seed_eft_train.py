@@ -43,9 +43,16 @@ def test_every_score_is_well_represented(records):
     assert not thin, f"scores with fewer than {MIN_PER_SCORE} records: {thin} (histogram {sorted(hist.items())})"
 
 
-@pytest.mark.parametrize("eval_set", ["eft_eval.jsonl", "eft_eval_lengthfree.jsonl"])
+EVAL_SETS = ("eft_eval.jsonl", "eft_eval_lengthfree.jsonl")
+
+
+def eval_instructions(eval_set: str) -> set[str]:
+    return {norm(r["instruction"]) for r in load_eft_eval(SEED / eval_set)}
+
+
+@pytest.mark.parametrize("eval_set", EVAL_SETS)
 def test_no_eval_instruction_leaks_into_train(records, eval_set):
-    eval_instr = {norm(r["instruction"]) for r in load_eft_eval(SEED / eval_set)}
+    eval_instr = eval_instructions(eval_set)
     leaked = sorted({r["instruction"] for r in records if norm(r["instruction"]) in eval_instr})
     assert not leaked, f"{eval_set} instructions in eft_train: {leaked}"
 
@@ -88,7 +95,7 @@ def test_the_cpu_presets_train_every_seed_record_whole(smollm2_dir, preset):
     assert enc.truncated == 0
 
 
-def test_near_topic_examples_of_docs_judge_md():
+def test_near_topic_examples_of_docs_judge_md(records):
     """docs/data/eft_near_topic.jsonl (docs/JUDGE.md): four kinds per request, graded as written, the
     right long answer the longest, and no eval request among them."""
     extra = load_eft_train(Path(__file__).resolve().parents[1] / "docs" / "data" / "eft_near_topic.jsonl")
@@ -101,6 +108,7 @@ def test_near_topic_examples_of_docs_judge_md():
         assert (kinds["short"]["score"], kinds["best"]["score"]) == (4, 5)
         assert len(kinds["best"]["response"]) > max(len(kinds[k]["response"]) for k in ("near", "wrong", "short"))
         assert min(len(kinds[k]["response"]) for k in ("near", "wrong")) >= len(kinds["short"]["response"])
-    for name in ("eft_eval.jsonl", "eft_eval_lengthfree.jsonl", "eft_train.jsonl"):
-        seen = {norm(r["instruction"]) for r in (load_eft_eval if "eval" in name else load_eft_train)(SEED / name)}
-        assert not seen & {norm(q) for q in by_request}, name
+    requests = {norm(q) for q in by_request}
+    for eval_set in EVAL_SETS:
+        assert not eval_instructions(eval_set) & requests, eval_set
+    assert not {norm(r["instruction"]) for r in records} & requests  # new requests, not the seed's
