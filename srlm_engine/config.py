@@ -421,6 +421,8 @@ class LoopConfig:
                                            "the digit the expected mode reads at once)", EFT_TARGETS)
     eft_augment: int = setting(0, "graded EFT examples derived from each IFT seed record and added to M1's "
                                   "EFT data (srlm_engine/augment.py, as `srlm data eft-augment`); 0: none")
+    eft_extra: str | None = setting(None, "more EFT training examples for M1, a JSONL file of eft_train.jsonl's "
+                                          "form: a name in seed_dir (eft_near_topic.jsonl ships there) or a path")
     eft_share: float | None = setting(None, "EFT's share of M1's SFT records, the IFT seed records drawn "
                                             "(seeded) to make it so ('none': every IFT and EFT record)")
     sft: TrainConfig = setting(TrainConfig, "SFT of M0 on IFT + EFT, giving M1")

@@ -62,7 +62,7 @@ class Inputs:
     """The seed data, checked, and the prompt sets drawn from it."""
     template: str
     ift: list[dict]
-    eft: list[dict]          # the EFT seed, and the graded examples derived from IFT (cfg.eft_augment)
+    eft: list[dict]          # the EFT seed, cfg.eft_extra's and those derived from IFT (cfg.eft_augment)
     eft_eval: list[dict]
     lengthfree: list[dict] | None  # a second judge eval set where length says nothing, where the seeds have one
     seed_prompts: list[str]  # each IFT record's user turn
@@ -77,6 +77,8 @@ class Inputs:
         lengthfree = seed_dir / LENGTHFREE
         seed_prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in ift]
         eft = data.load_eft_train(seed_dir / "eft_train.jsonl")
+        if cfg.eft_extra:
+            eft += data.load_eft_train(seed_dir / cfg.eft_extra)  # an absolute path stays itself
         if cfg.eft_augment:
             eft += augment.eft_augment(ift, seed=cfg.seed, per_record=cfg.eft_augment)
         return cls(judge.load_template(cfg.judge_template) if cfg.judge_template else judge.DEFAULT_TEMPLATE,
@@ -148,8 +150,9 @@ def train_m1(folder: RunFolder, m0: Path, inputs: Inputs) -> Path:
     """M1: SFT on instruction following (IFT) and evaluation fine-tuning (EFT) together."""
     m1 = folder.root / "m1" / "model"
     records = m1_records(inputs, folder.cfg)
+    sets = "IFT + EFT" if len(records) > len(inputs.eft) else "EFT"  # eft_share = 1: no IFT record
     folder.step(m1, lambda: folder.move(train("sft", m0, records, folder.root / "m1" / "train", folder.cfg.sft), m1),
-                "M1 = SFT(M0, IFT + EFT)", folder.root / "m1" / "timings.json")
+                f"M1 = SFT(M0, {sets})", folder.root / "m1" / "timings.json")
     return m1
 
 

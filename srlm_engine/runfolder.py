@@ -47,6 +47,8 @@ class RunFolder:
         inputs = {f"seed/{n}": file_sha256(seed_dir / n) for n in ("ift.jsonl", "eft_train.jsonl", "eft_eval.jsonl")}
         if (seed_dir / "eft_eval_lengthfree.jsonl").is_file():  # the second judge eval set, where there is one
             inputs["seed/eft_eval_lengthfree.jsonl"] = file_sha256(seed_dir / "eft_eval_lengthfree.jsonl")
+        if cfg.eft_extra:
+            inputs[f"seed/{Path(cfg.eft_extra).name}"] = file_sha256(seed_dir / cfg.eft_extra)
         inputs["model/config.json"] = file_sha256(model_dir / "config.json")
         for w in sorted(model_dir.glob("model*.safetensors")):  # ~2 s for SmolLM2's 538 MB
             inputs[f"model/{w.name}"] = file_sha256(w)

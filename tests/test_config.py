@@ -154,17 +154,15 @@ def test_presets_are_the_shipped_config_files():
         assert LoopConfig.build(name) == LoopConfig.build(None, tomllib.loads(text))
     quick, small, paper = (LoopConfig.build(p) for p in ("quick", "small", "paper"))
     # what the presets are for (README): the demo's short CPU run, whose judge learns the digit the expected
-    # mode reads; the same loop with a longer M1 on derived EFT examples; the paper's batch of 16 and
-    # checkpoint selection
+    # mode reads; the same loop with M1 on EFT alone, the seed and the examples where length says nothing;
+    # the paper's batch of 16 and checkpoint selection
     assert (quick.iterations, quick.judge_mode, quick.eft_target, quick.sft.max_seq_len) == (1, "expected", "score",
                                                                                              448)
     # quick fits 30 minutes on a 2-core CPU in float32: the rubric computed once per micro-batch, the top 8
-    # blocks trained, the frozen ones run once per record; small trains every weight
+    # blocks trained, the frozen ones run once per record, for SFT and DPO
     assert (quick.sft.share_prefix, quick.sft.trainable_layers, quick.sft.cache_frozen) == (True, 8, True)
-    assert (small.eft_augment, small.sft.epochs, small.sft.trainable_layers) == (2, 2.0, None)
-    # DPO on the top 8 blocks at 10x the lr of DPO on every weight
-    assert small.dpo == replace(quick.dpo, lr=5e-6, min_lr=5e-7, share_prefix=False, trainable_layers=None,
-                                cache_frozen=False)
+    assert (quick.dpo.share_prefix, quick.dpo.trainable_layers, quick.dpo.cache_frozen) == (True, 8, True)
+    assert small == replace(quick, eft_share=1.0, eft_extra="eft_near_topic.jsonl")
     assert (paper.prompts, paper.sft.global_batch_size, paper.dpo.lr, paper.select_checkpoints) == (5000, 16, 1e-6,
                                                                                                      True)
 

@@ -24,7 +24,7 @@ import torch
 
 from srlm_engine import loop, runfolder, runtime, selection
 from srlm_engine.config import SEED_DIR, ConfigError, LoopConfig, ModelConfig
-from srlm_engine.io import DataError, read_jsonl
+from srlm_engine.io import DataError, read_jsonl, write_jsonl
 from srlm_engine.model.llama import Llama
 from srlm_engine.model.weights import load_model, save_model
 
@@ -250,6 +250,23 @@ def test_m1_records_follow_eft_share_and_eft_target():
     assert len(loop.m1_records(inputs, LoopConfig(eft_share=1.0))) == 9
     with pytest.raises(ConfigError, match="eft_share"):
         LoopConfig(eft_share=0.0)
+
+
+def test_eft_extra_adds_its_examples_from_the_seed_folder(tmp_path):
+    seeds = tmp_path / "seed"
+    shutil.copytree(SEED_DIR, seeds)
+    base = loop.Inputs.load(LoopConfig(seed_dir=str(seeds)))
+    extra = [{"instruction": "q", "response": "r", "justification": "Fine.", "score": 3}]
+    write_jsonl(seeds / "more.jsonl", extra)
+    for name in ("more.jsonl", str(seeds / "more.jsonl")):  # a name in the seed folder, or a path
+        assert loop.Inputs.load(LoopConfig(seed_dir=str(seeds), eft_extra=name)).eft == base.eft + extra
+    shipped = loop.Inputs.load(LoopConfig(eft_extra="eft_near_topic.jsonl")).eft
+    assert len(shipped) == len(base.eft) + 336
+    (seeds / "bad.jsonl").write_text(json.dumps(extra[0]) + "\n" + json.dumps({**extra[0], "score": 9}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2"):  # the file and line of a bad example
+        loop.Inputs.load(LoopConfig(seed_dir=str(seeds), eft_extra="bad.jsonl"))
+    with pytest.raises(DataError, match=r"missing\.jsonl: file not found"):
+        loop.Inputs.load(LoopConfig(seed_dir=str(seeds), eft_extra="missing.jsonl"))
 
 
 @pytest.mark.slow  # one iteration whose DPO keeps 3 checkpoints' weights and scores each: ~40 s

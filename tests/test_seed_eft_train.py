@@ -79,35 +79,49 @@ def test_justifications_are_brief(records):
 @pytest.mark.parametrize("preset", ["quick", "small"])
 def test_the_cpu_presets_train_every_seed_record_whole(smollm2_dir, preset):
     # SFT cuts a record longer than max_seq_len from the left: the head of the judge rubric would go.
-    # The preset's M1 data: IFT, the EFT seed and the examples derived from IFT, in its EFT target.
+    # The preset's M1 data: IFT, the EFT seed and its extra examples and those derived from IFT, in its
+    # EFT target, as the loop reads them.
     from srlm_engine import data
-    from srlm_engine.augment import eft_augment
-    from srlm_engine.config import SEED_DIR, LoopConfig
+    from srlm_engine.config import LoopConfig
+    from srlm_engine.loop import Inputs
     from srlm_engine.tokenizer import Tokenizer
     from srlm_engine.train.batches import encode_sft
 
     cfg = LoopConfig.build(preset)
-    ift = data.load_ift(SEED_DIR / "ift.jsonl")
-    eft = data.load_eft_train(SEED_DIR / "eft_train.jsonl") + (eft_augment(ift, cfg.seed, cfg.eft_augment)
-                                                              if cfg.eft_augment else [])
-    records = ift + data.eft_to_sft(eft, target=cfg.eft_target)
+    inputs = Inputs.load(cfg)
+    records = inputs.ift + data.eft_to_sft(inputs.eft, target=cfg.eft_target)
     enc = encode_sft(Tokenizer.from_pretrained(smollm2_dir), records, cfg.sft.max_seq_len)
     assert enc.truncated == 0
 
 
-def test_near_topic_examples_of_docs_judge_md(records):
-    """docs/data/eft_near_topic.jsonl (docs/JUDGE.md): four kinds per request, graded as written, the
-    right long answer the longest, and no eval request among them."""
-    extra = load_eft_train(Path(__file__).resolve().parents[1] / "docs" / "data" / "eft_near_topic.jsonl")
+def test_near_topic_examples(records):
+    """srlm_engine/seed/eft_near_topic.jsonl (docs/JUDGE.md): four written kinds per request, graded as
+    written, the right long answer the longest, and three shorter ones taken from them at the same
+    grade (near_cut, wrong_cut: short and still off topic or wrong; best_cut: the long right answer's
+    opening sentences), so that no length says which grade an answer has; no eval request among them."""
+    extra = load_eft_train(SEED_DIR / "eft_near_topic.jsonl")
     by_request: dict[str, dict] = {}
     for r in extra:
         by_request.setdefault(r["instruction"], {})[r["kind"]] = r
-    assert len(by_request) == 48 and all(set(k) == {"near", "wrong", "short", "best"} for k in by_request.values())
+    written, cuts = {"near", "wrong", "short", "best"}, {"near_cut", "wrong_cut", "best_cut"}
+    assert len(by_request) == 48 and all(set(k) == written | cuts for k in by_request.values())
     for kinds in by_request.values():
         assert kinds["near"]["score"] in (0, 1) and kinds["wrong"]["score"] == 1
         assert (kinds["short"]["score"], kinds["best"]["score"]) == (4, 5)
         assert len(kinds["best"]["response"]) > max(len(kinds[k]["response"]) for k in ("near", "wrong", "short"))
         assert min(len(kinds[k]["response"]) for k in ("near", "wrong")) >= len(kinds["short"]["response"])
+        for k in ("near", "best"):
+            cut, whole = kinds[k + "_cut"], kinds[k]
+            assert whole["response"].startswith(cut["response"]) and len(cut["response"]) < len(whole["response"])
+            assert cut["score"] == whole["score"]
+        assert kinds["wrong_cut"]["score"] == 1
+        assert len(kinds["wrong_cut"]["response"]) < len(kinds["wrong"]["response"])
+        assert len(kinds["best_cut"]["response"]) > len(kinds["short"]["response"])
+    lengths = {k: [len(v[k]["response"]) for v in by_request.values()] for k in written | cuts}
+    # the short wrong and off-topic answers are shorter than the short right ones, the cut right ones as
+    # long as the long wrong ones: across the file, length does not order the grades
+    assert max(lengths["wrong_cut"]) < 300 and sum(lengths["wrong_cut"]) < sum(lengths["short"])
+    assert sum(lengths["best_cut"]) >= sum(lengths["wrong"]) * 0.8
     requests = {norm(q) for q in by_request}
     for eval_set in EVAL_SETS:
         assert not eval_instructions(eval_set) & requests, eval_set
