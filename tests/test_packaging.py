@@ -74,7 +74,7 @@ def test_sdist_holds_every_file_the_cpp_build_needs_and_the_seed_data(sdist):
 def test_seed_data_is_package_data():
     assert SEED_DIR == Path(__file__).resolve().parents[1] / "srlm_engine" / "seed"
     assert sorted(p.name for p in SEED_DIR.iterdir()) == [
-        "eft_eval.jsonl", "eft_eval_lengthfree.jsonl", "eft_train.jsonl", "ift.jsonl"]
+        "eft_eval.jsonl", "eft_eval_lengthfree.jsonl", "eft_near_topic.jsonl", "eft_train.jsonl", "ift.jsonl"]
     assert PYPROJECT["tool"]["setuptools"]["package-data"]["srlm_engine.seed"] == ["*.jsonl"]
 
 
