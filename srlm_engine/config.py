@@ -480,6 +480,11 @@ class LoopConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def m1_data(self) -> str:
+        """What M1's SFT trains on: EFT alone where eft_share is 1, else IFT and EFT (the paper's)."""
+        return "EFT alone" if self.eft_share == 1 else "IFT + EFT"
+
 
 # ---------------------------------------------------------------------- TOML files
 

@@ -150,19 +150,20 @@ def train_m1(folder: RunFolder, m0: Path, inputs: Inputs) -> Path:
     """M1: SFT on instruction following (IFT) and evaluation fine-tuning (EFT) together."""
     m1 = folder.root / "m1" / "model"
     records = m1_records(inputs, folder.cfg)
-    sets = "IFT + EFT" if len(records) > len(inputs.eft) else "EFT"  # eft_share = 1: no IFT record
     folder.step(m1, lambda: folder.move(train("sft", m0, records, folder.root / "m1" / "train", folder.cfg.sft), m1),
-                f"M1 = SFT(M0, {sets})", folder.root / "m1" / "timings.json")
+                f"M1 = SFT(M0, {folder.cfg.m1_data})", folder.root / "m1" / "timings.json")
     return m1
 
 
 def m1_records(inputs: Inputs, cfg: LoopConfig) -> list[dict]:
     """M1's SFT records: the IFT seed, or as many of its records (drawn with cfg.seed) as make
-    EFT `cfg.eft_share` of the whole, then the EFT examples in the form `cfg.eft_target`."""
+    EFT `cfg.eft_share` of the whole, at least one below a share of 1 and none at 1
+    (cfg.m1_data), then the EFT examples in the form `cfg.eft_target`."""
     eft = data.eft_to_sft(inputs.eft, inputs.template, cfg.eft_target)
     ift = inputs.ift
     if cfg.eft_share is not None:
-        keep = min(len(ift), round(len(eft) * (1 - cfg.eft_share) / cfg.eft_share))
+        want = len(eft) * (1 - cfg.eft_share) / cfg.eft_share
+        keep = min(len(ift), max(round(want), 1) if cfg.eft_share < 1 else 0)
         ift = [ift[i] for i in sorted(random.Random(cfg.seed).sample(range(len(ift)), keep))]
     return ift + eft
 

@@ -263,8 +263,7 @@ def write_report(root: Path, cfg) -> Path:
              f"Model: {read_json(root / 'manifest.json')['model']}; {cfg.iterations} iteration(s), "
              f"{cfg.prompts} prompts x N={cfg.n}, K={cfg.judge_samples}, judge mode in the loop: {cfg.judge_mode}.",
              "", "## The judge against human scores", "",
-             "M0 is the starting model before EFT fine-tuning; M1 after SFT on "
-             f"{'EFT alone' if cfg.eft_share == 1 else 'IFT + EFT'}; M_{{t+1}} after "
+             f"M0 is the starting model before EFT fine-tuning; M1 after SFT on {cfg.m1_data}; M_{{t+1}} after "
              "DPO iteration t. 5-best % counts instructions whose human-best response gets a judge "
              "score of at least 4.5 (the mean of K samples, or the expected score).", "",
              summary_table(root), ""]

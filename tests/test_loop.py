@@ -247,7 +247,9 @@ def test_m1_records_follow_eft_share_and_eft_target():
     assert len(recs) == 3 + 9 and all(r in ift for r in recs[:3])  # 9 EFT records are 75% of 12
     assert [r["messages"][1]["content"] for r in recs[3:]] == [f"Score: {e['score']}" for e in eft]
     assert recs == loop.m1_records(inputs, LoopConfig(eft_share=0.75, eft_target="score"))  # seeded
-    assert len(loop.m1_records(inputs, LoopConfig(eft_share=1.0))) == 9
+    assert len(loop.m1_records(inputs, LoopConfig(eft_share=1.0))) == 9  # EFT alone: cfg.m1_data says so
+    assert len(loop.m1_records(inputs, LoopConfig(eft_share=0.99))) == 1 + 9  # below 1, some IFT
+    assert (LoopConfig(eft_share=1.0).m1_data, LoopConfig(eft_share=0.99).m1_data) == ("EFT alone", "IFT + EFT")
     with pytest.raises(ConfigError, match="eft_share"):
         LoopConfig(eft_share=0.0)
 

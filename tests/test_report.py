@@ -117,8 +117,9 @@ def test_training_curves_and_table_from_each_runs_metrics(tmp_path):
     """The SFT run's and each DPO iteration's metrics.jsonl become plots/training.png and one
     table line each; a file with the names srlm-engine used before TRL's is read the same."""
     import json
-    from types import SimpleNamespace
+    from dataclasses import replace
 
+    from srlm_engine.config import LoopConfig
     from srlm_engine.io import write_json
     from srlm_engine.report import write_report
 
@@ -135,8 +136,7 @@ def test_training_curves_and_table_from_each_runs_metrics(tmp_path):
         [{"step": 1, "loss": 0.69, "lr": 1e-6, "margin": 0.0, "reward_accuracy": 0.0},
          {"step": 2, "loss": None, "lr": 1e-6, "margin": 0.5, "reward_accuracy": 1.0, "skipped": True}])
     write_json(tmp_path / "manifest.json", {"model": "m0"})
-    cfg = SimpleNamespace(iterations=2, prompts=4, n=2, judge_samples=1, judge_mode="sample",
-                          eft_share=None)
+    cfg = LoopConfig(iterations=2, prompts=4, n=2, judge_samples=1, judge_mode="sample")
     report = write_report(tmp_path, cfg).read_text()
     assert (tmp_path / "plots" / "training.png").read_bytes().startswith(b"\x89PNG")
     assert "![training.png](plots/training.png)" in report
@@ -145,5 +145,4 @@ def test_training_curves_and_table_from_each_runs_metrics(tmp_path):
     assert "| iteration 1 (DPO) | 20 | 0.645 -> 0.545 | 0.110 -> 0.310 | 64% -> 89% |" in report
     assert "| iteration 2 (DPO) | 2 | 0.690 -> 0.690 | 0.250 -> 0.250 | 50% -> 50% |" in report  # null loss left out
     assert "M1 after SFT on IFT + EFT;" in report  # and on EFT alone where no IFT record trains
-    alone = SimpleNamespace(**{**vars(cfg), "eft_share": 1.0})
-    assert "M1 after SFT on EFT alone;" in write_report(tmp_path, alone).read_text()
+    assert "M1 after SFT on EFT alone;" in write_report(tmp_path, replace(cfg, eft_share=1.0)).read_text()
